@@ -1,0 +1,1 @@
+"""The data contract (schemas, reasons) and manifest I/O."""

@@ -1,0 +1,100 @@
+"""The data contract: reject reasons and the Arrow schemas of the manifests.
+
+Every input row ends in exactly one of two tables:
+
+* ``curated`` -- rows that passed every stage, with their metadata, hashes and scores;
+* ``rejected`` -- rows that did not, each with ``stage``, ``reason`` (a :class:`Reason`)
+  and a human-readable ``detail``.
+
+Columns added by a stage are listed here so the plan can check them when it is built.
+"""
+
+from __future__ import annotations
+
+from enum import StrEnum
+
+import pyarrow as pa
+
+
+class Stage(StrEnum):
+    """Stage ids, as written in the ``stage`` column and in ``summary.json``."""
+
+    INGEST = "ingest"
+    VALIDATE = "validate"
+    EXACT_DEDUP = "exact_dedup"
+
+
+class Reason(StrEnum):
+    """Why a row was rejected. One value per row, in the ``reason`` column."""
+
+    # ingest
+    MISSING = "missing"  # object or file does not exist
+    PERMISSION_DENIED = "permission_denied"
+    READ_ERROR = "read_error"  # permanent read failure (after retries) or broken archive
+    UNSAFE_PATH = "unsafe_path"  # tar member escaping its archive, links
+    # validate
+    EMPTY = "empty"  # zero bytes
+    FILE_TOO_LARGE = "file_too_large"
+    UNKNOWN_FORMAT = "unknown_format"  # content is not an image Pillow can identify
+    FORMAT_NOT_ALLOWED = "format_not_allowed"
+    DECOMPRESSION_BOMB = "decompression_bomb"  # header declares more pixels than allowed
+    TOO_SMALL = "too_small"
+    BAD_ASPECT = "bad_aspect"
+    CORRUPT = "corrupt"  # decoder raised: truncated, broken stream, ...
+    DECODE_TIMEOUT = "decode_timeout"
+    # global steps
+    EXACT_DUPLICATE = "exact_duplicate"
+    PLACEHOLDER = "placeholder"  # one byte-identical image served for many inputs
+
+
+REASON_STAGE: dict[Reason, Stage] = {
+    **{r: Stage.INGEST for r in (Reason.MISSING, Reason.PERMISSION_DENIED, Reason.READ_ERROR, Reason.UNSAFE_PATH)},
+    **{r: Stage.EXACT_DEDUP for r in (Reason.EXACT_DUPLICATE, Reason.PLACEHOLDER)},
+}
+
+
+def stage_of(reason: Reason) -> Stage:
+    """The stage that emits ``reason``."""
+    return REASON_STAGE.get(reason, Stage.VALIDATE)
+
+
+# Columns every row carries from ingest on.
+ID = "id"  # stable: a hash of the source location (see stages.ingest.make_id)
+URI = "uri"  # where the bytes came from (file path, s3://..., shard.tar#member)
+BYTES = "image_bytes"  # dropped before anything is written
+
+# Reject columns (null on rows that are still alive).
+REJECT_FIELDS = [
+    pa.field("stage", pa.string()),
+    pa.field("reason", pa.string()),
+    pa.field("detail", pa.string()),
+]
+
+# Columns validate adds.
+VALIDATE_FIELDS = [
+    pa.field("n_bytes", pa.int64()),
+    pa.field("sha256", pa.string()),
+    pa.field("format", pa.string()),
+    pa.field("width", pa.int32()),
+    pa.field("height", pa.int32()),
+    pa.field("mode", pa.string()),  # mode before normalization to RGB
+    pa.field("n_frames", pa.int32()),
+    pa.field("exif_orientation", pa.int8()),
+    pa.field("phash", pa.uint64()),  # 64-bit DCT perceptual hash of the normalized image
+    pa.field("decode_ms", pa.float32()),
+]
+
+DEDUP_FIELDS = [pa.field("duplicate_of", pa.string())]
+
+REJECTED_CORE = [pa.field(ID, pa.string()), pa.field(URI, pa.string()), *REJECT_FIELDS, *DEDUP_FIELDS]
+
+
+def reason_values() -> list[str]:
+    return [r.value for r in Reason]
+
+
+def check_columns(schema: pa.Schema, required: list[str], where: str) -> None:
+    """Raise ``ValueError`` naming the missing columns of ``schema``."""
+    missing = [c for c in required if c not in schema.names]
+    if missing:
+        raise ValueError(f"{where}: missing column(s) {missing}; have {schema.names}")

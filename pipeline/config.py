@@ -1,0 +1,206 @@
+"""One typed, validated configuration (YAML in). Every option is documented here; the
+README's config reference is generated from the same field descriptions
+(``python pipeline/run.py --print-config``)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+
+class ConfigError(ValueError):
+    """A one-line, user-facing configuration error."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class StorageConfig(_Section):
+    """How remote objects are reached (S3 and S3-compatible stores through s3fs)."""
+
+    endpoint_url: str | None = Field(
+        None, description="S3 endpoint (MinIO, Ceph, R2, ...). Default: $AWS_ENDPOINT_URL, else AWS."
+    )
+    region: str | None = Field(None, description="S3 region. Default: $AWS_DEFAULT_REGION / botocore's.")
+    anon: bool = Field(False, description="Unsigned (public bucket) access.")
+    max_retries: int = Field(6, ge=0, description="Retries of a transient read error (throttling, 5xx, timeout).")
+    retry_base_s: float = Field(0.25, ge=0, description="First backoff; doubles each retry (capped at 20 s).")
+    read_concurrency: int = Field(16, ge=1, description="Objects fetched concurrently within one batch.")
+    on_transient_exhausted: Literal["fail", "reject"] = Field(
+        "fail",
+        description="When a transient error outlives max_retries: 'fail' the task (Ray retries it, then "
+        "the run stops with the error) or 'reject' the row as read_error. Never silently dropped.",
+    )
+
+    def resolved_endpoint(self) -> str | None:
+        return self.endpoint_url or os.environ.get("AWS_ENDPOINT_URL") or None
+
+
+InputKind = Literal["auto", "folder", "manifest", "parquet_bytes", "webdataset"]
+
+
+class InputConfig(_Section):
+    """What to curate."""
+
+    path: str | list[str] = Field(
+        ...,
+        description="Folder or s3://bucket/prefix of images; a manifest table file; parquet files or a "
+        "folder of them; .tar/.tar.gz webdataset shards or a folder of them. A list is allowed.",
+    )
+    kind: InputKind = Field("auto", description="Input layout; 'auto' guesses from the path(s).")
+    uri_column: str = Field("uri", description="manifest: column holding each image's path or s3:// URI.")
+    bytes_column: str = Field("image", description="parquet_bytes: column holding encoded image bytes.")
+    key_column: str | None = Field(
+        None,
+        description="parquet_bytes: column with a unique key per row, hashed into the stable id "
+        "(default: the first of uuid, key, id, uri, url present).",
+    )
+    extensions: list[str] = Field(
+        ["jpg", "jpeg", "png", "webp", "gif", "tif", "tiff", "bmp"],
+        description="folder / webdataset: which file extensions are images (lower case, no dot). "
+        "Only used to pick files; formats are always sniffed from content.",
+    )
+    rows_per_block: int = Field(256, ge=1, description="Rows per block emitted by listing and shard readers.")
+
+    @field_validator("extensions")
+    @classmethod
+    def _lower(cls, v: list[str]) -> list[str]:
+        return [e.lower().lstrip(".") for e in v]
+
+    def paths(self) -> list[str]:
+        return [self.path] if isinstance(self.path, str) else list(self.path)
+
+
+class ValidateConfig(_Section):
+    """Decode checks and normalization."""
+
+    min_side: int = Field(80, ge=1, description="Reject images whose short side is smaller (px).")
+    max_pixels: int = Field(89_478_485, ge=1, description="Reject headers declaring more pixels (bomb guard).")
+    min_aspect: float = Field(0.15, gt=0, description="Reject width/height below this.")
+    max_aspect: float = Field(6.67, gt=0, description="Reject width/height above this.")
+    max_bytes: int = Field(10_000_000, ge=1, description="Reject files larger than this (bytes).")
+    allowed_formats: list[str] = Field(
+        ["JPEG", "MPO", "PNG", "WEBP", "GIF", "TIFF", "BMP"],
+        description="Pillow format names accepted (sniffed from content, not the extension).",
+    )
+    timeout_s: float = Field(5.0, ge=0, description="Per-image decode time limit; 0 disables it.")
+    decode_short_side: int = Field(256, ge=8, description="Short side of the normalized image later stages see.")
+    draft: bool = Field(True, description="Use JPEG DCT scaling (draft mode) to decode at the smallest scale that covers decode_short_side.")
+
+    @model_validator(mode="after")
+    def _aspect_order(self) -> "ValidateConfig":
+        if self.min_aspect >= self.max_aspect:
+            raise ValueError(f"min_aspect {self.min_aspect} must be < max_aspect {self.max_aspect}")
+        return self
+
+
+class ExactDedupConfig(_Section):
+    """Byte-identical images (same sha256), a global step on the narrow table."""
+
+    enabled: bool = Field(True, description="Keep one copy per sha256, reject the rest as exact_duplicate.")
+    placeholder_min_copies: int = Field(
+        20,
+        ge=0,
+        description="A sha256 shared by this many inputs or more is a source placeholder ('image "
+        "unavailable'): every copy is rejected as placeholder. 0 disables.",
+    )
+
+
+class RunConfig(_Section):
+    """Execution."""
+
+    seed: int = Field(0, description="Every random choice is a function of (seed, id).")
+    address: str | None = Field(None, description="Ray cluster address; default $RAY_ADDRESS, else start local Ray.")
+    num_cpus: int | None = Field(None, ge=1, description="CPUs of a local Ray (ignored on a cluster).")
+    batch_size: int = Field(32, ge=1, description="Rows per batch in per-row stages.")
+    read_batch_size: int = Field(64, ge=1, description="Rows per batch when fetching objects.")
+    concurrency: int | None = Field(None, ge=1, description="Max parallel tasks per per-row stage (default: Ray's).")
+    progress_bars: bool = Field(False, description="Show Ray Data progress bars.")
+
+
+STAGES = ("ingest", "validate", "exact_dedup")
+
+
+class PipelineConfig(_Section):
+    """The whole run. ``input`` and ``output`` are required; everything else has defaults."""
+
+    input: InputConfig
+    output: str = Field(..., description="Run directory, local or s3://.")
+    storage: StorageConfig = StorageConfig()
+    validate_: ValidateConfig = Field(ValidateConfig(), alias="validate")
+    exact_dedup: ExactDedupConfig = ExactDedupConfig()
+    run: RunConfig = RunConfig()
+
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+    def section(self, name: str) -> dict[str, Any]:
+        """A stage's config section as plain data (for fingerprints)."""
+        key = "validate_" if name == "validate" else name
+        return getattr(self, key).model_dump(mode="json")
+
+    def dump(self) -> dict[str, Any]:
+        return self.model_dump(mode="json", by_alias=True)
+
+
+def _fmt_error(e: ValidationError) -> str:
+    err = e.errors()[0]
+    loc = ".".join(str(p) for p in err["loc"] if p != "validate_") or "<root>"
+    loc = loc.replace("validate_", "validate")
+    if err["type"] == "extra_forbidden":
+        return f"config error: {loc}: unknown key"
+    if err["type"] == "missing":
+        return f"config error: {loc}: required key is missing"
+    got = err.get("input")
+    got_s = f" (got {got!r})" if got is not None and not isinstance(got, dict) else ""
+    more = f" (+{len(e.errors()) - 1} more)" if len(e.errors()) > 1 else ""
+    return f"config error: {loc}: {err['msg']}{got_s}{more}"
+
+
+def load_config(path: str | None, overrides: dict[str, Any] | None = None) -> PipelineConfig:
+    """Load YAML (optional), apply dotted-key ``overrides`` and validate.
+
+    Raises :class:`ConfigError` with a one-line message naming the key.
+    """
+    data: dict[str, Any] = {}
+    if path:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config error: file {path} does not exist")
+        try:
+            data = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"config error: {path} is not valid YAML: {str(e).splitlines()[0]}") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"config error: {path} must be a mapping at the top level")
+    for dotted, value in (overrides or {}).items():
+        node = data
+        *parents, leaf = dotted.split(".")
+        for k in parents:
+            node = node.setdefault(k, {})
+        node[leaf] = value
+    try:
+        return PipelineConfig.model_validate(data)
+    except ValidationError as e:
+        raise ConfigError(_fmt_error(e)) from None
+
+
+def describe_options() -> str:
+    """Markdown reference of every option (used by --print-config and the README)."""
+    lines = []
+    for name, field in PipelineConfig.model_fields.items():
+        key = field.alias or name
+        ann = field.annotation
+        if isinstance(ann, type) and issubclass(ann, BaseModel):
+            lines.append(f"\n### `{key}`\n{(ann.__doc__ or '').strip()}\n")
+            lines.append("| key | default | meaning |\n| --- | --- | --- |")
+            for sub, f in ann.model_fields.items():
+                default = "required" if f.is_required() else repr(f.default)
+                lines.append(f"| `{key}.{sub}` | `{default}` | {f.description or ''} |")
+        else:
+            lines.append(f"\n### `{key}`\n{field.description or ''} (required)\n")
+    return "\n".join(lines)

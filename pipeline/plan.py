@@ -1,0 +1,369 @@
+"""The Ray Data plan: one streaming pass (ingest -> validate) that writes the narrow table,
+then global steps on it, then the committed manifest.
+
+Only this package imports ``ray``. Stage outputs live in ``<output>/stages/<name>/`` with a
+``_SUCCESS`` marker holding the stage fingerprint = hash(config section, code of the stage,
+upstream fingerprint); ``--resume`` reuses a stage only when its fingerprint matches.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import ModuleType
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import ray
+
+import manifests.schema as schema
+import stages.dedup
+import stages.deadline
+import stages.ingest as ingest
+import stages.kernels.exact
+import stages.kernels.hashing
+import stages.kernels.phash
+import stages.validate
+from manifests import io as mio
+from pipeline import __version__
+from pipeline.config import STAGES, PipelineConfig
+from stages.validate import ValidateStage
+
+log = logging.getLogger("biocurate")
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+# --------------------------------------------------------------------------- fingerprints
+
+def code_hash(*modules: ModuleType) -> str:
+    h = hashlib.sha256(__version__.encode())
+    for m in modules:
+        h.update(Path(m.__file__).read_bytes())
+    return h.hexdigest()[:16]
+
+
+def fingerprint(section: object, code: str, upstream: str = "") -> str:
+    blob = json.dumps({"section": section, "code": code, "upstream": upstream}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:24]
+
+
+def stage_fingerprints(cfg: PipelineConfig, until: str) -> dict[str, str]:
+    """Fingerprint of each stage the run will execute, in order."""
+    validating = STAGES.index(until) >= STAGES.index("validate")
+    scan_section = {
+        "input": cfg.section("input"),
+        "on_transient_exhausted": cfg.storage.on_transient_exhausted,
+        "validate": cfg.section("validate") if validating else None,
+    }
+    scan_code = code_hash(ingest, schema, stages.kernels.hashing,
+                          *( (stages.validate, stages.deadline, stages.kernels.phash) if validating else ()))
+    fps = {"scan": fingerprint(scan_section, scan_code)}
+    if STAGES.index(until) >= STAGES.index("exact_dedup") and cfg.exact_dedup.enabled:
+        fps["exact_dedup"] = fingerprint(
+            {"exact_dedup": cfg.section("exact_dedup"), "seed": cfg.run.seed},
+            code_hash(stages.dedup, stages.kernels.exact),
+            fps["scan"],
+        )
+    return fps
+
+
+# --------------------------------------------------------------------------- ray
+
+def init_ray(cfg: PipelineConfig) -> None:
+    if ray.is_initialized():
+        return
+    address = cfg.run.address or os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address, log_to_driver=True)
+    else:
+        env = {"PYTHONPATH": os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))}
+        ray.init(num_cpus=cfg.run.num_cpus, include_dashboard=False, runtime_env={"env_vars": env},
+                 log_to_driver=False)
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = cfg.run.progress_bars
+    ctx.print_on_execution_start = False
+
+
+def _ray_remote_kwargs(cfg: PipelineConfig) -> dict:
+    kw: dict = {"num_cpus": 1}
+    if cfg.run.concurrency:
+        kw["concurrency"] = cfg.run.concurrency
+    return kw
+
+
+# --------------------------------------------------------------------------- streaming pass
+
+def _list_dir_rows(batch: pa.Table, storage, extensions, rows_per_block):
+    for d in batch.column("dir").to_pylist():
+        uris = ingest.list_prefix(d, storage, extensions)
+        for i in range(0, len(uris), rows_per_block):
+            yield ingest.uri_rows(uris[i : i + rows_per_block])
+
+
+def _read_shard_rows(batch: pa.Table, storage, extensions, rows_per_block):
+    for shard in batch.column("shard").to_pylist():
+        yield from ingest.iter_shard(shard, storage, extensions, rows_per_block)
+
+
+def ingest_dataset(cfg: PipelineConfig, kind: str) -> ray.data.Dataset:
+    """Rows ``id, uri, image_bytes, stage, reason, detail`` + metadata, streamed."""
+    inp, storage = cfg.input, cfg.storage
+    remote = _ray_remote_kwargs(cfg)
+    if kind == "folder":
+        files, dirs = [], []
+        for root in inp.paths():
+            f, d = ingest.split_listing(root, storage, inp.extensions)
+            files += f
+            dirs += d
+        parts = []
+        if files:
+            parts.append(ray.data.from_arrow(ingest.uri_rows(files)))
+        if dirs:
+            listed = ray.data.from_items([{"dir": d} for d in dirs], override_num_blocks=len(dirs)).map_batches(
+                _list_dir_rows, batch_size=1, batch_format="pyarrow", num_cpus=0.25,
+                fn_kwargs={"storage": storage, "extensions": inp.extensions, "rows_per_block": inp.rows_per_block},
+            )
+            parts.append(listed)
+        if not parts:
+            return ray.data.from_arrow(ingest.with_reject_columns(
+                pa.table({schema.ID: pa.array([], pa.string()), schema.URI: pa.array([], pa.string()),
+                          schema.BYTES: pa.array([], pa.binary())}), []))
+        rows = parts[0].union(*parts[1:]) if len(parts) > 1 else parts[0]
+        rows = rows.repartition(target_num_rows_per_block=cfg.run.read_batch_size)
+        return rows.map_batches(ingest.fetch_batch, batch_size=cfg.run.read_batch_size, batch_format="pyarrow",
+                                fn_kwargs={"storage": storage}, **remote)
+    if kind == "manifest":
+        files = ingest.list_tables(inp.paths(), storage, tuple(ingest.TABLE_SUFFIXES))
+        fs, _ = mio.filesystem(inp.paths()[0], storage)
+        afs = mio.arrow_filesystem(fs)
+        fmt = ingest.TABLE_SUFFIXES[Path(files[0]).suffix.lower()]
+        reader = {"parquet": ray.data.read_parquet, "csv": ray.data.read_csv, "json": ray.data.read_json}[fmt]
+        rows = reader(files, filesystem=afs)
+        rows = rows.map_batches(ingest.manifest_rows, batch_format="pyarrow", batch_size=None,
+                                fn_kwargs={"uri_column": inp.uri_column})
+        rows = rows.repartition(target_num_rows_per_block=cfg.run.read_batch_size)
+        return rows.map_batches(ingest.fetch_batch, batch_size=cfg.run.read_batch_size, batch_format="pyarrow",
+                                fn_kwargs={"storage": storage}, **remote)
+    if kind == "parquet_bytes":
+        files = ingest.list_tables(inp.paths(), storage, (".parquet",))
+        fs, _ = mio.filesystem(inp.paths()[0], storage)
+        afs = mio.arrow_filesystem(fs)
+        import pyarrow.parquet as pq
+
+        with fs.open(files[0], "rb") as f:
+            names = pq.read_schema(f).names
+        key = ingest.resolve_key_column(names, inp)
+        rows = ray.data.read_parquet(files, filesystem=afs, include_paths=True)
+        return rows.map_batches(ingest.parquet_bytes_batch, batch_format="pyarrow", batch_size=cfg.run.batch_size,
+                                fn_kwargs={"bytes_column": inp.bytes_column, "key_column": key}, **remote)
+    if kind == "webdataset":
+        shards = ingest.list_shards(inp.paths(), storage)
+        src = ray.data.from_items([{"shard": s} for s in shards], override_num_blocks=max(1, len(shards)))
+        return src.map_batches(
+            _read_shard_rows, batch_size=1, batch_format="pyarrow", num_cpus=1,
+            fn_kwargs={"storage": storage, "extensions": inp.extensions, "rows_per_block": inp.rows_per_block},
+        )
+    raise ValueError(f"input.kind: unknown kind {kind!r}")
+
+
+def _drop_bytes(batch: pa.Table) -> pa.Table:
+    blobs = batch.column(schema.BYTES)
+    n_bytes = pc.binary_length(blobs).cast(pa.int64())
+    return batch.drop_columns([schema.BYTES]).append_column("n_bytes", n_bytes)
+
+
+def scan_dataset(cfg: PipelineConfig, kind: str, until: str) -> ray.data.Dataset:
+    """The streaming pass. Output: the narrow table (never pixels)."""
+    ds = ingest_dataset(cfg, kind)
+    if STAGES.index(until) >= STAGES.index("validate"):
+        return ds.map_batches(ValidateStage(cfg.validate_), batch_size=cfg.run.batch_size, batch_format="pyarrow",
+                              **_ray_remote_kwargs(cfg))
+    return ds.map_batches(_drop_bytes, batch_format="pyarrow", batch_size=cfg.run.batch_size)
+
+
+# --------------------------------------------------------------------------- run directory
+
+@dataclass
+class RunDir:
+    cfg: PipelineConfig
+    fs: object = field(init=False)
+    root: str = field(init=False)
+
+    def __post_init__(self):
+        self.fs, self.root = mio.filesystem(self.cfg.output, self.cfg.storage)
+        self.afs = mio.arrow_filesystem(self.fs)
+
+    def path(self, *parts: str) -> str:
+        return mio.join(self.root, *parts)
+
+    def stage_done(self, name: str, fp: str) -> bool:
+        marker = mio.read_marker(self.fs, self.path("stages", name))
+        return bool(marker) and marker.get("fingerprint") == fp
+
+    def write(self, ds: ray.data.Dataset, final: str, marker: dict, schema_hint: pa.Schema | None = None) -> None:
+        """Write ``ds`` as parquet under a temporary name, then commit it (marker last)."""
+        tmp = mio.temp_path(self.fs, final)
+        self.fs.makedirs(tmp, exist_ok=True)
+        ds.write_parquet(tmp, filesystem=self.afs)
+        if not any(p.endswith(".parquet") for p in self.fs.find(tmp)):
+            import pyarrow.parquet as pq
+
+            with self.fs.open(mio.join(tmp, "empty.parquet"), "wb") as f:
+                pq.write_table((schema_hint or ds.schema().base_schema).empty_table(), f)
+        mio.commit(self.fs, tmp, final, marker)
+
+    def read(self, final: str) -> ray.data.Dataset:
+        if not mio.is_committed(self.fs, final):
+            raise FileNotFoundError(f"{final} is not committed")
+        files = sorted(p for p in self.fs.find(final) if p.endswith(".parquet"))
+        return ray.data.read_parquet(files, filesystem=self.afs)
+
+
+# --------------------------------------------------------------------------- global steps
+
+def _has_sha(batch: pa.Table) -> pa.Table:
+    return batch.filter(pc.is_valid(batch["sha256"]))
+
+
+def _no_sha(batch: pa.Table) -> pa.Table:
+    return batch.filter(pc.invert(pc.is_valid(batch["sha256"])))
+
+
+def _with_duplicate_of(batch: pa.Table) -> pa.Table:
+    if "duplicate_of" in batch.column_names:
+        return batch
+    return batch.append_column("duplicate_of", pa.nulls(len(batch), pa.string()))
+
+
+def exact_dedup_dataset(cfg: PipelineConfig, narrow: ray.data.Dataset) -> ray.data.Dataset:
+    hashed = narrow.map_batches(_has_sha, batch_format="pyarrow").groupby("sha256").map_groups(
+        stages.dedup.exact_dedup_batch, batch_format="pyarrow",
+        fn_kwargs={"cfg": cfg.exact_dedup, "seed": cfg.run.seed})
+    unhashed = narrow.map_batches(_no_sha, batch_format="pyarrow").map_batches(_with_duplicate_of,
+                                                                              batch_format="pyarrow")
+    return hashed.union(unhashed)
+
+
+# --------------------------------------------------------------------------- manifest
+
+def _alive(batch: pa.Table) -> pa.Table:
+    kept = batch.filter(pc.invert(pc.is_valid(batch["reason"])))
+    return kept.drop_columns([c for c in ("stage", "reason", "detail", "duplicate_of") if c in kept.column_names])
+
+
+def _dead(batch: pa.Table) -> pa.Table:
+    return batch.filter(pc.is_valid(batch["reason"]))
+
+
+def _reason_counts(batch: pa.Table) -> pa.Table:
+    t = pa.table({"stage": batch["stage"], "reason": batch["reason"], "n": pa.array([1] * len(batch), pa.int64())})
+    return t.group_by(["stage", "reason"]).aggregate([("n", "sum")]).rename_columns(["stage", "reason", "n"])
+
+
+def count_reasons(ds: ray.data.Dataset) -> dict:
+    """``{"curated": n, "rejected": {stage: {reason: n}}}`` over a decided narrow table."""
+    rows = ds.select_columns(["stage", "reason"]).map_batches(_reason_counts, batch_format="pyarrow").take_all()
+    curated, rejected = 0, {}
+    for r in rows:
+        if r["reason"] is None:
+            curated += r["n"]
+        else:
+            by = rejected.setdefault(r["stage"], {})
+            by[r["reason"]] = by.get(r["reason"], 0) + r["n"]
+    return {"curated": curated, "rejected": {s: dict(sorted(v.items())) for s, v in sorted(rejected.items())}}
+
+
+def versions() -> dict:
+    import importlib.metadata as md
+
+    out = {"biocurate": __version__, "python": sys.version.split()[0]}
+    for pkg in ("ray", "torch", "pyarrow", "pillow", "s3fs"):
+        try:
+            out[pkg] = md.version(pkg)
+        except md.PackageNotFoundError:
+            out[pkg] = None
+    return out
+
+
+def describe(cfg: PipelineConfig, kind: str, until: str) -> str:
+    lines = [f"biocurate {__version__}: {kind} input {cfg.input.paths()} -> {cfg.output} (until {until})"]
+    lines.append(f"  scan        ingest[{kind}] -> validate   map_batches(num_cpus=1, batch_size={cfg.run.batch_size}, "
+                 f"concurrency={cfg.run.concurrency or 'auto'})  writes stages/scan (narrow table)")
+    if STAGES.index(until) >= STAGES.index("exact_dedup") and cfg.exact_dedup.enabled:
+        lines.append(f"  exact_dedup groupby(sha256).map_groups  placeholder_min_copies="
+                     f"{cfg.exact_dedup.placeholder_min_copies}  writes stages/exact_dedup")
+    lines.append("  manifest    curated/ + rejected/ + summary.json, committed with _SUCCESS")
+    return "\n".join(lines)
+
+
+def run(cfg: PipelineConfig, until: str = STAGES[-1], resume: bool = False) -> dict:
+    """Execute the plan; returns the summary (also written to ``<output>/summary.json``)."""
+    t_start = time.time()
+    kind = ingest.detect_kind(cfg.input, cfg.storage)
+    print(describe(cfg, kind, until), flush=True)
+    init_ray(cfg)
+    rd = RunDir(cfg)
+    fps = stage_fingerprints(cfg, until)
+    timings, reused = {}, []
+
+    # Whatever a previous run committed at the top is stale from here on: drop its markers
+    # first so an interrupted run never leaves a manifest that looks complete.
+    for marker in (rd.path(mio.SUCCESS), rd.path("curated", mio.SUCCESS), rd.path("rejected", mio.SUCCESS)):
+        if rd.fs.exists(marker):
+            rd.fs.rm(marker)
+
+    upstream = None
+    for name, fp in fps.items():
+        final = rd.path("stages", name)
+        if resume and rd.stage_done(name, fp):
+            reused.append(name)
+            upstream = final
+            log.info("stage %s: fingerprint %s matches, reused", name, fp)
+            continue
+        t0 = time.time()
+        if name == "scan":
+            ds = scan_dataset(cfg, kind, until)
+        elif name == "exact_dedup":
+            ds = exact_dedup_dataset(cfg, rd.read(upstream))
+        else:  # pragma: no cover - guarded by STAGES
+            raise AssertionError(name)
+        rd.write(ds, final, {"fingerprint": fp, "stage": name})
+        timings[name] = round(time.time() - t0, 3)
+        upstream = final
+
+    t0 = time.time()
+    decided = rd.read(upstream).map_batches(_with_duplicate_of, batch_format="pyarrow").materialize()
+    staging = rd.path(f".staging-{int(t_start)}")
+    rd.write(decided.map_batches(_alive, batch_format="pyarrow"), mio.join(staging, "curated"), {})
+    rd.write(decided.map_batches(_dead, batch_format="pyarrow"), mio.join(staging, "rejected"), {})
+    counts = count_reasons(decided)
+    for part in ("curated", "rejected"):
+        mio.commit(rd.fs, mio.join(staging, part), rd.path(part), {"fingerprints": fps})
+    rd.fs.rm(staging, recursive=True)
+    timings["manifest"] = round(time.time() - t0, 3)
+
+    n_rejected = sum(sum(v.values()) for v in counts["rejected"].values())
+    summary = {
+        "inputs": counts["curated"] + n_rejected,
+        "curated": counts["curated"],
+        "rejected": n_rejected,
+        "rejected_by_stage": counts["rejected"],
+        "input_kind": kind,
+        "until": until,
+        "stages_run": [s for s in fps if s not in reused],
+        "stages_reused": reused,
+        "fingerprints": fps,
+        "timings_s": {**timings, "total": round(time.time() - t_start, 3)},
+        "config": cfg.dump(),
+        "versions": versions(),
+    }
+    with rd.fs.open(rd.path("summary.json"), "wb") as f:
+        f.write(json.dumps(summary, indent=2, sort_keys=True).encode())
+    mio.write_marker(rd.fs, rd.root, {"fingerprints": fps})
+    return summary

@@ -1,0 +1,1 @@
+"""Per-batch stages: small dataclasses delegating to pure functions (no Ray here)."""

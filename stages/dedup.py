@@ -1,0 +1,53 @@
+"""Duplicate removal. Exact duplicates (identical sha256) here; near-duplicates later.
+
+The exact step is global: ``pipeline.plan`` groups the narrow table by ``sha256``
+(``groupby().map_groups``) so every copy of one content hash reaches the same call, and the
+memory of one call is bounded by the size of one hash group.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pyarrow as pa
+
+from manifests.schema import ID, Reason, Stage
+from pipeline.config import ExactDedupConfig
+from stages.kernels.exact import resolve_exact_duplicates
+from stages.kernels.hashing import seeded_rank
+
+
+def exact_dedup_batch(table: pa.Table, cfg: ExactDedupConfig, seed: int) -> pa.Table:
+    """Mark exact duplicates among the rows of ``table`` that are still alive.
+
+    Columns in: id, sha256, stage, reason, detail. Adds ``duplicate_of`` (the kept id).
+    The kept copy of a group is the lowest ``seeded_rank(seed, id)``: independent of row
+    order. Rows rejected earlier are passed through unchanged.
+    """
+    n = len(table)
+    reason = table.column("reason").to_pylist()
+    stage = table.column("stage").to_pylist()
+    detail = table.column("detail").to_pylist()
+    dup_of: list[str | None] = [None] * n
+    alive = np.flatnonzero(np.array([r is None for r in reason], dtype=bool))
+    if len(alive):
+        ids = np.asarray(table.column(ID).to_pylist(), dtype=object)[alive]
+        sha = np.asarray(table.column("sha256").to_pylist(), dtype=object)[alive]
+        status, keeper = resolve_exact_duplicates(sha.astype(str), seeded_rank(seed, ids),
+                                                  cfg.placeholder_min_copies)
+        group_size: dict[str, int] = {}
+        for s in sha:
+            group_size[s] = group_size.get(s, 0) + 1
+        for j, row in enumerate(alive):
+            if status[j] == 1:
+                stage[row], reason[row] = Stage.EXACT_DEDUP.value, Reason.EXACT_DUPLICATE.value
+                dup_of[row] = ids[keeper[j]]
+                detail[row] = f"byte-identical to {ids[keeper[j]]} (sha256 {sha[j][:16]}…)"
+            elif status[j] == 2:
+                stage[row], reason[row] = Stage.EXACT_DEDUP.value, Reason.PLACEHOLDER.value
+                detail[row] = (f"sha256 {sha[j][:16]}… shared by {group_size[sha[j]]} inputs "
+                               f"(>= placeholder_min_copies {cfg.placeholder_min_copies})")
+    out = table.drop_columns([c for c in ("stage", "reason", "detail", "duplicate_of") if c in table.column_names])
+    for name, values in (("stage", stage), ("reason", reason), ("detail", detail), ("duplicate_of", dup_of)):
+        out = out.append_column(name, pa.array(values, pa.string()))
+    return out
+

@@ -1,0 +1,353 @@
+"""Ingest: turn an input (folder / S3 prefix, manifest table, parquet with bytes,
+webdataset shards) into rows of ``id, uri, image_bytes`` plus metadata, never decoding.
+
+Functions here are per-batch or per-shard and Ray-free; ``pipeline.plan`` maps them onto
+Ray Data. A row that cannot be read becomes a reject (``stage=ingest``) with a reason;
+transient storage errors are retried with exponential backoff first.
+"""
+
+from __future__ import annotations
+
+import json
+import posixpath
+import tarfile
+import time
+import zlib
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import pyarrow as pa
+
+from manifests.io import filesystem, to_uri
+from manifests.schema import BYTES, ID, URI, Reason, Stage
+from pipeline.config import InputConfig, StorageConfig
+from stages.kernels.hashing import stable_id
+
+TAR_SUFFIXES = (".tar", ".tar.gz", ".tgz")
+TABLE_SUFFIXES = {".parquet": "parquet", ".csv": "csv", ".jsonl": "json", ".json": "json", ".ndjson": "json"}
+KEY_CANDIDATES = ("uuid", "key", "id", "uri", "url")
+
+_TRANSIENT_MARKERS = (
+    "slowdown", "throttl", "internalerror", "serviceunavailable", "service unavailable",
+    "requesttimeout", "timed out", "timeout", "connection", "503", "500 ", "502", "504",
+    "toomanyrequests", "please reduce your request rate",
+)
+
+
+class TransientReadError(OSError):
+    """A storage error that outlived its retries (raised only in 'fail' mode)."""
+
+
+# --------------------------------------------------------------------------- rows
+
+def reject_columns(n: int) -> dict[str, pa.Array]:
+    return {k: pa.nulls(n, pa.string()) for k in ("stage", "reason", "detail")}
+
+
+def with_reject_columns(table: pa.Table, rejects: list[tuple[Reason, str] | None]) -> pa.Table:
+    """Append ``stage/reason/detail`` columns (null where ``rejects[i]`` is None)."""
+    cols = {
+        "stage": [Stage.INGEST.value if r else None for r in rejects],
+        "reason": [r[0].value if r else None for r in rejects],
+        "detail": [r[1] if r else None for r in rejects],
+    }
+    for k, v in cols.items():
+        if k in table.column_names:
+            table = table.drop_columns([k])
+        table = table.append_column(k, pa.array(v, pa.string()))
+    return table
+
+
+# --------------------------------------------------------------------------- errors and retries
+
+def classify_error(exc: BaseException) -> Reason | None:
+    """The reject reason of a read failure, or None if it is transient (worth retrying)."""
+    if isinstance(exc, FileNotFoundError):
+        return Reason.MISSING
+    if isinstance(exc, PermissionError):
+        return Reason.PERMISSION_DENIED
+    if isinstance(exc, (IsADirectoryError, NotADirectoryError)):
+        return Reason.READ_ERROR
+    if isinstance(exc, (TimeoutError, ConnectionError)):
+        return None
+    text = f"{type(exc).__name__} {exc}".lower()
+    if any(m in text for m in _TRANSIENT_MARKERS):
+        return None
+    return Reason.READ_ERROR
+
+
+def read_with_retry(read, what: str, storage: StorageConfig) -> bytes | tuple[Reason, str]:
+    """Call ``read()``; retry transient failures with backoff. Returns the bytes or
+    ``(reason, detail)`` for a permanent failure."""
+    delay = storage.retry_base_s
+    for attempt in range(storage.max_retries + 1):
+        try:
+            return read()
+        except Exception as e:  # noqa: BLE001 - classified below
+            reason = classify_error(e)
+            if reason is not None:
+                return reason, f"{type(e).__name__}: {e}"[:500]
+            if attempt == storage.max_retries:
+                detail = f"transient error persisted after {storage.max_retries} retries: {type(e).__name__}: {e}"
+                if storage.on_transient_exhausted == "reject":
+                    return Reason.READ_ERROR, detail[:500]
+                raise TransientReadError(f"{what}: {detail}") from e
+            time.sleep(min(delay, 20.0))
+            delay *= 2
+    raise AssertionError("unreachable")
+
+
+def fetch_object(uri: str, storage: StorageConfig) -> bytes | tuple[Reason, str]:
+    try:
+        fs, path = filesystem(uri, storage)
+    except Exception as e:  # noqa: BLE001 - e.g. an unknown protocol in one manifest row
+        return Reason.READ_ERROR, f"cannot open {uri!r}: {type(e).__name__}: {e}"[:500]
+    return read_with_retry(lambda: fs.cat_file(path), uri, storage)
+
+
+def fetch_batch(table: pa.Table, storage: StorageConfig, uri_column: str = URI) -> pa.Table:
+    """Add ``image_bytes`` and reject columns, fetching the URIs of ``table`` concurrently."""
+    uris = table.column(uri_column).to_pylist()
+
+    def one(u):
+        if not u:
+            return Reason.MISSING, "empty uri"
+        return fetch_object(str(u), storage)
+
+    if len(uris) > 1 and storage.read_concurrency > 1:
+        with ThreadPoolExecutor(max_workers=min(storage.read_concurrency, len(uris))) as pool:
+            results = list(pool.map(one, uris))
+    else:
+        results = [one(u) for u in uris]
+    blobs = [r if isinstance(r, bytes) else None for r in results]
+    rejects = [None if isinstance(r, bytes) else r for r in results]
+    if BYTES in table.column_names:
+        table = table.drop_columns([BYTES])
+    table = table.append_column(BYTES, pa.array(blobs, pa.binary()))
+    return with_reject_columns(table, rejects)
+
+
+# --------------------------------------------------------------------------- sources
+
+def detect_kind(cfg: InputConfig, storage: StorageConfig) -> str:
+    """Guess the input layout from its path(s)."""
+    if cfg.kind != "auto":
+        return cfg.kind
+    p = cfg.paths()[0].lower()
+    if p.endswith(TAR_SUFFIXES):
+        return "webdataset"
+    for suffix, _ in TABLE_SUFFIXES.items():
+        if p.endswith(suffix):
+            return "parquet_bytes" if suffix == ".parquet" and _has_bytes_column(cfg, storage) else "manifest"
+    fs, path = filesystem(cfg.paths()[0], storage)
+    names = [n.lower() for n in fs.find(path, maxdepth=2)][:1000]
+    if any(n.endswith(TAR_SUFFIXES) for n in names):
+        return "webdataset"
+    if any(n.endswith(".parquet") for n in names):
+        return "parquet_bytes"
+    return "folder"
+
+
+def _has_bytes_column(cfg: InputConfig, storage: StorageConfig) -> bool:
+    import pyarrow.parquet as pq
+
+    fs, path = filesystem(cfg.paths()[0], storage)
+    with fs.open(path, "rb") as f:
+        return cfg.bytes_column in pq.read_schema(f).names
+
+
+def split_listing(root: str, storage: StorageConfig, extensions: list[str]) -> tuple[list[str], list[str]]:
+    """One level of a folder/prefix: (image files at the top, sub-folders to list in parallel)."""
+    fs, path = filesystem(root, storage)
+    files, dirs = [], []
+    for entry in fs.ls(path, detail=True):
+        name = entry["name"]
+        if entry.get("type") == "directory":
+            dirs.append(to_uri(fs, name))
+        elif _is_image_name(name, extensions):
+            files.append(to_uri(fs, name))
+    return sorted(files), sorted(dirs)
+
+
+def _is_image_name(name: str, extensions: list[str]) -> bool:
+    base = posixpath.basename(name)
+    return not base.startswith(".") and "." in base and base.rsplit(".", 1)[1].lower() in extensions
+
+
+def list_prefix(root: str, storage: StorageConfig, extensions: list[str]) -> list[str]:
+    """Every image file below ``root`` (recursive; one paginated listing)."""
+    fs, path = filesystem(root, storage)
+    return sorted(to_uri(fs, p) for p in fs.find(path) if _is_image_name(p, extensions))
+
+
+def uri_rows(uris: list[str]) -> pa.Table:
+    return pa.table({ID: [stable_id(u) for u in uris], URI: uris})
+
+
+def list_shards(paths: list[str], storage: StorageConfig) -> list[str]:
+    out = []
+    for p in paths:
+        fs, path = filesystem(p, storage)
+        if path.lower().endswith(TAR_SUFFIXES):
+            out.append(to_uri(fs, path))
+        else:
+            out.extend(to_uri(fs, q) for q in fs.find(path) if q.lower().endswith(TAR_SUFFIXES))
+    return sorted(out)
+
+
+def list_tables(paths: list[str], storage: StorageConfig, suffixes: tuple[str, ...]) -> list[str]:
+    out = []
+    for p in paths:
+        fs, path = filesystem(p, storage)
+        if fs.isdir(path):
+            out.extend(q for q in fs.find(path) if q.lower().endswith(suffixes))
+        else:
+            out.append(path)
+    return sorted(out)
+
+
+def resolve_key_column(names: list[str], cfg: InputConfig) -> str:
+    if cfg.key_column:
+        if cfg.key_column not in names:
+            raise ValueError(f"input.key_column: column {cfg.key_column!r} not in {names}")
+        return cfg.key_column
+    for c in KEY_CANDIDATES:
+        if c in names:
+            return c
+    raise ValueError(f"input.key_column: none of {list(KEY_CANDIDATES)} in {names}; set input.key_column")
+
+
+def parquet_bytes_batch(table: pa.Table, bytes_column: str, key_column: str) -> pa.Table:
+    """Rows of a parquet-with-bytes file -> ``id, uri, image_bytes`` + metadata."""
+    keys = [None if k is None else str(k) for k in table.column(key_column).to_pylist()]
+    paths = table.column("path").to_pylist() if "path" in table.column_names else [""] * len(keys)
+    ids = [stable_id(f"{key_column}={k}") for k in keys]
+    uris = [f"{p}#{key_column}={k}" for p, k in zip(paths, keys)]
+    blobs = table.column(bytes_column)
+    table = table.drop_columns([c for c in (bytes_column, "path", ID, URI) if c in table.column_names])
+    table = table.append_column(ID, pa.array(ids, pa.string())).append_column(URI, pa.array(uris, pa.string()))
+    table = table.append_column(BYTES, blobs.cast(pa.binary()))
+    rejects = [None if b is not None else (Reason.MISSING, "null image bytes") for b in blobs.to_pylist()]
+    return with_reject_columns(table, rejects)
+
+
+def manifest_rows(table: pa.Table, uri_column: str) -> pa.Table:
+    """Rows of a manifest table -> ``id, uri`` + metadata (bytes fetched later)."""
+    uris = [None if u is None else str(u) for u in table.column(uri_column).to_pylist()]
+    ids = [stable_id(u or "") for u in uris]
+    drop = [c for c in (ID, URI, uri_column) if c in table.column_names]
+    table = table.drop_columns(drop)
+    return table.append_column(ID, pa.array(ids, pa.string())).append_column(URI, pa.array(uris, pa.string()))
+
+
+# --------------------------------------------------------------------------- webdataset
+
+@dataclass
+class _Sample:
+    key: str
+    images: list[tuple[str, bytes]]
+    sidecars: dict[str, str]
+    rejects: list[tuple[str, Reason, str]]
+
+
+def _member_key(name: str) -> tuple[str, str]:
+    """webdataset convention: key = path up to the first dot of the basename; ext = the rest."""
+    d, base = posixpath.split(name)
+    stem, _, ext = base.partition(".")
+    return posixpath.join(d, stem), ext.lower()
+
+
+def _unsafe(member: tarfile.TarInfo) -> str | None:
+    name = member.name
+    if name.startswith("/") or name.startswith("\\") or ".." in name.replace("\\", "/").split("/"):
+        return f"member name {name!r} escapes the archive"
+    if member.issym() or member.islnk():
+        return f"member {name!r} is a link to {member.linkname!r}"
+    if not (member.isfile() or member.isdir()):
+        return f"member {name!r} is not a regular file"
+    return None
+
+
+def iter_shard(shard_uri: str, storage: StorageConfig, extensions: list[str], rows_per_block: int) -> Iterator[pa.Table]:
+    """Stream one ``.tar``/``.tar.gz`` shard as tables of rows (never decoding images).
+
+    Consecutive members sharing a key form a sample; each image member is a row carrying
+    the sample's ``key`` and its other members as ``sidecars`` (JSON: ext -> text).
+    Unsafe members and a broken stream become rejects; rows read before a break are kept.
+    """
+    rows: list[dict] = []
+
+    def emit_sample(s: _Sample) -> None:
+        side = json.dumps(s.sidecars, sort_keys=True) if s.sidecars else None
+        for name, data in s.images:
+            rows.append({ID: stable_id(f"{shard_uri}#{name}"), URI: f"{shard_uri}#{name}", "key": s.key,
+                         "sidecars": side, BYTES: data, "_reject": None})
+        for name, reason, detail in s.rejects:
+            rows.append({ID: stable_id(f"{shard_uri}#{name}"), URI: f"{shard_uri}#{name}", "key": s.key,
+                         "sidecars": None, BYTES: None, "_reject": (reason, detail)})
+        if not s.images and not s.rejects:
+            rows.append({ID: stable_id(f"{shard_uri}#{s.key}"), URI: f"{shard_uri}#{s.key}", "key": s.key,
+                         "sidecars": side, BYTES: None,
+                         "_reject": (Reason.MISSING, f"sample {s.key!r} has no image member ({sorted(s.sidecars)})")})
+
+    def flush() -> Iterator[pa.Table]:
+        if rows:
+            yield _shard_table(rows)
+            rows.clear()
+
+    fs, path = filesystem(shard_uri, storage)
+    current: _Sample | None = None
+    n_members = 0
+    try:
+        with fs.open(path, "rb") as raw, tarfile.open(fileobj=raw, mode="r|*") as tar:
+            for member in tar:
+                n_members += 1
+                problem = _unsafe(member)
+                if member.isdir() and not problem:
+                    continue
+                key, ext = _member_key(member.name)
+                if current is None or key != current.key:
+                    if current is not None:
+                        emit_sample(current)
+                        if len(rows) >= rows_per_block:
+                            yield from flush()
+                    current = _Sample(key, [], {}, [])
+                if problem:
+                    current.rejects.append((member.name, Reason.UNSAFE_PATH, problem))
+                    continue
+                f = tar.extractfile(member)
+                data = f.read() if f is not None else b""
+                if ext.rsplit(".", 1)[-1] in extensions:
+                    current.images.append((member.name, data))
+                else:
+                    current.sidecars[ext] = data.decode("utf-8", errors="replace")
+            if current is not None:
+                emit_sample(current)
+                current = None
+    except FileNotFoundError as e:
+        rows.append(_shard_reject(shard_uri, "missing", Reason.MISSING, f"shard not found: {e}"))
+    except PermissionError as e:
+        rows.append(_shard_reject(shard_uri, "denied", Reason.PERMISSION_DENIED, str(e)))
+    except (tarfile.TarError, EOFError, zlib.error, OSError) as e:
+        if current is not None:
+            emit_sample(current)  # members fully read before the break are kept
+        rows.append(
+            _shard_reject(shard_uri, f"broken@{n_members}", Reason.READ_ERROR,
+                          f"archive stream broken after {n_members} members: {type(e).__name__}: {e}"[:500])
+        )
+    yield from flush()
+
+
+def _shard_reject(shard_uri: str, tag: str, reason: Reason, detail: str) -> dict:
+    return {ID: stable_id(f"{shard_uri}#<{tag}>"), URI: shard_uri, "key": None, "sidecars": None,
+            BYTES: None, "_reject": (reason, detail)}
+
+
+_SHARD_SCHEMA = pa.schema([(ID, pa.string()), (URI, pa.string()), ("key", pa.string()),
+                           ("sidecars", pa.string()), (BYTES, pa.binary())])
+
+
+def _shard_table(rows: list[dict]) -> pa.Table:
+    t = pa.table({f.name: pa.array([r[f.name] for r in rows], f.type) for f in _SHARD_SCHEMA}, schema=_SHARD_SCHEMA)
+    return with_reject_columns(t, [r["_reject"] for r in rows])
