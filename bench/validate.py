@@ -99,11 +99,18 @@ def _target_size(rng: np.random.Generator) -> tuple[int, int]:
 
 def make_corpus(n: int, rng: np.random.Generator, grain: float) -> list[bytes]:
     sources = _source_photos()
+    sizes = [_target_size(rng) for _ in range(n)]
+    noise = None
+    if grain > 0:
+        # One seeded Gaussian field, cropped at a random offset per image (drawing fresh
+        # noise for each 4 MP image would dominate the corpus build time).
+        side = max(max(s) for s in sizes) + 64
+        noise = np.rint(rng.standard_normal((side, side, 3), dtype=np.float32) * grain).astype(np.int16)
     blobs: list[bytes] = []
     for i in range(n):
         name, src = sources[i % len(sources)]
         sh, sw = src.shape[:2]
-        w, h = _target_size(rng)
+        w, h = sizes[i]
         # Largest crop of the source with the target aspect, then 75-100% of it at a random offset.
         cw, ch = (sw, sw * h / w) if sw * h / w <= sh else (sh * w / h, sh)
         f = rng.uniform(0.75, 1.0)
@@ -114,12 +121,15 @@ def make_corpus(n: int, rng: np.random.Generator, grain: float) -> list[bytes]:
         if rng.random() < 0.5:
             img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
         img = ImageEnhance.Brightness(img).enhance(float(rng.uniform(0.85, 1.15)))
-        if grain > 0:
+        if noise is not None:
             # Upscaled photos are unnaturally smooth; a little grain gives the entropy decoder
             # camera-like work (without it JPEGs are smaller and decode faster).
-            a = np.asarray(img, dtype=np.float32)
-            a += rng.normal(0.0, grain, size=a.shape).astype(np.float32)
-            img = Image.fromarray(np.clip(a + 0.5, 0, 255).astype(np.uint8), "RGB")
+            ny = int(rng.integers(0, noise.shape[0] - h + 1))
+            nx = int(rng.integers(0, noise.shape[1] - w + 1))
+            a = np.asarray(img, dtype=np.int16)
+            a += noise[ny : ny + h, nx : nx + w]
+            np.clip(a, 0, 255, out=a)
+            img = Image.fromarray(a.astype(np.uint8), "RGB")
         buf = io.BytesIO()
         img.save(buf, format="JPEG", quality=int(rng.integers(85, 93)))
         blobs.append(buf.getvalue())

@@ -350,7 +350,8 @@ def run(cfg: PipelineConfig, until: str = STAGES[-1], resume: bool = False) -> d
     counts = count_reasons(decided)
     for part in ("curated", "rejected"):
         mio.commit(rd.fs, mio.join(staging, part), rd.path(part), {"fingerprints": fps})
-    rd.fs.rm(staging, recursive=True)
+    if rd.fs.exists(staging):  # S3 has no empty folders: nothing may be left to remove
+        rd.fs.rm(staging, recursive=True)
     timings["manifest"] = round(time.time() - t0, 3)
 
     n_rejected = sum(sum(v.values()) for v in counts["rejected"].values())

@@ -236,7 +236,7 @@ def manifest_rows(table: pa.Table, uri_column: str) -> pa.Table:
     """Rows of a manifest table -> ``id, uri`` + metadata (bytes fetched later)."""
     uris = [None if u is None else str(u) for u in table.column(uri_column).to_pylist()]
     ids = [stable_id(u or "") for u in uris]
-    drop = [c for c in (ID, URI, uri_column) if c in table.column_names]
+    drop = sorted({c for c in (ID, URI, uri_column) if c in table.column_names})
     table = table.drop_columns(drop)
     return table.append_column(ID, pa.array(ids, pa.string())).append_column(URI, pa.array(uris, pa.string()))
 
