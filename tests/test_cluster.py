@@ -1,0 +1,128 @@
+"""The cluster path for real: Ray's own validation of ray_cluster.yaml, and a
+`ray job submit --working-dir .` to a local head started with token auth."""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import shutil
+import subprocess
+import tempfile
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.conftest import ROOT, free_port
+
+CLUSTER_YAML = ROOT / "ray_cluster.yaml"
+
+
+def ray_validate(raw: dict) -> dict:
+    """What `ray up` checks before it touches AWS (schema, node types, setup commands)."""
+    from ray.autoscaler._private.util import fillout_defaults, prepare_config, validate_config
+
+    validate_config(fillout_defaults(copy.deepcopy(raw)))
+    cfg = prepare_config(copy.deepcopy(raw))
+    validate_config(cfg)
+    return cfg
+
+
+def test_cluster_yaml_is_accepted_by_rays_validation():
+    raw = yaml.safe_load(CLUSTER_YAML.read_text())
+    cfg = ray_validate(raw)
+    types = cfg["available_node_types"]
+    assert types["gpu_workers"]["resources"]["GPU"] >= 1 and types["cpu_workers"]["max_workers"] > 0
+    assert all("IamInstanceProfile" in t["node_config"] for t in types.values())
+    assert any("pip install -e ~/biocurate" in c for c in cfg["setup_commands"])
+    assert all("RAY_AUTH_MODE=token" in " ".join(cfg[k]) for k in ("head_start_ray_commands", "worker_start_ray_commands"))
+    text = CLUSTER_YAML.read_text().lower()
+    assert "aws_access_key" not in text and "secret" not in text
+
+
+def test_rays_validation_rejects_a_broken_cluster_yaml():
+    import jsonschema
+
+    raw = yaml.safe_load(CLUSTER_YAML.read_text())
+    bad = copy.deepcopy(raw)
+    bad["available_node_types"]["gpu_workers"]["resources"]["GPU"] = "one"
+    with pytest.raises(jsonschema.ValidationError):
+        ray_validate(bad)
+    bad = copy.deepcopy(raw)
+    bad["head_node_type"] = "nope"
+    with pytest.raises(ValueError):
+        ray_validate(bad)
+
+
+def _wait_http(url: str, headers: dict, timeout: float = 90) -> None:
+    t0 = time.time()
+    while True:
+        try:
+            req = urllib.request.Request(url, headers=headers)
+            with urllib.request.urlopen(req, timeout=5) as r:
+                if r.status == 200:
+                    return
+        except Exception:
+            if time.time() - t0 > timeout:
+                raise
+        time.sleep(1)
+
+
+@pytest.mark.slow
+def test_ray_job_submit_with_token_auth(tmp_path, good, hostile):
+    bin_dir = Path(sys.executable).parent
+    home = tmp_path / "home"
+    home.mkdir()
+    env = {**os.environ, "HOME": str(home), "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}",
+           "RAY_AUTH_MODE": "token"}
+    env.pop("RAY_ADDRESS", None)
+    token = subprocess.run(["ray", "get-auth-token", "--generate"], env=env, capture_output=True, text=True,
+                           check=True).stdout.strip()
+    assert len(token) >= 32 and (home / ".ray" / "auth_token").exists()
+
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    for name, data in good.items():
+        (corpus / name).write_bytes(data)
+    for name, (data, _) in hostile.items():
+        (corpus / name).write_bytes(data)
+    out = tmp_path / "run"
+    config = tmp_path / "job.yaml"
+    config.write_text(yaml.safe_dump({"input": {"path": str(corpus)}, "output": str(out)}))
+
+    port, dash = free_port(), free_port()
+    ray_tmp = tempfile.mkdtemp(prefix="bcray", dir="/tmp")
+    # --block keeps the head in this process group: stopping it stops only this cluster.
+    head = subprocess.Popen(
+        ["ray", "start", "--head", "--block", f"--port={port}", "--num-cpus=2", "--num-gpus=0",
+         "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", "--disable-usage-stats",
+         f"--temp-dir={ray_tmp}"],  # short: Ray's unix socket paths must stay < 108 bytes
+        env=env, stdout=open(tmp_path / "head.log", "w"), stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        address = f"http://127.0.0.1:{dash}"
+        _wait_http(f"{address}/api/version", {"Authorization": f"Bearer {token}"})
+        no_token = {k: v for k, v in env.items() if k != "RAY_AUTH_MODE"}
+        denied = subprocess.run(["ray", "job", "list", "--address", address], env=no_token,
+                                capture_output=True, text=True, timeout=120)
+        assert denied.returncode != 0 and "auth" in (denied.stdout + denied.stderr).lower()
+        job = subprocess.run(
+            ["ray", "job", "submit", "--address", address, "--working-dir", str(ROOT), "--",
+             "python", "pipeline/run.py", "--config", str(config)],
+            env=env, capture_output=True, text=True, timeout=400)
+        assert job.returncode == 0, job.stdout[-3000:] + job.stderr[-3000:]
+        assert "succeeded" in job.stdout.lower()
+    except Exception:
+        print((tmp_path / "head.log").read_text()[-3000:])
+        raise
+    finally:
+        os.killpg(head.pid, 15)
+        head.wait(timeout=60)
+        shutil.rmtree(ray_tmp, ignore_errors=True)
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["inputs"] == len(good) + len(hostile)
+    assert summary["rejected"] == len(hostile)
+    assert (out / "curated" / "_SUCCESS").exists()
