@@ -88,6 +88,8 @@ def init_ray(cfg: PipelineConfig) -> None:
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = cfg.run.progress_bars
     ctx.print_on_execution_start = False
+    if not cfg.run.progress_bars:
+        logging.getLogger("ray.data").setLevel(logging.WARNING)
     # Global steps group narrow rows by key; the plain hash shuffle starts far faster than
     # the default (v2) on small and medium tables and keeps memory bounded per partition.
     ctx.shuffle_strategy = ray.data.context.ShuffleStrategy.HASH_SHUFFLE

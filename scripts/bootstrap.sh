@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# Create .venv (if needed) and install biocurate with its test extra. Idempotent: skips pip
+# when pyproject.toml and this script are unchanged since the last install.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY="${PYTHON:-python3}"
+[ -x .venv/bin/python ] || "$PY" -m venv .venv
+stamp=.venv/.biocurate-install
+want="$(cat pyproject.toml scripts/bootstrap.sh | sha256sum | cut -d' ' -f1)"
+if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
+  # torch/torchvision pinned to a matching pair (birder needs torchvision).
+  .venv/bin/python -m pip install -q --disable-pip-version-check \
+    "torch==2.14.1" "torchvision==0.29.1" -e ".[test]"
+  echo "$want" > "$stamp"
+fi
