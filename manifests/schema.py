@@ -47,17 +47,6 @@ class Reason(StrEnum):
     PLACEHOLDER = "placeholder"  # one byte-identical image served for many inputs
 
 
-REASON_STAGE: dict[Reason, Stage] = {
-    **{r: Stage.INGEST for r in (Reason.MISSING, Reason.PERMISSION_DENIED, Reason.READ_ERROR, Reason.UNSAFE_PATH)},
-    **{r: Stage.EXACT_DEDUP for r in (Reason.EXACT_DUPLICATE, Reason.PLACEHOLDER)},
-}
-
-
-def stage_of(reason: Reason) -> Stage:
-    """The stage that emits ``reason``."""
-    return REASON_STAGE.get(reason, Stage.VALIDATE)
-
-
 # Columns every row carries from ingest on.
 ID = "id"  # stable: a hash of the source location (see stages.ingest.make_id)
 URI = "uri"  # where the bytes came from (file path, s3://..., shard.tar#member)
@@ -84,17 +73,16 @@ VALIDATE_FIELDS = [
     pa.field("decode_ms", pa.float32()),
 ]
 
-DEDUP_FIELDS = [pa.field("duplicate_of", pa.string())]
-
-REJECTED_CORE = [pa.field(ID, pa.string()), pa.field(URI, pa.string()), *REJECT_FIELDS, *DEDUP_FIELDS]
-
-
-def reason_values() -> list[str]:
-    return [r.value for r in Reason]
+# The narrow table of an empty input (no block to take a schema from).
+EMPTY_NARROW = pa.schema([pa.field(ID, pa.string()), pa.field(URI, pa.string()), *VALIDATE_FIELDS, *REJECT_FIELDS,
+                          pa.field("duplicate_of", pa.string())])
 
 
-def check_columns(schema: pa.Schema, required: list[str], where: str) -> None:
-    """Raise ``ValueError`` naming the missing columns of ``schema``."""
-    missing = [c for c in required if c not in schema.names]
-    if missing:
-        raise ValueError(f"{where}: missing column(s) {missing}; have {schema.names}")
+def check_columns(names: list[str], required: dict[str, str]) -> None:
+    """Raise ``ValueError`` naming the config key of each required column not in ``names``.
+
+    ``required`` maps a column name to the config key that named it.
+    """
+    for column, key in required.items():
+        if column not in names:
+            raise ValueError(f"{key}: column {column!r} not in the input's columns {names}")

@@ -219,8 +219,10 @@ class RunDir:
         if not any(p.endswith(".parquet") for p in self.fs.find(tmp)):
             import pyarrow.parquet as pq
 
+            found = ds.schema()
+            empty_schema = schema_hint or (found.base_schema if found is not None else schema.EMPTY_NARROW)
             with self.fs.open(mio.join(tmp, "empty.parquet"), "wb") as f:
-                pq.write_table((schema_hint or ds.schema().base_schema).empty_table(), f)
+                pq.write_table(empty_schema.empty_table(), f)
         mio.commit(self.fs, tmp, final, marker)
 
     def read(self, final: str) -> ray.data.Dataset:
@@ -247,14 +249,18 @@ def _with_duplicate_of(batch: pa.Table) -> pa.Table:
 
 
 def exact_dedup_dataset(cfg: PipelineConfig, narrow: ray.data.Dataset) -> ray.data.Dataset:
-    # Hash-shuffle partitions: ~250k narrow rows each (a few tens of MB), at most 200.
-    partitions = int(min(200, max(1, -(-narrow.count() // 250_000))))
-    hashed = narrow.map_batches(_has_sha, batch_format="pyarrow").groupby("sha256", num_partitions=partitions).map_groups(
-        stages.dedup.exact_dedup_batch, batch_format="pyarrow",
-        fn_kwargs={"cfg": cfg.exact_dedup, "seed": cfg.run.seed})
+    hashed = narrow.map_batches(_has_sha, batch_format="pyarrow").materialize()
     unhashed = narrow.map_batches(_no_sha, batch_format="pyarrow").map_batches(_with_duplicate_of,
                                                                               batch_format="pyarrow")
-    return hashed.union(unhashed)
+    n = hashed.count()
+    if n == 0:  # nothing to group (and Ray's shuffle needs a schema to sort an empty partition)
+        return hashed.map_batches(_with_duplicate_of, batch_format="pyarrow").union(unhashed)
+    # Hash-shuffle partitions: ~250k narrow rows each (a few tens of MB), at most 200.
+    partitions = int(min(200, max(1, -(-n // 250_000))))
+    decided = hashed.groupby("sha256", num_partitions=partitions).map_groups(
+        stages.dedup.exact_dedup_batch, batch_format="pyarrow",
+        fn_kwargs={"cfg": cfg.exact_dedup, "seed": cfg.run.seed})
+    return decided.union(unhashed)
 
 
 # --------------------------------------------------------------------------- manifest

@@ -54,6 +54,12 @@ def check_inputs(cfg: PipelineConfig) -> None:
             raise ConfigError(f"input error: cannot reach {path}: {type(e).__name__}: {str(e).splitlines()[0]}") from None
         if not exists:
             raise ConfigError(f"input error: input.path {path} does not exist")
+    from stages import ingest
+
+    try:
+        ingest.check_source(cfg.input, cfg.storage, ingest.detect_kind(cfg.input, cfg.storage))
+    except (ValueError, OSError) as e:
+        raise ConfigError(f"input error: {str(e).splitlines()[0]}") from None
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -9,7 +9,11 @@ stamp=.venv/.biocurate-install
 want="$(cat pyproject.toml scripts/bootstrap.sh | sha256sum | cut -d' ' -f1)"
 if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   # torch/torchvision pinned to a matching pair (birder needs torchvision).
-  .venv/bin/python -m pip install -q --disable-pip-version-check \
-    "torch==2.14.1" "torchvision==0.29.1" -e ".[test]"
+  log=$(mktemp)
+  if ! .venv/bin/python -m pip install -q --disable-pip-version-check \
+      "torch==2.14.1" "torchvision==0.29.1" -e ".[test]" >"$log" 2>&1; then
+    grep -v "^WARNING: Location" "$log" | tail -40; echo "bootstrap: pip install failed"; exit 1
+  fi
+  rm -f "$log"
   echo "$want" > "$stamp"
 fi

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import pyarrow as pa
 
 from manifests.io import filesystem, to_uri
-from manifests.schema import BYTES, ID, URI, Reason, Stage
+from manifests.schema import BYTES, ID, URI, Reason, Stage, check_columns
 from pipeline.config import InputConfig, StorageConfig
 from stages.kernels.hashing import stable_id
 
@@ -141,11 +141,15 @@ def detect_kind(cfg: InputConfig, storage: StorageConfig) -> str:
         if p.endswith(suffix):
             return "parquet_bytes" if suffix == ".parquet" and _has_bytes_column(cfg, storage) else "manifest"
     fs, path = filesystem(cfg.paths()[0], storage)
-    names = [n.lower() for n in fs.find(path, maxdepth=2)][:1000]
-    if any(n.endswith(TAR_SUFFIXES) for n in names):
+    names = sorted(fs.find(path, maxdepth=2))[:1000]
+    if any(n.lower().endswith(TAR_SUFFIXES) for n in names):
         return "webdataset"
-    if any(n.endswith(".parquet") for n in names):
-        return "parquet_bytes"
+    tables = [n for n in names if n.lower().endswith(".parquet")]
+    if tables and not any(_is_image_name(n, cfg.extensions) for n in names):
+        import pyarrow.parquet as pq
+
+        with fs.open(tables[0], "rb") as f:
+            return "parquet_bytes" if cfg.bytes_column in pq.read_schema(f).names else "manifest"
     return "folder"
 
 
@@ -155,6 +159,39 @@ def _has_bytes_column(cfg: InputConfig, storage: StorageConfig) -> bool:
     fs, path = filesystem(cfg.paths()[0], storage)
     with fs.open(path, "rb") as f:
         return cfg.bytes_column in pq.read_schema(f).names
+
+
+def table_columns(path: str, storage: StorageConfig) -> list[str]:
+    """Column names of one table file (parquet schema, CSV header, first JSONL record)."""
+    fs, p = filesystem(path, storage)
+    suffix = posixpath.splitext(p.lower())[1]
+    with fs.open(p, "rb") as f:
+        if suffix == ".parquet":
+            import pyarrow.parquet as pq
+
+            return pq.read_schema(f).names
+        first = f.readline().decode("utf-8", errors="replace")
+    if suffix == ".csv":
+        import csv
+
+        return next(csv.reader([first]), [])
+    return list(json.loads(first or "{}"))
+
+
+def check_source(cfg: InputConfig, storage: StorageConfig, kind: str) -> None:
+    """Fail before the run on table inputs that lack the configured columns."""
+    if kind == "manifest":
+        files = list_tables(cfg.paths(), storage, tuple(TABLE_SUFFIXES))
+        if not files:
+            raise ValueError(f"input.path: no table files ({sorted(TABLE_SUFFIXES)}) in {cfg.paths()}")
+        check_columns(table_columns(files[0], storage), {cfg.uri_column: "input.uri_column"})
+    elif kind == "parquet_bytes":
+        files = list_tables(cfg.paths(), storage, (".parquet",))
+        if not files:
+            raise ValueError(f"input.path: no .parquet files in {cfg.paths()}")
+        names = table_columns(files[0], storage)
+        check_columns(names, {cfg.bytes_column: "input.bytes_column"})
+        resolve_key_column(names, cfg)
 
 
 def split_listing(root: str, storage: StorageConfig, extensions: list[str]) -> tuple[list[str], list[str]]:

@@ -91,3 +91,17 @@ def test_input_and_output_alone_run_on_defaults_from_any_directory(tmp_path, goo
     assert (summary["inputs"], summary["curated"], summary["rejected"]) == (5, 4, 1)
     assert summary["rejected_by_stage"] == {"validate": {"corrupt": 1}}
     assert summary["config"]["validate"]["min_side"] == 80
+
+
+def test_table_inputs_missing_configured_columns(tmp_path):
+    (tmp_path / "m.csv").write_text("path,species\n/x.jpg,a\n")
+    line = one_line_error(cli("--input", str(tmp_path / "m.csv"), "--output", str(tmp_path / "o"))[0])
+    assert "input.uri_column" in line and "'uri'" in line
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table({"uuid": ["a"], "img": [b"x"]}), tmp_path / "t.parquet")
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(f"input: {{path: {tmp_path / 't.parquet'}, kind: parquet_bytes}}\noutput: {tmp_path / 'o'}\n")
+    line = one_line_error(cli("--config", str(cfg))[0])
+    assert "input.bytes_column" in line and "'image'" in line

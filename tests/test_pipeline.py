@@ -235,3 +235,17 @@ def test_failed_run_leaves_nothing_that_looks_complete(tmp_path, ray_local, good
     assert not (out / "curated" / "_SUCCESS").exists() and not (out / "rejected" / "_SUCCESS").exists()
     with pytest.raises(FileNotFoundError):
         read_committed_table(str(out / "curated"))
+
+
+def test_until_ingest_and_empty_input(tmp_path, ray_local, good):
+    (tmp_path / "img").mkdir()
+    (tmp_path / "img" / "a.jpg").write_bytes(good["astronaut.jpg"])
+    (tmp_path / "img" / "b.jpg").write_bytes(b"not really")
+    s = run(str(tmp_path / "img"), tmp_path / "r1", ray_local, until="ingest")
+    curated, rejected = check_invariant(tmp_path / "r1", [str(tmp_path / "img" / n) for n in ("a.jpg", "b.jpg")])
+    assert s["stages_run"] == ["scan"] and not rejected  # nothing validated yet
+    assert curated[str(tmp_path / "img" / "a.jpg")]["n_bytes"] == len(good["astronaut.jpg"])
+    (tmp_path / "empty").mkdir()
+    s = run(str(tmp_path / "empty"), tmp_path / "r2", ray_local)
+    assert (s["inputs"], s["curated"], s["rejected"]) == (0, 0, 0)
+    check_invariant(tmp_path / "r2", [])

@@ -138,11 +138,11 @@ def _slow_png() -> bytes:
 
 def test_slow_file_is_rejected_in_time_and_the_batch_completes(good):
     slow = _slow_png()
-    cfg = ValidateConfig(timeout_s=0.15, max_bytes=10**9)
     t0 = time.perf_counter()
     unlimited = validate_image(slow, ValidateConfig(timeout_s=0, max_bytes=10**9))
     full = time.perf_counter() - t0
-    assert unlimited.reason is None
+    assert unlimited.reason is None and full > 0.1
+    cfg = ValidateConfig(timeout_s=full / 5, max_bytes=10**9)  # relative: robust to machine speed
     blobs = [good["astronaut.jpg"], slow, good["coffee.png"]]
     table = with_reject_columns(pa.table({"id": ["a", "b", "c"], "uri": ["a", "b", "c"],
                                           BYTES: pa.array(blobs, pa.binary())}), [None] * 3)
@@ -150,7 +150,7 @@ def test_slow_file_is_rejected_in_time_and_the_batch_completes(good):
     out = validate_batch(table, cfg)
     took = time.perf_counter() - t0
     assert out.column("reason").to_pylist() == [None, "decode_timeout", None]
-    assert full > 0.45 and took < full / 1.5, (took, full)
+    assert took < full * 0.7, (took, full)
     assert BYTES not in out.column_names
 
 
