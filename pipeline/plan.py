@@ -14,6 +14,7 @@ import logging
 import os
 import sys
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import ModuleType
@@ -275,8 +276,13 @@ def _dead(batch: pa.Table) -> pa.Table:
 
 
 def _reason_counts(batch: pa.Table) -> pa.Table:
-    t = pa.table({"stage": batch["stage"], "reason": batch["reason"], "n": pa.array([1] * len(batch), pa.int64())})
-    return t.group_by(["stage", "reason"]).aggregate([("n", "sum")]).rename_columns(["stage", "reason", "n"])
+    # A plain Counter: pyarrow's threaded group_by has failed inside Ray workers
+    # ("thread index out of range").
+    counts = Counter(zip(batch["stage"].to_pylist(), batch["reason"].to_pylist()))
+    keys = sorted(counts, key=lambda k: (k[0] or "", k[1] or ""))
+    return pa.table({"stage": pa.array([k[0] for k in keys], pa.string()),
+                     "reason": pa.array([k[1] for k in keys], pa.string()),
+                     "n": pa.array([counts[k] for k in keys], pa.int64())})
 
 
 def count_reasons(ds: ray.data.Dataset) -> dict:
