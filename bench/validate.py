@@ -12,10 +12,11 @@ given a little sensor-like grain, upscaled with LANCZOS to camera-like sizes (mu
 Two loops over the same bytes, in the same process, one thread, no Ray:
 
 * naive: ``Image.open`` -> ``.load()`` (full-resolution decode) -> ``.convert("RGB")``
-  -> resize to short side 256 (bilinear, the same ``resize_short_side`` validate uses);
+  -> ``Image.resize`` (bilinear, antialiased) to short side 256, the size validate gives;
 * validate: ``stages.validate.validate_image(data, ValidateConfig())``, which does
   *more* work than the naive loop (sha256, header checks, EXIF orientation, perceptual
-  hash, decode deadline) but decodes JPEGs in draft mode (libjpeg DCT scaling).
+  hash, decode deadline) but decodes JPEGs at reduced scale (libjpeg-turbo DCT scaling via
+  simplejpeg, Pillow draft mode as fallback) and resizes with OpenCV's area averaging.
 
 Every image must pass validation, and both loops must give the same output size for every
 image. The fast path must still catch truncated files: ``--n-truncated`` JPEGs cut to 60%
@@ -52,7 +53,7 @@ from PIL import Image, ImageEnhance  # noqa: E402
 
 from manifests.schema import Reason  # noqa: E402
 from pipeline.config import ValidateConfig  # noqa: E402
-from stages.validate import resize_short_side, validate_image  # noqa: E402
+from stages.validate import short_side_size, validate_image  # noqa: E402
 
 SHORT_SIDE = 256
 MIN_PX, MAX_PX = 1_000_000, 4_000_000
@@ -143,7 +144,8 @@ def naive_one(data: bytes) -> tuple[int, int]:
     img = Image.open(io.BytesIO(data))
     img.load()  # full-resolution decode
     img = img.convert("RGB")
-    return resize_short_side(img, SHORT_SIDE).size
+    size = short_side_size(*img.size, SHORT_SIDE)
+    return img.resize(size, Image.Resampling.BILINEAR).size
 
 
 def run_naive(blobs: list[bytes]) -> tuple[float, list[tuple[int, int]]]:
@@ -163,7 +165,7 @@ def run_validate(blobs: list[bytes], cfg: ValidateConfig) -> tuple[float, list[t
             failures.append((i, info.reason, info.detail))
             sizes.append(None)
         else:
-            sizes.append(info.image.size)
+            sizes.append((info.image.shape[1], info.image.shape[0]))
         info.image = None
     return time.perf_counter() - t0, sizes, failures
 

@@ -19,11 +19,16 @@ from stages.validate import validate_batch, validate_image
 CFG = ValidateConfig()
 
 
+def _wh(rgb: np.ndarray) -> tuple[int, int]:
+    return rgb.shape[1], rgb.shape[0]
+
+
 def test_every_good_format_and_mode_is_accepted_as_rgb(good):
     for name, data in good.items():
         info = validate_image(data, CFG)
         assert info.reason is None, (name, info.detail)
-        assert info.image.mode == "RGB" and min(info.image.size) == min(256, info.width, info.height), name
+        assert info.image.dtype == np.uint8 and info.image.shape[2] == 3, name
+        assert min(info.image.shape[:2]) == min(256, info.width, info.height), name
         assert info.sha256 and len(info.sha256) == 64 and info.phash is not None
 
 
@@ -54,7 +59,7 @@ def test_truncation_is_detected_with_draft_decoding(photos):
     big = Image.fromarray(photos["china"]).resize((2400, 1600), Image.Resampling.LANCZOS)
     data = samples.encode(big, "JPEG", quality=90)
     ok = validate_image(data, CFG)
-    assert ok.reason is None and ok.image.size[1] == 256 and (ok.width, ok.height) == (2400, 1600)
+    assert ok.reason is None and ok.image.shape[0] == 256 and (ok.width, ok.height) == (2400, 1600)
     for frac in (0.3, 0.6, 0.9):
         assert validate_image(data[: int(len(data) * frac)], CFG).reason == Reason.CORRUPT
 
@@ -64,7 +69,7 @@ def test_exif_orientation_is_applied(photos):
     info = validate_image(samples.with_exif_orientation(src, 6), CFG)
     assert info.reason is None and info.exif_orientation == 6
     assert (info.width, info.height) == (200, 400)  # displayed size
-    expected = np.asarray(src.transpose(Image.Transpose.ROTATE_270).resize(info.image.size), dtype=float)
+    expected = np.asarray(src.transpose(Image.Transpose.ROTATE_270).resize(_wh(info.image)), dtype=float)
     assert np.abs(np.asarray(info.image, dtype=float) - expected).mean() < 12
 
 
@@ -81,8 +86,8 @@ def test_modes_are_normalized_sensibly(good):
 def test_first_frame_of_animation(good, photos):
     info = validate_image(good["animated.gif"], CFG)
     assert info.n_frames == 2
-    first = np.asarray(Image.fromarray(photos["rocket"]).resize((300, 200)).resize(info.image.size), float)
-    second = np.asarray(Image.fromarray(photos["coffee"]).resize((300, 200)).resize(info.image.size), float)
+    first = np.asarray(Image.fromarray(photos["rocket"]).resize((300, 200)).resize(_wh(info.image)), float)
+    second = np.asarray(Image.fromarray(photos["coffee"]).resize((300, 200)).resize(_wh(info.image)), float)
     got = np.asarray(info.image, float)
     assert np.abs(got - first).mean() < np.abs(got - second).mean()
 
@@ -161,3 +166,30 @@ def test_batch_passes_upstream_rejects_through(good):
     out = validate_batch(table, CFG).to_pylist()
     assert out[0]["reason"] is None and out[0]["format"] == "JPEG" and out[0]["n_bytes"] > 0
     assert (out[1]["stage"], out[1]["reason"], out[1]["detail"]) == ("ingest", "missing", "gone")
+
+
+def test_fast_jpeg_path_matches_a_full_decode(photos):
+    from stages.validate import _jpeg_fast
+
+    src = Image.fromarray(photos["china"]).resize((1600, 1068), Image.Resampling.LANCZOS)
+    data = samples.encode(src, "JPEG", quality=92)
+    img = Image.open(io.BytesIO(data))
+    assert _jpeg_fast(data, img, 256) is not None  # libjpeg-turbo DCT-scaled path taken
+    info = validate_image(data, CFG)
+    ref = np.asarray(Image.open(io.BytesIO(data)).convert("RGB").resize(_wh(info.image), Image.Resampling.BILINEAR),
+                     float)
+    got = info.image.astype(float)
+    cos = (got * ref).sum() / np.sqrt((got * got).sum() * (ref * ref).sum())
+    assert cos > 0.999 and np.abs(got - ref).mean() < 4
+
+
+def test_harmless_libjpeg_warning_falls_back_to_pillow_and_passes(photos):
+    from stages.validate import _jpeg_fast
+
+    data = samples.encode(Image.fromarray(photos["coffee"]), "JPEG", quality=90)
+    at = data.index(b"\xff\xdb")  # first quantization table
+    odd = data[:at] + b"\x00\x00" + data[at:]  # libjpeg: "2 extraneous bytes before marker 0xdb"
+    assert _jpeg_fast(odd, Image.open(io.BytesIO(odd)), 256) is None  # strict decoder refuses
+    assert validate_image(odd, CFG).reason is None  # Pillow accepts it, as a viewer would
+    cmyk = samples.encode(Image.fromarray(photos["flower"]).convert("CMYK"), "JPEG")
+    assert _jpeg_fast(cmyk, Image.open(io.BytesIO(cmyk)), 256) is None  # CMYK: Pillow path
