@@ -20,6 +20,7 @@ class Stage(StrEnum):
     """Stage ids, as written in the ``stage`` column and in ``summary.json``."""
 
     INGEST = "ingest"
+    SELECT = "select"
     VALIDATE = "validate"
     EXACT_DEDUP = "exact_dedup"
 
@@ -32,6 +33,8 @@ class Reason(StrEnum):
     PERMISSION_DENIED = "permission_denied"
     READ_ERROR = "read_error"  # permanent read failure (after retries) or broken archive
     UNSAFE_PATH = "unsafe_path"  # tar member escaping its archive, links
+    # select
+    NOT_IN_CATALOG = "not_in_catalog"  # an image whose key has no catalog row
     # validate
     EMPTY = "empty"  # zero bytes
     FILE_TOO_LARGE = "file_too_large"

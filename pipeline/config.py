@@ -123,6 +123,70 @@ class RunConfig(_Section):
     progress_bars: bool = Field(False, description="Show Ray Data progress bars.")
 
 
+class Predicate(_Section):
+    """One condition on a catalog/manifest column; exactly one operator is set."""
+
+    column: str
+    eq: str | int | float | bool | None = None
+    ne: str | int | float | bool | None = None
+    in_: list[str | int | float | bool] | None = Field(None, alias="in")
+    not_in: list[str | int | float | bool] | None = None
+    gt: str | int | float | None = None
+    ge: str | int | float | None = None
+    lt: str | int | float | None = None
+    le: str | int | float | None = None
+    between: list[str | int | float] | None = None
+    is_null: bool | None = None
+
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+    @model_validator(mode="after")
+    def _one_operator(self) -> "Predicate":
+        ops = self.as_dict().keys() - {"column"}
+        if len(ops) != 1:
+            raise ValueError(f"needs exactly one operator (eq, ne, in, not_in, gt, ge, lt, le, between, is_null), "
+                             f"got {sorted(ops) or 'none'}")
+        return self
+
+    def as_dict(self) -> dict[str, Any]:
+        """``{"column": ..., op: operand}`` as ``stages.kernels.select`` takes it."""
+        return self.model_dump(mode="json", by_alias=True, exclude_none=True)
+
+
+class TaxonCap(_Section):
+    """At most ``max`` rows per value of ``column`` (e.g. species), chosen by hash(seed, id)."""
+
+    column: str
+    max: int = Field(..., ge=1)
+
+
+class SelectConfig(_Section):
+    """Which subset to curate, decided on catalog/manifest columns before any image byte
+    is read. Unselected rows are counted in the summary, not rejected."""
+
+    where: list[Predicate] = Field([], description="Predicates, ANDed (see README 'Selecting a subset').")
+    max_per_taxon: TaxonCap | None = Field(None, description="Cap per taxon, e.g. {column: species, max: 500}.")
+
+    def predicates(self) -> list[dict[str, Any]]:
+        return [p.as_dict() for p in self.where]
+
+    @property
+    def active(self) -> bool:
+        return bool(self.where) or self.max_per_taxon is not None
+
+
+class CatalogConfig(_Section):
+    """Metadata shipped apart from the images (TreeOfLife catalog.csv / catalog.parquet)."""
+
+    path: str | None = Field(None, description="Catalog table (parquet / CSV / JSONL), local or s3://.")
+    key: str = Field("uuid", description="Catalog column that identifies an image.")
+    input_key: str | None = Field(
+        None,
+        description="Column of the image rows joined to catalog.key (default: webdataset 'key' basename, "
+        "parquet input.key_column, else the same name as catalog.key).",
+    )
+
+
 STAGES = ("ingest", "validate", "exact_dedup")
 
 
@@ -134,6 +198,8 @@ class PipelineConfig(_Section):
     storage: StorageConfig = StorageConfig()
     validate_: ValidateConfig = Field(ValidateConfig(), alias="validate")
     exact_dedup: ExactDedupConfig = ExactDedupConfig()
+    catalog: CatalogConfig = CatalogConfig()
+    select: SelectConfig = SelectConfig()
     run: RunConfig = RunConfig()
 
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
@@ -141,7 +207,7 @@ class PipelineConfig(_Section):
     def section(self, name: str) -> dict[str, Any]:
         """A stage's config section as plain data (for fingerprints)."""
         key = "validate_" if name == "validate" else name
-        return getattr(self, key).model_dump(mode="json")
+        return getattr(self, key).model_dump(mode="json", by_alias=True)
 
     def dump(self) -> dict[str, Any]:
         return self.model_dump(mode="json", by_alias=True)

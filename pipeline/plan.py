@@ -30,9 +30,11 @@ import stages.ingest as ingest
 import stages.kernels.exact
 import stages.kernels.hashing
 import stages.kernels.phash
+import stages.kernels.select
+import stages.select
 import stages.validate
 from manifests import io as mio
-from pipeline import __version__
+from pipeline import __version__, catalog
 from pipeline.config import STAGES, PipelineConfig
 from stages.validate import ValidateStage
 
@@ -54,7 +56,12 @@ def fingerprint(section: object, code: str, upstream: str = "") -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:24]
 
 
-def stage_fingerprints(cfg: PipelineConfig, until: str) -> dict[str, str]:
+def selecting(cfg: PipelineConfig) -> bool:
+    """Whether a select stage runs (a catalog to join, or predicates/caps to apply)."""
+    return bool(cfg.catalog.path) or cfg.select.active
+
+
+def stage_fingerprints(cfg: PipelineConfig, until: str, kind: str = "folder") -> dict[str, str]:
     """Fingerprint of each stage the run will execute, in order."""
     validating = STAGES.index(until) >= STAGES.index("validate")
     scan_section = {
@@ -64,12 +71,20 @@ def stage_fingerprints(cfg: PipelineConfig, until: str) -> dict[str, str]:
     }
     scan_code = code_hash(ingest, schema, stages.kernels.hashing,
                           *( (stages.validate, stages.deadline, stages.kernels.phash) if validating else ()))
-    fps = {"scan": fingerprint(scan_section, scan_code)}
+    fps: dict[str, str] = {}
+    select_code = code_hash(stages.select, stages.kernels.select, catalog)
+    select_section = {"select": cfg.section("select"), "catalog": cfg.section("catalog"), "seed": cfg.run.seed,
+                      "input": cfg.section("input")}
+    if selecting(cfg):
+        fps["select"] = fingerprint(select_section, select_code)
+    fps["scan"] = fingerprint(scan_section, scan_code, fps.get("select", ""))
+    if selecting(cfg) and kind != "manifest":
+        fps["catalog_join"] = fingerprint(select_section, select_code, fps["scan"])
     if STAGES.index(until) >= STAGES.index("exact_dedup") and cfg.exact_dedup.enabled:
         fps["exact_dedup"] = fingerprint(
             {"exact_dedup": cfg.section("exact_dedup"), "seed": cfg.run.seed},
             code_hash(stages.dedup, stages.kernels.exact),
-            fps["scan"],
+            fps.get("catalog_join", fps["scan"]),
         )
     return fps
 
@@ -117,8 +132,13 @@ def _read_shard_rows(batch: pa.Table, storage, extensions, rows_per_block):
         yield from ingest.iter_shard(shard, storage, extensions, rows_per_block)
 
 
-def ingest_dataset(cfg: PipelineConfig, kind: str) -> ray.data.Dataset:
-    """Rows ``id, uri, image_bytes, stage, reason, detail`` + metadata, streamed."""
+def ingest_dataset(cfg: PipelineConfig, kind: str, flagged: ray.data.Dataset | None = None,
+                   join_counts: dict | None = None) -> ray.data.Dataset:
+    """Rows ``id, uri, image_bytes, stage, reason, detail`` + metadata, streamed.
+
+    For a manifest, ``flagged`` (the select stage's output) narrows the rows before any
+    object is fetched; ``join_counts`` receives the catalog join's counts."""
+    join_counts = {} if join_counts is None else join_counts
     inp, storage = cfg.input, cfg.storage
     remote = _ray_remote_kwargs(cfg)
     if kind == "folder":
@@ -145,14 +165,14 @@ def ingest_dataset(cfg: PipelineConfig, kind: str) -> ray.data.Dataset:
         return rows.map_batches(ingest.fetch_batch, batch_size=cfg.run.read_batch_size, batch_format="pyarrow",
                                 fn_kwargs={"storage": storage}, **remote)
     if kind == "manifest":
-        files = ingest.list_tables(inp.paths(), storage, tuple(ingest.TABLE_SUFFIXES))
-        fs, _ = mio.filesystem(inp.paths()[0], storage)
-        afs = mio.arrow_filesystem(fs)
-        fmt = ingest.TABLE_SUFFIXES[Path(files[0]).suffix.lower()]
-        reader = {"parquet": ray.data.read_parquet, "csv": ray.data.read_csv, "json": ray.data.read_json}[fmt]
-        rows = reader(files, filesystem=afs)
-        rows = rows.map_batches(ingest.manifest_rows, batch_format="pyarrow", batch_size=None,
-                                fn_kwargs={"uri_column": inp.uri_column})
+        rows = catalog.read_table(inp.paths(), cfg).map_batches(
+            ingest.manifest_rows, batch_format="pyarrow", batch_size=None, fn_kwargs={"uri_column": inp.uri_column})
+        if flagged is not None and cfg.catalog.path:
+            key, base = catalog.input_key_column(cfg, kind, rows.schema().names)
+            rows, counts = catalog.join_catalog(cfg, rows, flagged, key, base)
+            join_counts.update(counts)
+        elif flagged is not None:
+            rows = catalog.selected_manifest_rows(flagged)
         rows = rows.repartition(target_num_rows_per_block=cfg.run.read_batch_size)
         return rows.map_batches(ingest.fetch_batch, batch_size=cfg.run.read_batch_size, batch_format="pyarrow",
                                 fn_kwargs={"storage": storage}, **remote)
@@ -184,9 +204,10 @@ def _drop_bytes(batch: pa.Table) -> pa.Table:
     return batch.drop_columns([schema.BYTES]).append_column("n_bytes", n_bytes)
 
 
-def scan_dataset(cfg: PipelineConfig, kind: str, until: str) -> ray.data.Dataset:
+def scan_dataset(cfg: PipelineConfig, kind: str, until: str, flagged: ray.data.Dataset | None = None,
+                 join_counts: dict | None = None) -> ray.data.Dataset:
     """The streaming pass. Output: the narrow table (never pixels)."""
-    ds = ingest_dataset(cfg, kind)
+    ds = ingest_dataset(cfg, kind, flagged, join_counts)
     if STAGES.index(until) >= STAGES.index("validate"):
         return ds.map_batches(ValidateStage(cfg.validate_), batch_size=cfg.run.batch_size, batch_format="pyarrow",
                               **_ray_remote_kwargs(cfg))
@@ -328,7 +349,7 @@ def run(cfg: PipelineConfig, until: str = STAGES[-1], resume: bool = False) -> d
     print(describe(cfg, kind, until), flush=True)
     init_ray(cfg)
     rd = RunDir(cfg)
-    fps = stage_fingerprints(cfg, until)
+    fps = stage_fingerprints(cfg, until, kind)
     timings, reused = {}, []
 
     # Whatever a previous run committed at the top is stale from here on: drop its markers
@@ -342,19 +363,29 @@ def run(cfg: PipelineConfig, until: str = STAGES[-1], resume: bool = False) -> d
         final = rd.path("stages", name)
         if resume and rd.stage_done(name, fp):
             reused.append(name)
-            upstream = final
+            upstream = final if name != "select" else upstream
             log.info("stage %s: fingerprint %s matches, reused", name, fp)
             continue
         t0 = time.time()
-        if name == "scan":
-            ds = scan_dataset(cfg, kind, until)
+        stage_counts: dict = {}
+        if name == "select":
+            ds = catalog.selection_dataset(cfg, kind).materialize()
+            stage_counts = catalog.selection_counts(ds)
+        elif name == "scan":
+            flagged = rd.read(rd.path("stages", "select")) if "select" in fps else None
+            ds = scan_dataset(cfg, kind, until, flagged, stage_counts)
+        elif name == "catalog_join":
+            narrow = rd.read(upstream)
+            key, base = catalog.input_key_column(cfg, kind, narrow.schema().names)
+            ds, stage_counts = catalog.join_catalog(cfg, narrow, rd.read(rd.path("stages", "select")), key, base)
         elif name == "exact_dedup":
             ds = exact_dedup_dataset(cfg, rd.read(upstream))
-        else:  # pragma: no cover - guarded by STAGES
+        else:  # pragma: no cover - guarded by stage_fingerprints
             raise AssertionError(name)
-        rd.write(ds, final, {"fingerprint": fp, "stage": name})
+        rd.write(ds, final, {"fingerprint": fp, "stage": name, "counts": stage_counts})
         timings[name] = round(time.time() - t0, 3)
-        upstream = final
+        if name != "select":
+            upstream = final
 
     t0 = time.time()
     decided = rd.read(upstream).map_batches(_with_duplicate_of, batch_format="pyarrow").materialize()
@@ -369,11 +400,18 @@ def run(cfg: PipelineConfig, until: str = STAGES[-1], resume: bool = False) -> d
     timings["manifest"] = round(time.time() - t0, 3)
 
     n_rejected = sum(sum(v.values()) for v in counts["rejected"].values())
+    selection = {}
+    for name in ("select", "scan", "catalog_join"):
+        if name in fps:
+            got = (mio.read_marker(rd.fs, rd.path("stages", name)) or {}).get("counts") or {}
+            if got:
+                selection["select" if name == "select" else "join"] = got
     summary = {
         "inputs": counts["curated"] + n_rejected,
         "curated": counts["curated"],
         "rejected": n_rejected,
         "rejected_by_stage": counts["rejected"],
+        "selection": selection,
         "input_kind": kind,
         "until": until,
         "stages_run": [s for s in fps if s not in reused],

@@ -57,7 +57,11 @@ def check_inputs(cfg: PipelineConfig) -> None:
     from stages import ingest
 
     try:
-        ingest.check_source(cfg.input, cfg.storage, ingest.detect_kind(cfg.input, cfg.storage))
+        kind = ingest.detect_kind(cfg.input, cfg.storage)
+        ingest.check_source(cfg.input, cfg.storage, kind)
+        from pipeline.catalog import check_selection
+
+        check_selection(cfg, kind)
     except (ValueError, OSError) as e:
         raise ConfigError(f"input error: {str(e).splitlines()[0]}") from None
 

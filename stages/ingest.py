@@ -46,11 +46,17 @@ def reject_columns(n: int) -> dict[str, pa.Array]:
 
 
 def with_reject_columns(table: pa.Table, rejects: list[tuple[Reason, str] | None]) -> pa.Table:
-    """Append ``stage/reason/detail`` columns (null where ``rejects[i]`` is None)."""
+    """Set ``stage/reason/detail`` (stage ``ingest``) where ``rejects[i]`` is not None.
+
+    Rows already rejected upstream keep their reject; others stay null (alive).
+    """
+    n = len(rejects)
+    prior = {k: table.column(k).to_pylist() if k in table.column_names else [None] * n
+             for k in ("stage", "reason", "detail")}
     cols = {
-        "stage": [Stage.INGEST.value if r else None for r in rejects],
-        "reason": [r[0].value if r else None for r in rejects],
-        "detail": [r[1] if r else None for r in rejects],
+        "stage": [p or (Stage.INGEST.value if r else None) for p, r in zip(prior["stage"], rejects)],
+        "reason": [p or (r[0].value if r else None) for p, r in zip(prior["reason"], rejects)],
+        "detail": [p or (r[1] if r else None) for p, r in zip(prior["detail"], rejects)],
     }
     for k, v in cols.items():
         if k in table.column_names:
@@ -109,23 +115,26 @@ def fetch_object(uri: str, storage: StorageConfig) -> bytes | tuple[Reason, str]
 def fetch_batch(table: pa.Table, storage: StorageConfig, uri_column: str = URI) -> pa.Table:
     """Add ``image_bytes`` and reject columns, fetching the URIs of ``table`` concurrently."""
     uris = table.column(uri_column).to_pylist()
+    prior = table.column("reason").to_pylist() if "reason" in table.column_names else [None] * len(uris)
 
-    def one(u):
-        if not u:
+    def one(i):
+        if prior[i] is not None:
+            return None  # rejected upstream (e.g. not in the catalog): nothing to read
+        if not uris[i]:
             return Reason.MISSING, "empty uri"
-        return fetch_object(str(u), storage)
+        return fetch_object(str(uris[i]), storage)
 
+    todo = range(len(uris))
     if len(uris) > 1 and storage.read_concurrency > 1:
         with ThreadPoolExecutor(max_workers=min(storage.read_concurrency, len(uris))) as pool:
-            results = list(pool.map(one, uris))
+            results = list(pool.map(one, todo))
     else:
-        results = [one(u) for u in uris]
+        results = [one(i) for i in todo]
     blobs = [r if isinstance(r, bytes) else None for r in results]
-    rejects = [None if isinstance(r, bytes) else r for r in results]
     if BYTES in table.column_names:
         table = table.drop_columns([BYTES])
     table = table.append_column(BYTES, pa.array(blobs, pa.binary()))
-    return with_reject_columns(table, rejects)
+    return with_reject_columns(table, [None if isinstance(r, bytes) else r for r in results])
 
 
 # --------------------------------------------------------------------------- sources
@@ -234,13 +243,14 @@ def list_shards(paths: list[str], storage: StorageConfig) -> list[str]:
 
 
 def list_tables(paths: list[str], storage: StorageConfig, suffixes: tuple[str, ...]) -> list[str]:
+    """Table files (URIs) at or below ``paths``."""
     out = []
     for p in paths:
         fs, path = filesystem(p, storage)
         if fs.isdir(path):
-            out.extend(q for q in fs.find(path) if q.lower().endswith(suffixes))
+            out.extend(to_uri(fs, q) for q in fs.find(path) if q.lower().endswith(suffixes))
         else:
-            out.append(path)
+            out.append(to_uri(fs, path))
     return sorted(out)
 
 

@@ -105,3 +105,14 @@ def test_table_inputs_missing_configured_columns(tmp_path):
     cfg.write_text(f"input: {{path: {tmp_path / 't.parquet'}, kind: parquet_bytes}}\noutput: {tmp_path / 'o'}\n")
     line = one_line_error(cli("--config", str(cfg))[0])
     assert "input.bytes_column" in line and "'image'" in line
+
+
+def test_selection_on_a_missing_or_mistyped_column(tmp_path):
+    (tmp_path / "m.csv").write_text("uri,species,year\n/x.jpg,a,2001\n")
+    for where, msg in ((["{column: genus, eq: Felis}"], "select.where[0].column: 'genus'"),
+                       (["{column: year, eq: recent}"], "cannot compare with column 'year'")):
+        cfg = tmp_path / "c.yaml"
+        cfg.write_text(f"input: {{path: {tmp_path / 'm.csv'}}}\noutput: {tmp_path / 'o'}\n"
+                       f"select: {{where: [{where[0]}]}}\n")
+        line = one_line_error(cli("--config", str(cfg))[0])
+        assert msg in line, line

@@ -1,0 +1,154 @@
+"""Catalog join and subset selection on Ray Data (the per-batch work is in stages.select).
+
+* ``select`` stage (global, before any image byte is read): the catalog (or the manifest
+  itself when there is no catalog) gets a ``_selected`` flag: the ``select.where``
+  predicates, then ``select.max_per_taxon`` as a groupby on the taxon column, keeping the
+  lowest hash(seed, id) per taxon. Written to ``stages/select``.
+* join: input rows meet flagged catalog rows in a distributed full outer join on
+  ``_join_key``; input rows without a catalog row are rejected ``not_in_catalog``, rows
+  whose catalog row is unselected are dropped and counted (they were never part of the
+  requested subset), catalog rows without an image are counted.
+"""
+
+from __future__ import annotations
+
+import pyarrow as pa
+import ray
+
+import stages.select as sel
+from manifests import io as mio
+from manifests.schema import ID, check_columns
+from pipeline.config import PipelineConfig
+from stages import ingest
+from stages.kernels.select import check_predicates
+
+
+def read_table(paths: list[str], cfg: PipelineConfig) -> ray.data.Dataset:
+    files = ingest.list_tables(paths, cfg.storage, tuple(ingest.TABLE_SUFFIXES))
+    fs, _ = mio.filesystem(paths[0], cfg.storage)
+    fmt = ingest.TABLE_SUFFIXES[("." + files[0].rsplit(".", 1)[-1]).lower()]
+    reader = {"parquet": ray.data.read_parquet, "csv": ray.data.read_csv, "json": ray.data.read_json}[fmt]
+    return reader(files, filesystem=mio.arrow_filesystem(fs))
+
+
+def source_schema(cfg: PipelineConfig, kind: str) -> pa.Schema | None:
+    """Schema of the table selection runs on (catalog, else manifest, else parquet
+    metadata), read from its first file; None when there is none."""
+    path = cfg.catalog.path or (cfg.input.paths()[0] if kind in ("manifest", "parquet_bytes") else None)
+    if path is None:
+        return None
+    first = ingest.list_tables([path], cfg.storage, tuple(ingest.TABLE_SUFFIXES))[0]
+    fs, p = mio.filesystem(first, cfg.storage)
+    if p.lower().endswith(".parquet"):
+        import pyarrow.parquet as pq
+
+        with fs.open(p, "rb") as f:
+            return pq.read_schema(f)
+    import io
+
+    import pyarrow.csv as pacsv
+    import pyarrow.json as pajson
+
+    with fs.open(p, "rb") as f:  # types inferred from the first MiB, as the reader will
+        head = f.read(1 << 20)
+    cut = head[: head.rfind(b"\n") + 1] or head
+    reader = pacsv.read_csv if p.lower().endswith(".csv") else pajson.read_json
+    return reader(io.BytesIO(cut)).schema
+
+
+def check_selection(cfg: PipelineConfig, kind: str) -> None:
+    """Before the run: predicates and caps name existing columns of the right type."""
+    needs = cfg.select.active or cfg.catalog.path
+    if not needs:
+        return
+    if kind == "webdataset" and not cfg.catalog.path and cfg.select.active:
+        raise ValueError("select: webdataset input needs catalog.path (its metadata lives in the catalog)")
+    schema = source_schema(cfg, kind)
+    if schema is None:
+        raise ValueError("select: needs a catalog (catalog.path) or a table input")
+    check_predicates(schema, cfg.select.predicates())
+    if cfg.select.max_per_taxon:
+        check_columns(schema.names, {cfg.select.max_per_taxon.column: "select.max_per_taxon.column"})
+    if cfg.catalog.path:
+        check_columns(schema.names, {cfg.catalog.key: "catalog.key"})
+
+
+def _mark_from(batch: pa.Table, flag: str) -> pa.Table:
+    return batch.append_column(flag, pa.array([True] * len(batch), pa.bool_()))
+
+
+def selection_dataset(cfg: PipelineConfig, kind: str) -> ray.data.Dataset:
+    """The flagged selection table: the catalog, or the manifest's rows (with ids)."""
+    joins = kind != "manifest" or bool(cfg.catalog.path)
+    if cfg.catalog.path:
+        rows = read_table([cfg.catalog.path], cfg).map_batches(
+            sel.with_join_key, batch_format="pyarrow", fn_kwargs={"column": cfg.catalog.key})
+        rank_column = cfg.catalog.key
+    elif kind == "parquet_bytes":  # its own metadata columns, read without the image column
+        files = ingest.list_tables(cfg.input.paths(), cfg.storage, (".parquet",))
+        fs, _ = mio.filesystem(cfg.input.paths()[0], cfg.storage)
+        names = ingest.table_columns(files[0], cfg.storage)
+        rank_column = ingest.resolve_key_column(names, cfg.input)
+        rows = ray.data.read_parquet(files, filesystem=mio.arrow_filesystem(fs),
+                                     columns=[n for n in names if n != cfg.input.bytes_column])
+        rows = rows.map_batches(sel.with_join_key, batch_format="pyarrow", fn_kwargs={"column": rank_column})
+    else:  # the manifest is its own catalog
+        rows = read_table(cfg.input.paths(), cfg).map_batches(
+            ingest.manifest_rows, batch_format="pyarrow", fn_kwargs={"uri_column": cfg.input.uri_column})
+        rank_column = ID
+    flagged = rows.map_batches(sel.mark_predicates, batch_format="pyarrow",
+                               fn_kwargs={"preds": cfg.select.predicates(), "rank_column": rank_column})
+    cap = cfg.select.max_per_taxon
+    if cap:
+        flagged = flagged.materialize()
+        partitions = max(1, min(200, -(-flagged.count() // 250_000)))
+        flagged = flagged.groupby(cap.column, num_partitions=partitions).map_groups(
+            sel.cap_group, batch_format="pyarrow", fn_kwargs={"column": cap.column, "cap": cap.max, "seed": cfg.run.seed})
+    if joins:
+        flagged = flagged.map_batches(_mark_from, batch_format="pyarrow", fn_kwargs={"flag": sel.FROM_CATALOG})
+    return flagged
+
+
+def selection_counts(flagged: ray.data.Dataset) -> dict:
+    rows = flagged.map_batches(sel.count_selection, batch_format="pyarrow").take_all()
+    total, chosen = sum(r["rows"] for r in rows), sum(r["selected"] for r in rows)
+    return {"catalog_rows": total, "selected": chosen, "unselected": total - chosen}
+
+
+def _only_selected(batch: pa.Table) -> pa.Table:
+    out = batch.filter(batch.column(sel.SELECTED))
+    return out.drop_columns([c for c in (sel.SELECTED, sel.RANK_ID) if c in out.column_names])
+
+
+def selected_manifest_rows(flagged: ray.data.Dataset) -> ray.data.Dataset:
+    """Manifest without catalog: the selected rows, ready to fetch."""
+    return flagged.map_batches(_only_selected, batch_format="pyarrow")
+
+
+def input_key_column(cfg: PipelineConfig, kind: str, names: list[str]) -> tuple[str, bool]:
+    """The column of input rows that meets ``catalog.key`` (and whether to take its basename)."""
+    if cfg.catalog.input_key:
+        return cfg.catalog.input_key, False
+    if kind == "webdataset":
+        return "key", True
+    if kind == "parquet_bytes":
+        return ingest.resolve_key_column(names, cfg.input), False
+    return cfg.catalog.key, False
+
+
+def join_catalog(cfg: PipelineConfig, rows: ray.data.Dataset, flagged: ray.data.Dataset, key: str,
+                 basename: bool) -> tuple[ray.data.Dataset, dict]:
+    """Full outer join of input rows with the flagged catalog; returns the classified rows
+    (materialized) and the join counts."""
+    left = rows.map_batches(sel.with_join_key, batch_format="pyarrow", fn_kwargs={"column": key, "basename": basename})
+    left = left.map_batches(_mark_from, batch_format="pyarrow", fn_kwargs={"flag": sel.FROM_INPUT}).materialize()
+    left_names = set(left.schema().names)
+    right = flagged.map_batches(
+        lambda b: b.drop_columns([c for c in b.column_names if c in left_names and c != sel.JOIN_KEY]),
+        batch_format="pyarrow").materialize()
+    n = left.count() + right.count()
+    joined = left.join(right, join_type="full_outer", num_partitions=max(1, min(200, -(-n // 250_000))),
+                       on=(sel.JOIN_KEY,)).materialize()
+    counts = joined.map_batches(sel.count_joined, batch_format="pyarrow").take_all()
+    totals = {k: sum(c[k] for c in counts) for k in ("unselected", "not_in_catalog", "catalog_without_image")}
+    return joined.map_batches(sel.classify_joined, batch_format="pyarrow"), totals

@@ -1,0 +1,117 @@
+"""Select: narrow a corpus to the requested subset on catalog/manifest columns, and join
+image rows to their catalog row. Per-batch functions, Ray-free; ``pipeline.catalog``
+maps them onto Ray Data.
+
+Columns used here:
+
+* ``_join_key`` -- the string key an image row and a catalog row meet on;
+* ``_selected`` -- on catalog rows: passed every predicate and the per-taxon cap;
+* ``_from_catalog`` / ``_from_input`` -- which side of a full outer join a row came from.
+"""
+
+from __future__ import annotations
+
+import posixpath
+
+import numpy as np
+import pyarrow as pa
+
+from manifests.schema import Reason, Stage
+from stages.kernels.hashing import seeded_rank
+from stages.kernels.select import cap_per_group, predicate_mask
+
+JOIN_KEY = "_join_key"
+SELECTED = "_selected"
+FROM_CATALOG = "_from_catalog"
+FROM_INPUT = "_from_input"
+RANK_ID = "_rank_id"
+
+
+def _set(table: pa.Table, name: str, values: pa.Array) -> pa.Table:
+    if name in table.column_names:
+        table = table.drop_columns([name])
+    return table.append_column(name, values)
+
+
+def with_join_key(table: pa.Table, column: str, basename: bool = False) -> pa.Table:
+    """Add ``_join_key`` = the column's value as a string (its basename for webdataset keys)."""
+    values = table.column(column).to_pylist()
+    keys = [None if v is None else (posixpath.basename(str(v)) if basename else str(v)) for v in values]
+    return _set(table, JOIN_KEY, pa.array(keys, pa.string()))
+
+
+def mark_predicates(table: pa.Table, preds: list[dict], rank_column: str) -> pa.Table:
+    """Add ``_selected`` (passes every predicate) and ``_rank_id`` (what the per-taxon cap
+    hashes with the seed: the row's id or catalog key)."""
+    mask = predicate_mask(table, preds) if preds else np.ones(len(table), dtype=bool)
+    table = _set(table, SELECTED, pa.array(mask, pa.bool_()))
+    ranks = table.column(rank_column).cast(pa.string())
+    return _set(table, RANK_ID, ranks)
+
+
+def cap_group(table: pa.Table, column: str, cap: int, seed: int) -> pa.Table:
+    """Within rows of one (or several) taxa, unselect all but the ``cap`` lowest
+    ``seeded_rank(seed, _rank_id)`` among the rows still selected."""
+    selected = np.asarray(table.column(SELECTED).to_numpy(zero_copy_only=False), dtype=bool)
+    idx = np.flatnonzero(selected)
+    if len(idx):
+        taxa = np.asarray(table.column(column).to_pylist(), dtype=object)[idx]
+        ids = [str(x) for x in np.asarray(table.column(RANK_ID).to_pylist(), dtype=object)[idx]]
+        keep = cap_per_group(taxa, seeded_rank(seed, ids), cap)
+        selected[idx[~keep]] = False
+    return _set(table, SELECTED, pa.array(selected, pa.bool_()))
+
+
+def count_selection(batch: pa.Table) -> pa.Table:
+    """One row of counts: rows, selected (for summing across blocks)."""
+    sel = np.asarray(batch.column(SELECTED).to_numpy(zero_copy_only=False), dtype=bool)
+    return pa.table({"rows": [len(batch)], "selected": [int(sel.sum())]})
+
+
+def classify_joined(table: pa.Table) -> pa.Table:
+    """After a full outer join of input rows with flagged catalog rows, keep:
+
+    * input rows with a selected catalog row (alive),
+    * input rows with no catalog row (rejected ``not_in_catalog``, stage ``select``),
+
+    and drop input rows whose catalog row is unselected and catalog rows without an image
+    (both are counted by :func:`count_joined`, not rejected).
+    """
+    from_input = _flag(table, FROM_INPUT)
+    from_catalog = _flag(table, FROM_CATALOG)
+    selected = _flag(table, SELECTED)
+    keep = from_input & (selected | ~from_catalog)
+    out = table.filter(pa.array(keep))
+    orphan = ~_flag(out, FROM_CATALOG)
+    if "reason" in out.column_names:
+        prior = out.column("reason").to_pylist()
+        stage, reason, detail = (out.column(c).to_pylist() for c in ("stage", "reason", "detail"))
+    else:
+        prior = [None] * len(out)
+        stage, reason, detail = [None] * len(out), [None] * len(out), [None] * len(out)
+    keys = out.column(JOIN_KEY).to_pylist()
+    for i, o in enumerate(orphan):
+        if o and prior[i] is None:
+            stage[i], reason[i] = Stage.SELECT.value, Reason.NOT_IN_CATALOG.value
+            detail[i] = f"no catalog row with key {keys[i]!r}"
+    for name, values in (("stage", stage), ("reason", reason), ("detail", detail)):
+        out = _set(out, name, pa.array(values, pa.string()))
+    return out.drop_columns([c for c in (JOIN_KEY, SELECTED, FROM_CATALOG, FROM_INPUT, RANK_ID)
+                             if c in out.column_names])
+
+
+def count_joined(table: pa.Table) -> pa.Table:
+    from_input = _flag(table, FROM_INPUT)
+    from_catalog = _flag(table, FROM_CATALOG)
+    selected = _flag(table, SELECTED)
+    return pa.table({
+        "unselected": [int((from_input & from_catalog & ~selected).sum())],
+        "not_in_catalog": [int((from_input & ~from_catalog).sum())],
+        "catalog_without_image": [int((from_catalog & ~from_input).sum())],
+    })
+
+
+def _flag(table: pa.Table, name: str) -> np.ndarray:
+    if name not in table.column_names:
+        return np.zeros(len(table), dtype=bool)
+    return np.asarray(table.column(name).fill_null(False).to_numpy(zero_copy_only=False), dtype=bool)
