@@ -165,27 +165,24 @@ def ingest_dataset(cfg: PipelineConfig, kind: str, flagged: ray.data.Dataset | N
         return rows.map_batches(ingest.fetch_batch, batch_size=cfg.run.read_batch_size, batch_format="pyarrow",
                                 fn_kwargs={"storage": storage}, **remote)
     if kind == "manifest":
-        rows = catalog.read_table(inp.paths(), cfg).map_batches(
-            ingest.manifest_rows, batch_format="pyarrow", batch_size=None, fn_kwargs={"uri_column": inp.uri_column})
-        if flagged is not None and cfg.catalog.path:
-            key, base = catalog.input_key_column(cfg, kind, rows.schema().names)
-            rows, counts = catalog.join_catalog(cfg, rows, flagged, key, base)
-            join_counts.update(counts)
-        elif flagged is not None:
-            rows = catalog.selected_manifest_rows(flagged)
+        if flagged is not None and not cfg.catalog.path:
+            rows = catalog.selected_manifest_rows(flagged)  # the manifest was its own catalog
+        else:
+            rows = catalog.read_table(inp.paths(), cfg).map_batches(
+                ingest.manifest_rows, batch_format="pyarrow", batch_size=None,
+                fn_kwargs={"uri_column": inp.uri_column})
+            if flagged is not None:
+                key, base = catalog.input_key_column(cfg, kind, rows.schema().names)
+                rows, counts = catalog.join_catalog(cfg, rows, flagged, key, base)
+                join_counts.update(counts)
         rows = rows.repartition(target_num_rows_per_block=cfg.run.read_batch_size)
         return rows.map_batches(ingest.fetch_batch, batch_size=cfg.run.read_batch_size, batch_format="pyarrow",
                                 fn_kwargs={"storage": storage}, **remote)
     if kind == "parquet_bytes":
         files = ingest.list_tables(inp.paths(), storage, (".parquet",))
         fs, _ = mio.filesystem(inp.paths()[0], storage)
-        afs = mio.arrow_filesystem(fs)
-        import pyarrow.parquet as pq
-
-        with fs.open(files[0], "rb") as f:
-            names = pq.read_schema(f).names
-        key = ingest.resolve_key_column(names, inp)
-        rows = ray.data.read_parquet(files, filesystem=afs, include_paths=True)
+        key = ingest.resolve_key_column(ingest.table_columns(files[0], storage), inp)
+        rows = ray.data.read_parquet(files, filesystem=mio.arrow_filesystem(fs), include_paths=True)
         return rows.map_batches(ingest.parquet_bytes_batch, batch_format="pyarrow", batch_size=cfg.run.batch_size,
                                 fn_kwargs={"bytes_column": inp.bytes_column, "key_column": key}, **remote)
     if kind == "webdataset":
