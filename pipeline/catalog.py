@@ -77,20 +77,33 @@ def _mark_from(batch: pa.Table, flag: str) -> pa.Table:
     return batch.append_column(flag, pa.array([True] * len(batch), pa.bool_()))
 
 
+def joins_after_scan(cfg: PipelineConfig, kind: str) -> bool:
+    """Whether image rows meet the catalog on the narrow table, after the scan: webdataset
+    shards (a .tar.gz stream has no metadata to select on before it is read). Manifests and
+    parquet inputs are selected before any image byte is read."""
+    return kind == "webdataset"
+
+
+def parquet_metadata(cfg: PipelineConfig) -> tuple[ray.data.Dataset, str]:
+    """Rows of the parquet input without the image column (one task per row group, no
+    image byte read), with their coordinates; and the key column."""
+    files = ingest.list_tables(cfg.input.paths(), cfg.storage, (".parquet",))
+    key = ingest.resolve_key_column(ingest.table_columns(files[0], cfg.storage), cfg.input)
+    groups = ray.data.from_items([{"file": f} for f in files], override_num_blocks=max(1, min(len(files), 200)))
+    groups = groups.map_batches(ingest.parquet_row_groups, batch_format="pyarrow", fn_kwargs={"storage": cfg.storage})
+    rows = groups.map_batches(ingest.parquet_metadata_rows, batch_size=1, batch_format="pyarrow",
+                              fn_kwargs={"storage": cfg.storage, "bytes_column": cfg.input.bytes_column})
+    return rows, key
+
+
 def selection_dataset(cfg: PipelineConfig, kind: str) -> ray.data.Dataset:
     """The flagged selection table: the catalog, or the manifest's rows (with ids)."""
-    joins = kind != "manifest" or bool(cfg.catalog.path)
     if cfg.catalog.path:
         rows = read_table([cfg.catalog.path], cfg).map_batches(
             sel.with_join_key, batch_format="pyarrow", fn_kwargs={"column": cfg.catalog.key})
         rank_column = cfg.catalog.key
     elif kind == "parquet_bytes":  # its own metadata columns, read without the image column
-        files = ingest.list_tables(cfg.input.paths(), cfg.storage, (".parquet",))
-        fs, _ = mio.filesystem(cfg.input.paths()[0], cfg.storage)
-        names = ingest.table_columns(files[0], cfg.storage)
-        rank_column = ingest.resolve_key_column(names, cfg.input)
-        rows = ray.data.read_parquet(files, filesystem=mio.arrow_filesystem(fs),
-                                     columns=[n for n in names if n != cfg.input.bytes_column])
+        rows, rank_column = parquet_metadata(cfg)
         rows = rows.map_batches(sel.with_join_key, batch_format="pyarrow", fn_kwargs={"column": rank_column})
     else:  # the manifest is its own catalog
         rows = read_table(cfg.input.paths(), cfg).map_batches(
@@ -104,9 +117,7 @@ def selection_dataset(cfg: PipelineConfig, kind: str) -> ray.data.Dataset:
         partitions = max(1, min(200, -(-flagged.count() // 250_000)))
         flagged = flagged.groupby(cap.column, num_partitions=partitions).map_groups(
             sel.cap_group, batch_format="pyarrow", fn_kwargs={"column": cap.column, "cap": cap.max, "seed": cfg.run.seed})
-    if joins:
-        flagged = flagged.map_batches(_mark_from, batch_format="pyarrow", fn_kwargs={"flag": sel.FROM_CATALOG})
-    return flagged
+    return flagged.map_batches(_mark_from, batch_format="pyarrow", fn_kwargs={"flag": sel.FROM_CATALOG})
 
 
 def selection_counts(flagged: ray.data.Dataset) -> dict:
@@ -117,11 +128,12 @@ def selection_counts(flagged: ray.data.Dataset) -> dict:
 
 def _only_selected(batch: pa.Table) -> pa.Table:
     out = batch.filter(batch.column(sel.SELECTED))
-    return out.drop_columns([c for c in (sel.SELECTED, sel.RANK_ID) if c in out.column_names])
+    return out.drop_columns([c for c in (sel.SELECTED, sel.RANK_ID, sel.JOIN_KEY, sel.FROM_CATALOG)
+                             if c in out.column_names])
 
 
-def selected_manifest_rows(flagged: ray.data.Dataset) -> ray.data.Dataset:
-    """Manifest without catalog: the selected rows, ready to fetch."""
+def selected_rows(flagged: ray.data.Dataset) -> ray.data.Dataset:
+    """Selection on the input's own table (manifest, parquet metadata): the selected rows."""
     return flagged.map_batches(_only_selected, batch_format="pyarrow")
 
 

@@ -78,7 +78,7 @@ def stage_fingerprints(cfg: PipelineConfig, until: str, kind: str = "folder") ->
     if selecting(cfg):
         fps["select"] = fingerprint(select_section, select_code)
     fps["scan"] = fingerprint(scan_section, scan_code, fps.get("select", ""))
-    if selecting(cfg) and kind != "manifest":
+    if selecting(cfg) and catalog.joins_after_scan(cfg, kind):
         fps["catalog_join"] = fingerprint(select_section, select_code, fps["scan"])
     if STAGES.index(until) >= STAGES.index("exact_dedup") and cfg.exact_dedup.enabled:
         fps["exact_dedup"] = fingerprint(
@@ -166,7 +166,7 @@ def ingest_dataset(cfg: PipelineConfig, kind: str, flagged: ray.data.Dataset | N
                                 fn_kwargs={"storage": storage}, **remote)
     if kind == "manifest":
         if flagged is not None and not cfg.catalog.path:
-            rows = catalog.selected_manifest_rows(flagged)  # the manifest was its own catalog
+            rows = catalog.selected_rows(flagged)  # the manifest was its own catalog
         else:
             rows = catalog.read_table(inp.paths(), cfg).map_batches(
                 ingest.manifest_rows, batch_format="pyarrow", batch_size=None,
@@ -182,6 +182,18 @@ def ingest_dataset(cfg: PipelineConfig, kind: str, flagged: ray.data.Dataset | N
         files = ingest.list_tables(inp.paths(), storage, (".parquet",))
         fs, _ = mio.filesystem(inp.paths()[0], storage)
         key = ingest.resolve_key_column(ingest.table_columns(files[0], storage), inp)
+        if flagged is not None:
+            # metadata selected first; images read only from the row groups of selected rows,
+            # one row group per call
+            if cfg.catalog.path:
+                meta, _ = catalog.parquet_metadata(cfg)
+                chosen, counts = catalog.join_catalog(cfg, meta, flagged, cfg.catalog.input_key or key, False)
+                join_counts.update(counts)
+            else:
+                chosen = catalog.selected_rows(flagged)
+            return chosen.groupby([ingest.PQ_FILE, ingest.PQ_GROUP]).map_groups(
+                ingest.parquet_selected_images, batch_format="pyarrow",
+                fn_kwargs={"storage": storage, "bytes_column": inp.bytes_column, "key_column": key}, **remote)
         rows = ray.data.read_parquet(files, filesystem=mio.arrow_filesystem(fs), include_paths=True)
         return rows.map_batches(ingest.parquet_bytes_batch, batch_format="pyarrow", batch_size=cfg.run.batch_size,
                                 fn_kwargs={"bytes_column": inp.bytes_column, "key_column": key}, **remote)

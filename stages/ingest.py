@@ -279,6 +279,89 @@ def parquet_bytes_batch(table: pa.Table, bytes_column: str, key_column: str) -> 
     return with_reject_columns(table, rejects)
 
 
+# Coordinates of a parquet row, kept from the metadata read to the image read.
+PQ_FILE, PQ_GROUP, PQ_ROW = "_pq_file", "_pq_row_group", "_pq_row"
+
+
+def parquet_row_groups(batch: pa.Table, storage: StorageConfig) -> pa.Table:
+    """``file`` rows -> one row per (file, row group) with its row count (footers only)."""
+    out: dict[str, list] = {"file": [], "row_group": [], "rows": []}
+    for uri in batch.column("file").to_pylist():
+        fs, path = filesystem(uri, storage)
+        with fs.open(path, "rb") as f:
+            md = parquet_footer(f)
+        for i in range(md.num_row_groups):
+            out["file"].append(uri)
+            out["row_group"].append(i)
+            out["rows"].append(md.row_group(i).num_rows)
+    return pa.table(out)
+
+
+def parquet_metadata_rows(batch: pa.Table, storage: StorageConfig, bytes_column: str) -> pa.Table:
+    """(file, row group) rows -> that row group's rows without the image column, plus their
+    coordinates. Only the metadata columns' bytes are read."""
+    import pyarrow.parquet as pq
+
+    parts = []
+    for uri, rg in zip(batch.column("file").to_pylist(), batch.column("row_group").to_pylist()):
+        fs, path = filesystem(uri, storage)
+        with fs.open(path, "rb") as f:
+            pf = pq.ParquetFile(f, metadata=parquet_footer(f), pre_buffer=False)
+            t = pf.read_row_group(rg, columns=[n for n in pf.schema_arrow.names if n != bytes_column])
+        n = len(t)
+        parts.append(t.append_column(PQ_FILE, pa.array([uri] * n, pa.string()))
+                      .append_column(PQ_GROUP, pa.array([rg] * n, pa.int32()))
+                      .append_column(PQ_ROW, pa.array(range(n), pa.int32())))
+    return pa.concat_tables(parts, promote_options="default") if parts else pa.table({})
+
+
+def parquet_footer(f):
+    """A parquet file's metadata, reading exactly its footer (pyarrow's own reader fetches
+    the last 64 KiB, which for image files is mostly image data)."""
+    import io
+    import struct
+
+    import pyarrow.parquet as pq
+
+    f.seek(-8, 2)
+    tail = f.read(8)
+    if tail[4:] != b"PAR1":
+        raise OSError("not a parquet file (no PAR1 footer magic)")
+    (length,) = struct.unpack("<I", tail[:4])
+    f.seek(-8 - length, 2)
+    footer = f.read(length)
+    return pq.read_metadata(io.BytesIO(b"PAR1" + footer + tail))
+
+
+def parquet_selected_images(table: pa.Table, storage: StorageConfig, bytes_column: str, key_column: str) -> pa.Table:
+    """Rows carrying parquet coordinates -> the same rows with their image bytes, reading
+    the image column only of the row groups they fall in (rows of a row group are read
+    together: keep them in one batch). Output as :func:`parquet_bytes_batch`."""
+    import pyarrow.parquet as pq
+
+    files = table.column(PQ_FILE).to_pylist()
+    groups = table.column(PQ_GROUP).to_pylist()
+    rows = table.column(PQ_ROW).to_pylist()
+    blobs: list = [None] * len(table)
+    prior = table.column("reason").to_pylist() if "reason" in table.column_names else [None] * len(table)
+    by_group: dict[tuple[str, int], list[int]] = {}
+    for i, key in enumerate(zip(files, groups)):
+        if prior[i] is None:  # rows rejected upstream (not in the catalog) are not read
+            by_group.setdefault(key, []).append(i)
+    for (uri, rg), members in by_group.items():
+        fs, path = filesystem(uri, storage)
+        with fs.open(path, "rb") as f:
+            pf = pq.ParquetFile(f, metadata=parquet_footer(f), pre_buffer=False)
+            column = pf.read_row_group(rg, columns=[bytes_column]).column(0)
+        taken = column.take(pa.array([rows[i] for i in members])).to_pylist()
+        for i, b in zip(members, taken):
+            blobs[i] = b
+    paths = {u: filesystem(u, storage)[1] for u in set(files)}  # as Ray's include_paths gives them
+    out = table.drop_columns([PQ_FILE, PQ_GROUP, PQ_ROW]).append_column(bytes_column, pa.array(blobs, pa.binary()))
+    out = out.append_column("path", pa.array([paths[u] for u in files], pa.string()))
+    return parquet_bytes_batch(out, bytes_column, key_column)
+
+
 def manifest_rows(table: pa.Table, uri_column: str) -> pa.Table:
     """Rows of a manifest table -> ``id, uri`` + metadata (bytes fetched later)."""
     uris = [None if u is None else str(u) for u in table.column(uri_column).to_pylist()]

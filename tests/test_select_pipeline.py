@@ -12,6 +12,7 @@ import pyarrow as pa
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 import pytest
+from fsspec.implementations.local import LocalFileSystem
 
 from pipeline import plan
 from pipeline.config import load_config
@@ -114,5 +115,119 @@ def test_parquet_bytes_selected_on_own_metadata(tmp_path, ray_local, good):
     want = set(cat.to_pandas().query("license in ['cc0', 'cc-by']")["uuid"])
     curated, rejected = tables(tmp_path / "run")
     assert {r["uuid"] for r in curated + rejected} == want
-    assert s["selection"]["join"]["unselected"] == 40 - len(want)
+    assert s["selection"]["select"] == {"catalog_rows": 40, "selected": len(want), "unselected": 40 - len(want)}
     assert all(r["license"] in ("cc0", "cc-by") for r in curated)
+
+
+class CountingFS(LocalFileSystem):
+    """Local files through a protocol that logs every read as (offset, length)."""
+
+    protocol = "counting"
+    reads: list = []
+
+    @classmethod
+    def _strip_protocol(cls, path):
+        return super()._strip_protocol(path.removeprefix("counting://"))
+
+    def _open(self, path, mode="rb", **kw):
+        f = super()._open(path, mode, **kw)
+        read, readinto = f.read, getattr(f, "readinto", None)
+
+        def counted_read(n=-1):
+            pos = f.tell()
+            data = read(n)
+            CountingFS.reads.append((pos, len(data)))
+            return data
+
+        def counted_readinto(b):
+            pos = f.tell()
+            n = readinto(b)
+            CountingFS.reads.append((pos, n or 0))
+            return n
+
+        f.read = counted_read
+        if readinto is not None:
+            f.readinto = counted_readinto
+        return f
+
+
+def image_bytes_read(path, column="image") -> int:
+    """Bytes read that fall inside the image column's chunks (footer and metadata excluded)."""
+    md = pq.ParquetFile(path).metadata
+    idx = md.schema.to_arrow_schema().get_field_index(column)
+    spans = []
+    for g in range(md.num_row_groups):
+        c = md.row_group(g).column(idx)
+        start = c.dictionary_page_offset if c.has_dictionary_page else c.data_page_offset
+        spans.append((start, start + c.total_compressed_size))
+    return sum(max(0, min(p + n, b) - max(p, a)) for p, n in CountingFS.reads for a, b in spans)
+
+
+def test_parquet_image_bytes_read_only_for_selected_row_groups(tmp_path, good):
+    """The I/O bound of the selection, counted by a wrapping filesystem (no Ray)."""
+    import fsspec
+
+    from pipeline.config import StorageConfig
+    from stages import ingest
+    from stages.kernels.select import predicate_mask
+
+    fsspec.register_implementation("counting", CountingFS, clobber=True)
+    n, per_class = 60, 15
+    cat = tol_catalog(n, seed=11).to_pandas()
+    cat["class"] = np.repeat(["Aves", "Mammalia", "Insecta", "Reptilia"], per_class)  # catalogs come grouped
+    blobs = [samples_variant(good, i) for i in range(n)]
+    table = pa.Table.from_pandas(cat, preserve_index=False).append_column("image", pa.array(blobs, pa.binary()))
+    path = tmp_path / "tol.parquet"
+    pq.write_table(table, path, row_group_size=5)
+    uri = f"counting://{path}"
+    storage = StorageConfig()
+
+    CountingFS.reads = []
+    groups = ingest.parquet_row_groups(pa.table({"file": [uri]}), storage)
+    assert groups.column("rows").to_pylist() == [5] * 12
+    meta = pa.concat_tables([ingest.parquet_metadata_rows(groups.slice(i, 1), storage, "image")
+                             for i in range(len(groups))])
+    assert "image" not in meta.column_names and len(meta) == n
+    assert image_bytes_read(path) == 0  # the metadata pass reads no image byte
+    for where in ([{"column": "class", "eq": "Mammalia"}], [{"column": "class", "in": ["Aves", "Insecta"]}]):
+        chosen = meta.filter(pa.array(predicate_mask(meta, where)))
+        CountingFS.reads = []
+        parts = []
+        for (f, rg), idx in pd.DataFrame({"f": chosen.column(ingest.PQ_FILE).to_pylist(),
+                                          "g": chosen.column(ingest.PQ_GROUP).to_pylist()}).groupby(["f", "g"]).groups.items():
+            parts.append(ingest.parquet_selected_images(chosen.take(pa.array(list(idx))), storage, "image", "uuid"))
+        got = pa.concat_tables(parts)
+        selected_bytes = sum(len(blobs[i]) for i in np.flatnonzero(predicate_mask(table, where)))
+        read_bytes = image_bytes_read(path)
+        assert 0.9 * selected_bytes <= read_bytes <= 1.1 * selected_bytes, (read_bytes, selected_bytes)
+        want = {u: blobs[i] for i, u in enumerate(cat["uuid"]) if predicate_mask(table, where)[i]}
+        assert {r["uuid"]: r["image_bytes"] for r in got.to_pylist()} == want
+    # A scattered selection still reads only the row groups it touches (the unit of a
+    # parquet read: a default writer puts a row group's images in one dictionary page).
+    scattered = meta.filter(pa.array(np.arange(n) % 10 == 0))  # rows 0, 10, ...: 6 of 12 row groups
+    CountingFS.reads = []
+    for i in range(len(scattered)):
+        ingest.parquet_selected_images(scattered.slice(i, 1), storage, "image", "uuid")
+    touched = sum(len(blobs[j]) for g in range(0, 12, 2) for j in range(g * 5, g * 5 + 5))
+    assert 0.9 * touched <= image_bytes_read(path) <= 1.1 * touched
+
+
+def test_parquet_with_separate_catalog(tmp_path, ray_local, good):
+    cat = tol_catalog(30, seed=13)
+    keys = cat.column("uuid").to_pylist()
+    img_keys = keys[:24] + ["orphan-a"]  # 6 catalog rows without image, 1 image without catalog row
+    blobs = [samples_variant(good, i) for i in range(len(img_keys))]
+    pq.write_table(pa.table({"uuid": img_keys, "image": pa.array(blobs, pa.binary())}), tmp_path / "imgs.parquet",
+                   row_group_size=4)
+    pq.write_table(cat, tmp_path / "catalog.parquet")
+    s = run({"input.path": str(tmp_path / "imgs.parquet"), "output": str(tmp_path / "run"),
+             "catalog": {"path": str(tmp_path / "catalog.parquet")},
+             "select": {"where": [{"column": "license", "ne": "all-rights-reserved"}]}}, ray_local, until="validate")
+    df = cat.to_pandas().set_index("uuid")
+    want = {k for k in keys[:24] if df.loc[k, "license"] != "all-rights-reserved"}
+    curated, rejected = tables(tmp_path / "run")
+    assert {r["uuid"] for r in curated} == want
+    assert [(r["uuid"], r["reason"]) for r in rejected] == [("orphan-a", "not_in_catalog")]
+    assert all(r["species"] == df.loc[r["uuid"], "species"] for r in curated)
+    assert s["selection"]["join"] == {"unselected": 24 - len(want), "not_in_catalog": 1, "catalog_without_image": 6}
+    assert "catalog_join" not in s["fingerprints"]  # selected before the scan
