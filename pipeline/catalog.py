@@ -71,6 +71,11 @@ def check_selection(cfg: PipelineConfig, kind: str) -> None:
         check_columns(schema.names, {cfg.select.max_per_taxon.column: "select.max_per_taxon.column"})
     if cfg.catalog.path:
         check_columns(schema.names, {cfg.catalog.key: "catalog.key"})
+        if kind in ("manifest", "parquet_bytes"):
+            first = ingest.list_tables(cfg.input.paths(), cfg.storage, tuple(ingest.TABLE_SUFFIXES))[0]
+            names = ingest.table_columns(first, cfg.storage)
+            key, _ = input_key_column(cfg, kind, names)
+            check_columns(names, {key: "catalog.input_key"})
 
 
 def _mark_from(batch: pa.Table, flag: str) -> pa.Table:

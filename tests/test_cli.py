@@ -116,3 +116,13 @@ def test_selection_on_a_missing_or_mistyped_column(tmp_path):
                        f"select: {{where: [{where[0]}]}}\n")
         line = one_line_error(cli("--config", str(cfg))[0])
         assert msg in line, line
+
+
+def test_catalog_key_missing_from_the_input(tmp_path):
+    (tmp_path / "m.csv").write_text("uri,species\n/x.jpg,a\n")
+    (tmp_path / "cat.csv").write_text("uuid,species\nu1,a\n")
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(f"input: {{path: {tmp_path / 'm.csv'}}}\noutput: {tmp_path / 'o'}\n"
+                   f"catalog: {{path: {tmp_path / 'cat.csv'}, key: uuid}}\n")
+    line = one_line_error(cli("--config", str(cfg))[0])
+    assert "catalog.input_key" in line and "'uuid'" in line
