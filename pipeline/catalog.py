@@ -1,7 +1,7 @@
 """Catalog join and subset selection on Ray Data (the per-batch work is in stages.select).
 
-* ``select`` stage (global, before any image byte is read): the catalog (or the manifest
-  itself when there is no catalog) gets a ``_selected`` flag: the ``select.where``
+* ``select`` stage (global, before any image byte is read): the catalog (else the manifest,
+  or a parquet input's own metadata columns) gets a ``_selected`` flag: the ``select.where``
   predicates, then ``select.max_per_taxon`` as a groupby on the taxon column, keeping the
   lowest hash(seed, id) per taxon. Written to ``stages/select``.
 * join: input rows meet flagged catalog rows in a distributed full outer join on
