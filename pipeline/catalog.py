@@ -20,6 +20,7 @@ from manifests import io as mio
 from manifests.schema import ID, check_columns
 from pipeline.config import PipelineConfig
 from stages import ingest
+from stages.kernels.bloom import bloom_add, new_bloom
 from stages.kernels.select import check_predicates
 
 
@@ -123,6 +124,16 @@ def selection_dataset(cfg: PipelineConfig, kind: str) -> ray.data.Dataset:
         flagged = flagged.groupby(cap.column, num_partitions=partitions).map_groups(
             sel.cap_group, batch_format="pyarrow", fn_kwargs={"column": cap.column, "cap": cap.max, "seed": cfg.run.seed})
     return flagged.map_batches(_mark_from, batch_format="pyarrow", fn_kwargs={"flag": sel.FROM_CATALOG})
+
+
+def selected_key_filter(flagged: ray.data.Dataset, n_selected: int) -> tuple:
+    """A Bloom filter of the selected keys (1% false positives; ~1.2 bytes per key), for
+    shard readers to skip unselected members unread. Built by streaming the keys."""
+    bits, k = new_bloom(n_selected, 0.01)
+    for batch in flagged.select_columns([sel.JOIN_KEY, sel.SELECTED]).iter_batches(batch_format="pyarrow",
+                                                                                  batch_size=65536):
+        bloom_add(bits, sel.selected_keys(batch), k)
+    return bits, k
 
 
 def selection_counts(flagged: ray.data.Dataset) -> dict:

@@ -36,6 +36,7 @@ import stages.validate
 from manifests import io as mio
 from pipeline import __version__, catalog
 from pipeline.config import STAGES, PipelineConfig
+from stages.kernels.bloom import bloom_contains
 from stages.validate import ValidateStage
 
 log = logging.getLogger("biocurate")
@@ -127,9 +128,16 @@ def _list_dir_rows(batch: pa.Table, storage, extensions, rows_per_block):
             yield ingest.uri_rows(uris[i : i + rows_per_block])
 
 
-def _read_shard_rows(batch: pa.Table, storage, extensions, rows_per_block):
+def _read_shard_rows(batch: pa.Table, storage, extensions, rows_per_block, key_filter=None):
+    keep = None
+    if key_filter is not None:
+        bits, k = ray.get(key_filter) if isinstance(key_filter, ray.ObjectRef) else key_filter
+
+        def keep(key: str) -> bool:
+            return bool(bloom_contains(bits, [key], k)[0])
+
     for shard in batch.column("shard").to_pylist():
-        yield from ingest.iter_shard(shard, storage, extensions, rows_per_block)
+        yield from ingest.iter_shard(shard, storage, extensions, rows_per_block, keep)
 
 
 def ingest_dataset(cfg: PipelineConfig, kind: str, flagged: ray.data.Dataset | None = None,
@@ -200,9 +208,15 @@ def ingest_dataset(cfg: PipelineConfig, kind: str, flagged: ray.data.Dataset | N
     if kind == "webdataset":
         shards = ingest.list_shards(inp.paths(), storage)
         src = ray.data.from_items([{"shard": s} for s in shards], override_num_blocks=max(1, len(shards)))
+        key_filter = None
+        if flagged is not None:  # members whose key is surely unselected are skipped unread
+            n_selected = int(sum(r["selected"] for r in flagged.map_batches(
+                stages.select.count_selection, batch_format="pyarrow").take_all()))
+            key_filter = ray.put(catalog.selected_key_filter(flagged, n_selected))
         return src.map_batches(
             _read_shard_rows, batch_size=1, batch_format="pyarrow", num_cpus=1,
-            fn_kwargs={"storage": storage, "extensions": inp.extensions, "rows_per_block": inp.rows_per_block},
+            fn_kwargs={"storage": storage, "extensions": inp.extensions, "rows_per_block": inp.rows_per_block,
+                       "key_filter": key_filter},
         )
     raise ValueError(f"input.kind: unknown kind {kind!r}")
 

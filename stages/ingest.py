@@ -13,7 +13,7 @@ import posixpath
 import tarfile
 import time
 import zlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -55,7 +55,7 @@ def with_reject_columns(table: pa.Table, rejects: list[tuple[Reason, str] | None
              for k in ("stage", "reason", "detail")}
     cols = {
         "stage": [p or (Stage.INGEST.value if r else None) for p, r in zip(prior["stage"], rejects)],
-        "reason": [p or (r[0].value if r else None) for p, r in zip(prior["reason"], rejects)],
+        "reason": [p or (str(r[0]) if r else None) for p, r in zip(prior["reason"], rejects)],
         "detail": [p or (r[1] if r else None) for p, r in zip(prior["detail"], rejects)],
     }
     for k, v in cols.items():
@@ -399,12 +399,18 @@ def _unsafe(member: tarfile.TarInfo) -> str | None:
     return None
 
 
-def iter_shard(shard_uri: str, storage: StorageConfig, extensions: list[str], rows_per_block: int) -> Iterator[pa.Table]:
+SKIPPED = "skipped_unselected"  # reason of a member not read because its key is unselected (never output)
+
+
+def iter_shard(shard_uri: str, storage: StorageConfig, extensions: list[str], rows_per_block: int,
+               keep: Callable[[str], bool] | None = None) -> Iterator[pa.Table]:
     """Stream one ``.tar``/``.tar.gz`` shard as tables of rows (never decoding images).
 
     Consecutive members sharing a key form a sample; each image member is a row carrying
     the sample's ``key`` and its other members as ``sidecars`` (JSON: ext -> text).
     Unsafe members and a broken stream become rejects; rows read before a break are kept.
+    ``keep(basename of key)`` False: the image member is skipped unread (a row without
+    bytes, reason ``SKIPPED``, which the catalog join drops or relabels).
     """
     rows: list[dict] = []
 
@@ -446,9 +452,13 @@ def iter_shard(shard_uri: str, storage: StorageConfig, extensions: list[str], ro
                 if problem:
                     current.rejects.append((member.name, Reason.UNSAFE_PATH, problem))
                     continue
+                is_image = ext.rsplit(".", 1)[-1] in extensions
+                if is_image and keep is not None and not keep(posixpath.basename(key)):
+                    current.rejects.append((member.name, SKIPPED, "unselected"))  # data skipped by the stream
+                    continue
                 f = tar.extractfile(member)
                 data = f.read() if f is not None else b""
-                if ext.rsplit(".", 1)[-1] in extensions:
+                if is_image:
                     current.images.append((member.name, data))
                 else:
                     current.sidecars[ext] = data.decode("utf-8", errors="replace")

@@ -18,6 +18,7 @@ import pyarrow as pa
 
 from manifests.schema import Reason, Stage
 from stages.kernels.hashing import seeded_rank
+from stages.ingest import SKIPPED
 from stages.kernels.select import cap_per_group, predicate_mask
 
 JOIN_KEY = "_join_key"
@@ -62,6 +63,12 @@ def cap_group(table: pa.Table, column: str, cap: int, seed: int) -> pa.Table:
     return _set(table, SELECTED, pa.array(selected, pa.bool_()))
 
 
+def selected_keys(batch: pa.Table) -> list[str]:
+    """The join keys of the selected rows of a flagged batch."""
+    return [k for k, s in zip(batch.column(JOIN_KEY).to_pylist(), batch.column(SELECTED).to_pylist())
+            if s and k is not None]
+
+
 def count_selection(batch: pa.Table) -> pa.Table:
     """One row of counts: rows, selected (for summing across blocks)."""
     sel = np.asarray(batch.column(SELECTED).to_numpy(zero_copy_only=False), dtype=bool)
@@ -91,9 +98,12 @@ def classify_joined(table: pa.Table) -> pa.Table:
         stage, reason, detail = [None] * len(out), [None] * len(out), [None] * len(out)
     keys = out.column(JOIN_KEY).to_pylist()
     for i, o in enumerate(orphan):
-        if o and prior[i] is None:
+        if o and prior[i] in (None, SKIPPED):
             stage[i], reason[i] = Stage.SELECT.value, Reason.NOT_IN_CATALOG.value
             detail[i] = f"no catalog row with key {keys[i]!r}"
+        elif prior[i] == SKIPPED:  # cannot happen (a Bloom filter has no false negatives)
+            stage[i], reason[i] = Stage.INGEST.value, Reason.READ_ERROR.value
+            detail[i] = "skipped by the selection pre-filter although selected"
     for name, values in (("stage", stage), ("reason", reason), ("detail", detail)):
         out = _set(out, name, pa.array(values, pa.string()))
     return out.drop_columns([c for c in (JOIN_KEY, SELECTED, FROM_CATALOG, FROM_INPUT, RANK_ID)

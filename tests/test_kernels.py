@@ -64,3 +64,15 @@ def test_hamming64_hand_checked():
     a = np.array([0b1011, 0, 2**64 - 1], dtype=np.uint64)
     b = np.array([0b0001, 0, 0], dtype=np.uint64)
     assert hamming64(a, b).tolist() == [2, 0, 64]
+
+
+def test_bloom_has_no_false_negatives_and_bounded_false_positives():
+    from stages.kernels.bloom import bloom_add, bloom_contains, new_bloom
+
+    keys = [f"uuid-{i}" for i in range(20000)]
+    bits, k = new_bloom(10000, 0.01)
+    bloom_add(bits, keys[:10000], k)
+    assert bloom_contains(bits, keys[:10000], k).all()
+    fp = bloom_contains(bits, keys[10000:], k).mean()
+    assert 0.002 < fp < 0.02  # sized for 10k keys at 1%
+    assert bloom_contains(bits, [], k).shape == (0,)

@@ -103,6 +103,15 @@ def test_webdataset_with_catalog_join(tmp_path, ray_local, good):
                                       "catalog_without_image": 10}
     ids = [r["id"] for r in curated + rejected]
     assert len(ids) == len(set(ids))
+    # unselected members were skipped unread by the shard readers (a Bloom filter of the
+    # selected keys): no bytes, no decode, in the narrow table
+    scan = pq.read_table(tmp_path / "run" / "stages" / "scan").to_pylist()
+    plants = {k for k in keys[:50] if df.loc[k, "kingdom"] != "Animalia"}
+    skipped = {base(r) for r in scan if r["reason"] == "skipped_unselected"}
+    assert skipped <= plants | {"orphan-1", "orphan-2"}  # never a selected member
+    assert len(plants - skipped) <= max(1, len(plants) // 10)  # all but Bloom false positives
+    assert all(r["sha256"] is None for r in scan if base(r) in skipped)
+    assert not any(r["reason"] == "skipped_unselected" for r in rejected)
 
 
 def test_parquet_bytes_selected_on_own_metadata(tmp_path, ray_local, good):
