@@ -27,6 +27,7 @@ import manifests.schema as schema
 import stages.dedup
 import stages.deadline
 import stages.ingest as ingest
+import stages.kernels.bloom
 import stages.kernels.exact
 import stages.kernels.hashing
 import stages.kernels.phash
@@ -70,10 +71,10 @@ def stage_fingerprints(cfg: PipelineConfig, until: str, kind: str = "folder") ->
         "on_transient_exhausted": cfg.storage.on_transient_exhausted,
         "validate": cfg.section("validate") if validating else None,
     }
-    scan_code = code_hash(ingest, schema, stages.kernels.hashing,
+    scan_code = code_hash(ingest, schema, stages.kernels.hashing, sys.modules[__name__],
                           *( (stages.validate, stages.deadline, stages.kernels.phash) if validating else ()))
     fps: dict[str, str] = {}
-    select_code = code_hash(stages.select, stages.kernels.select, catalog)
+    select_code = code_hash(stages.select, stages.kernels.select, stages.kernels.bloom, catalog)
     select_section = {"select": cfg.section("select"), "catalog": cfg.section("catalog"), "seed": cfg.run.seed,
                       "input": cfg.section("input")}
     if selecting(cfg):
