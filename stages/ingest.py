@@ -203,9 +203,57 @@ def check_source(cfg: InputConfig, storage: StorageConfig, kind: str) -> None:
         resolve_key_column(names, cfg)
 
 
-def split_listing(root: str, storage: StorageConfig, extensions: list[str]) -> tuple[list[str], list[str]]:
-    """One level of a folder/prefix: (image files at the top, sub-folders to list in parallel)."""
+# Boundaries of the key ranges a large flat S3 prefix is listed in, in parallel.
+KEY_RANGE_BOUNDS = [chr(c) for c in (*range(ord("0"), ord("9") + 1), *range(ord("A"), ord("Z") + 1),
+                                      *range(ord("a"), ord("z") + 1))]
+
+
+def s3_key_ranges(root: str, storage: StorageConfig, page: int = 1000) -> list[str] | None:
+    """For an S3 prefix with more than ``page`` entries directly under it, the listing
+    tasks to run instead of one driver-side listing: ``s3://bucket/prefix/#range=lo,hi``
+    covering keys in (prefix+lo, prefix+hi] (``lo``/``hi`` empty = open), disjoint and
+    complete. None for a small prefix (list it level by level)."""
     fs, path = filesystem(root, storage)
+    bucket, _, prefix = path.partition("/")
+    prefix = prefix.rstrip("/") + "/" if prefix else ""
+    first = fs.call_s3("list_objects_v2", Bucket=bucket, Prefix=prefix, Delimiter="/", MaxKeys=page)
+    if not first.get("IsTruncated"):
+        return None
+    bounds = ["", *KEY_RANGE_BOUNDS, ""]
+    return [f"s3://{bucket}/{prefix}#range={lo},{hi}" for lo, hi in zip(bounds[:-1], bounds[1:])]
+
+
+def list_key_range(task: str, storage: StorageConfig, extensions: list[str]) -> Iterator[str]:
+    """The image keys of one :func:`s3_key_ranges` task, recursively, page by page."""
+    base, _, spec = task.partition("#range=")
+    lo, _, hi = spec.partition(",")
+    fs, path = filesystem(base, storage)
+    bucket, _, prefix = path.partition("/")
+    kwargs = {"Bucket": bucket, "Prefix": prefix}
+    if lo:
+        kwargs["StartAfter"] = prefix + lo
+    while True:
+        page = fs.call_s3("list_objects_v2", **kwargs)
+        for obj in page.get("Contents", []):
+            key = obj["Key"]
+            if hi and key > prefix + hi:
+                return
+            if _is_image_name(key, extensions):
+                yield f"s3://{bucket}/{key}"
+        if not page.get("IsTruncated"):
+            return
+        kwargs["ContinuationToken"] = page["NextContinuationToken"]
+        kwargs.pop("StartAfter", None)
+
+
+def split_listing(root: str, storage: StorageConfig, extensions: list[str]) -> tuple[list[str], list[str]]:
+    """One level of a folder/prefix: (image files at the top, listing tasks to run in
+    parallel: sub-folders, or key ranges of a large flat S3 prefix)."""
+    fs, path = filesystem(root, storage)
+    if root.startswith(("s3://", "s3a://")):
+        ranges = s3_key_ranges(root, storage)
+        if ranges is not None:
+            return [], ranges
     files, dirs = [], []
     for entry in fs.ls(path, detail=True):
         name = entry["name"]
@@ -222,7 +270,10 @@ def _is_image_name(name: str, extensions: list[str]) -> bool:
 
 
 def list_prefix(root: str, storage: StorageConfig, extensions: list[str]) -> list[str]:
-    """Every image file below ``root`` (recursive; one paginated listing)."""
+    """Every image file below ``root`` (recursive; one paginated listing), or in one key
+    range of :func:`s3_key_ranges`."""
+    if "#range=" in root:
+        return list(list_key_range(root, storage, extensions))
     fs, path = filesystem(root, storage)
     return sorted(to_uri(fs, p) for p in fs.find(path) if _is_image_name(p, extensions))
 

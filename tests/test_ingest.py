@@ -191,3 +191,22 @@ def test_s3_endpoint_from_environment(bucket, good, monkeypatch):
     monkeypatch.setenv("AWS_ENDPOINT_URL", endpoint)
     fs, path = filesystem(f"s3://{name}/x.jpg", StorageConfig())
     assert fs.cat_file(path) == good["astronaut.jpg"]
+
+
+def test_large_flat_s3_prefix_is_listed_in_parallel_key_ranges(bucket):
+    import boto3
+
+    endpoint, name = bucket
+    s3 = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1")
+    keys = [f"flat/{c}{i:04d}.jpg" for c in "-0Aaz~" for i in range(200)]  # edges of the ranges too
+    keys += ["flat/a", "flat/0.jpg", "flat/z.jpg", "flat/sub/deep.png", "flat/notes.txt"]
+    for k in keys:
+        s3.put_object(Bucket=name, Key=k, Body=b"x")
+    storage = StorageConfig(endpoint_url=endpoint)
+    files, tasks = ingest.split_listing(f"s3://{name}/flat", storage, ["jpg", "png"])
+    assert files == [] and len(tasks) == len(ingest.KEY_RANGE_BOUNDS) + 1
+    listed = [u for t in tasks for u in ingest.list_prefix(t, storage, ["jpg", "png"])]
+    want = sorted(f"s3://{name}/{k}" for k in keys if k.endswith((".jpg", ".png")))
+    assert sorted(listed) == want and len(listed) == len(set(listed))  # complete and disjoint
+    small, _ = ingest.split_listing(f"s3://{name}/flat/sub", storage, ["png"])
+    assert small == [f"s3://{name}/flat/sub/deep.png"]  # a small prefix: listed level by level
