@@ -36,7 +36,11 @@ def filesystem(uri: str, storage: StorageConfig | None = None) -> tuple[fsspec.A
             client_kwargs["endpoint_url"] = storage.resolved_endpoint()
         if storage.region:
             client_kwargs["region_name"] = storage.region
-        fs = s3fs.S3FileSystem(anon=storage.anon, client_kwargs=client_kwargs, skip_instance_cache=False)
+        # botocore's own retries stay short (standard mode, 3 attempts): the policy that
+        # outlasts an outage is ours (StorageConfig.max_retries, exponential backoff).
+        config = {"retries": {"max_attempts": 3, "mode": "standard"}, "connect_timeout": 10, "read_timeout": 60}
+        fs = s3fs.S3FileSystem(anon=storage.anon, client_kwargs=client_kwargs, config_kwargs=config,
+                               skip_instance_cache=False)
         return fs, uri.split("://", 1)[1].rstrip("/")
     if uri.startswith("file://"):
         uri = uri[len("file://") :]
