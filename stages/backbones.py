@@ -159,3 +159,16 @@ def load_backbone(name: str, *, weights: str | None = None, models_dir: str | No
     dev = torch.device(device)
     net, stats = _build(s, weights, models_dir, random_init, dev)
     return Backbone(s, net, stats, dev)
+
+
+def model_input(rgb, size: int):
+    """The model-ready uint8 (size, size, 3) array from a decoded RGB image (HxWx3 uint8,
+    e.g. the DCT-scaled decode of ``stages.validate``), as Birder's ``inference_preset``
+    with ``center_crop=1.0`` does it: the whole image resized to exactly (size, size) -- a
+    squash, not an aspect-preserving crop -- bicubic with antialiasing (Pillow's, which
+    torchvision's antialiased resize follows; OpenCV's area/cubic moved MobileNetV2
+    embeddings to cosine 0.97-0.99 of the reference, Pillow's stays >= 0.998)."""
+    import numpy as np
+    from PIL import Image
+
+    return np.asarray(Image.fromarray(rgb).resize((size, size), Image.Resampling.BICUBIC))

@@ -150,7 +150,7 @@ def _open_checked(data: bytes, cfg: ValidateConfig) -> Image.Image:
     return img
 
 
-def _jpeg_fast(data: bytes, img: Image.Image, short: int) -> np.ndarray | None:
+def decode_jpeg_scaled(data: bytes, img: Image.Image, short: int) -> np.ndarray | None:
     """libjpeg-turbo through simplejpeg: DCT scaling to the smallest scale covering
     ``short``, fast IDCT and upsampling, and *strict*: any libjpeg warning (premature end
     of data, corrupt segment) raises. Returns None to fall back to Pillow, which tolerates
@@ -172,7 +172,7 @@ def _decode(data: bytes, img: Image.Image, cfg: ValidateConfig) -> tuple[np.ndar
     """Full decode of the first frame at reduced scale; RGB, short side reduced, then
     EXIF orientation applied (on the small image: cheaper, same result)."""
     w, h = img.size
-    rgb = _jpeg_fast(data, img, cfg.decode_short_side) if cfg.draft else None
+    rgb = decode_jpeg_scaled(data, img, cfg.decode_short_side) if cfg.draft else None
     if rgb is None:
         if cfg.draft and img.format in ("JPEG", "MPO"):
             scale = cfg.decode_short_side / min(w, h)

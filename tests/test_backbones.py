@@ -63,3 +63,31 @@ def test_missing_weights_and_unknown_names_are_clear(tmp_path):
         load_backbone("mobilenet_v2_imagenet", weights=str(tmp_path / "nope.pth"))
     with pytest.raises(BackboneError, match="unknown backbone"):
         load_backbone("resnet_9000")
+
+
+def test_fast_path_input_matches_birders_reference_transform(photos):
+    """The fast input (libjpeg DCT-scaled decode covering the model input -> model_input)
+    gives the real MobileNetV2 the same embedding as Birder's inference transform on a full
+    decode. (Going through validate's 256-px image first costs ~0.006 of cosine: the embed
+    stage resizes from the DCT-scaled decode.)"""
+    import io
+
+    from birder.data.transforms.classification import inference_preset
+
+    from pipeline import samples
+    from stages.backbones import IMAGENET_STATS, model_input
+    from stages.validate import decode_jpeg_scaled
+
+    bb = load_backbone("mobilenet_v2_imagenet")
+    reference = inference_preset((224, 224), {"mean": IMAGENET_STATS[0], "std": IMAGENET_STATS[1]})
+    for name in ("astronaut", "coffee", "chelsea", "china", "flower"):
+        big = Image.fromarray(photos[name]).resize((1600, 1100), Image.Resampling.LANCZOS)
+        data = samples.encode(big, "JPEG", quality=92)
+        decoded = decode_jpeg_scaled(data, Image.open(io.BytesIO(data)), 224)
+        assert decoded is not None and min(decoded.shape[:2]) < 1100  # DCT-scaled, not a full decode
+        fast = bb(torch.from_numpy(model_input(decoded, 224).copy())[None])
+        ref_x = reference(Image.open(io.BytesIO(data)).convert("RGB"))[None]  # normalized float
+        with torch.inference_mode():
+            ref = torch.nn.functional.normalize(bb.net(ref_x).float(), dim=-1)
+        cos = float((fast * ref).sum())
+        assert cos >= 0.995, (name, cos)

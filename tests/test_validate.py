@@ -169,12 +169,12 @@ def test_batch_passes_upstream_rejects_through(good):
 
 
 def test_fast_jpeg_path_matches_a_full_decode(photos):
-    from stages.validate import _jpeg_fast
+    from stages.validate import decode_jpeg_scaled
 
     src = Image.fromarray(photos["china"]).resize((1600, 1068), Image.Resampling.LANCZOS)
     data = samples.encode(src, "JPEG", quality=92)
     img = Image.open(io.BytesIO(data))
-    assert _jpeg_fast(data, img, 256) is not None  # libjpeg-turbo DCT-scaled path taken
+    assert decode_jpeg_scaled(data, img, 256) is not None  # libjpeg-turbo DCT-scaled path taken
     info = validate_image(data, CFG)
     ref = np.asarray(Image.open(io.BytesIO(data)).convert("RGB").resize(_wh(info.image), Image.Resampling.BILINEAR),
                      float)
@@ -184,12 +184,12 @@ def test_fast_jpeg_path_matches_a_full_decode(photos):
 
 
 def test_harmless_libjpeg_warning_falls_back_to_pillow_and_passes(photos):
-    from stages.validate import _jpeg_fast
+    from stages.validate import decode_jpeg_scaled
 
     data = samples.encode(Image.fromarray(photos["coffee"]), "JPEG", quality=90)
     at = data.index(b"\xff\xdb")  # first quantization table
     odd = data[:at] + b"\x00\x00" + data[at:]  # libjpeg: "2 extraneous bytes before marker 0xdb"
-    assert _jpeg_fast(odd, Image.open(io.BytesIO(odd)), 256) is None  # strict decoder refuses
+    assert decode_jpeg_scaled(odd, Image.open(io.BytesIO(odd)), 256) is None  # strict decoder refuses
     assert validate_image(odd, CFG).reason is None  # Pillow accepts it, as a viewer would
     cmyk = samples.encode(Image.fromarray(photos["flower"]).convert("CMYK"), "JPEG")
-    assert _jpeg_fast(cmyk, Image.open(io.BytesIO(cmyk)), 256) is None  # CMYK: Pillow path
+    assert decode_jpeg_scaled(cmyk, Image.open(io.BytesIO(cmyk)), 256) is None  # CMYK: Pillow path
