@@ -126,10 +126,10 @@ def selection_dataset(cfg: PipelineConfig, kind: str) -> ray.data.Dataset:
     return flagged.map_batches(_mark_from, batch_format="pyarrow", fn_kwargs={"flag": sel.FROM_CATALOG})
 
 
-def selected_key_filter(flagged: ray.data.Dataset, n_selected: int) -> tuple:
+def selected_key_filter(flagged: ray.data.Dataset) -> tuple:
     """A Bloom filter of the selected keys (1% false positives; ~1.2 bytes per key), for
     shard readers to skip unselected members unread. Built by streaming the keys."""
-    bits, k = new_bloom(n_selected, 0.01)
+    bits, k = new_bloom(selection_counts(flagged)["selected"], 0.01)
     for batch in flagged.select_columns([sel.JOIN_KEY, sel.SELECTED]).iter_batches(batch_format="pyarrow",
                                                                                   batch_size=65536):
         bloom_add(bits, sel.selected_keys(batch), k)

@@ -211,9 +211,7 @@ def ingest_dataset(cfg: PipelineConfig, kind: str, flagged: ray.data.Dataset | N
         src = ray.data.from_items([{"shard": s} for s in shards], override_num_blocks=max(1, len(shards)))
         key_filter = None
         if flagged is not None:  # members whose key is surely unselected are skipped unread
-            n_selected = int(sum(r["selected"] for r in flagged.map_batches(
-                stages.select.count_selection, batch_format="pyarrow").take_all()))
-            key_filter = ray.put(catalog.selected_key_filter(flagged, n_selected))
+            key_filter = ray.put(catalog.selected_key_filter(flagged))
         return src.map_batches(
             _read_shard_rows, batch_size=1, batch_format="pyarrow", num_cpus=1,
             fn_kwargs={"storage": storage, "extensions": inp.extensions, "rows_per_block": inp.rows_per_block,
@@ -257,7 +255,7 @@ class RunDir:
         marker = mio.read_marker(self.fs, self.path("stages", name))
         return bool(marker) and marker.get("fingerprint") == fp
 
-    def write(self, ds: ray.data.Dataset, final: str, marker: dict, schema_hint: pa.Schema | None = None) -> None:
+    def write(self, ds: ray.data.Dataset, final: str, marker: dict) -> None:
         """Write ``ds`` as parquet under a temporary name, then commit it (marker last)."""
         tmp = mio.temp_path(self.fs, final)
         self.fs.makedirs(tmp, exist_ok=True)
@@ -266,7 +264,7 @@ class RunDir:
             import pyarrow.parquet as pq
 
             found = ds.schema()
-            empty_schema = schema_hint or (found.base_schema if found is not None else schema.EMPTY_NARROW)
+            empty_schema = found.base_schema if found is not None else schema.EMPTY_NARROW
             with self.fs.open(mio.join(tmp, "empty.parquet"), "wb") as f:
                 pq.write_table(empty_schema.empty_table(), f)
         mio.commit(self.fs, tmp, final, marker)

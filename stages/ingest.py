@@ -146,28 +146,22 @@ def detect_kind(cfg: InputConfig, storage: StorageConfig) -> str:
     p = cfg.paths()[0].lower()
     if p.endswith(TAR_SUFFIXES):
         return "webdataset"
-    for suffix, _ in TABLE_SUFFIXES.items():
+    for suffix in TABLE_SUFFIXES:
         if p.endswith(suffix):
-            return "parquet_bytes" if suffix == ".parquet" and _has_bytes_column(cfg, storage) else "manifest"
+            return _table_kind(cfg.paths()[0], cfg, storage) if suffix == ".parquet" else "manifest"
     fs, path = filesystem(cfg.paths()[0], storage)
     names = sorted(fs.find(path, maxdepth=2))[:1000]
     if any(n.lower().endswith(TAR_SUFFIXES) for n in names):
         return "webdataset"
     tables = [n for n in names if n.lower().endswith(".parquet")]
     if tables and not any(_is_image_name(n, cfg.extensions) for n in names):
-        import pyarrow.parquet as pq
-
-        with fs.open(tables[0], "rb") as f:
-            return "parquet_bytes" if cfg.bytes_column in pq.read_schema(f).names else "manifest"
+        return _table_kind(to_uri(fs, tables[0]), cfg, storage)
     return "folder"
 
 
-def _has_bytes_column(cfg: InputConfig, storage: StorageConfig) -> bool:
-    import pyarrow.parquet as pq
-
-    fs, path = filesystem(cfg.paths()[0], storage)
-    with fs.open(path, "rb") as f:
-        return cfg.bytes_column in pq.read_schema(f).names
+def _table_kind(parquet_uri: str, cfg: InputConfig, storage: StorageConfig) -> str:
+    """A parquet file holding the image column is parquet_bytes, else a manifest."""
+    return "parquet_bytes" if cfg.bytes_column in table_columns(parquet_uri, storage) else "manifest"
 
 
 def table_columns(path: str, storage: StorageConfig) -> list[str]:

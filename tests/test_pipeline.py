@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import tarfile
 
@@ -144,7 +145,7 @@ def test_webdataset_shards(tmp_path, ray_local, good):
                 for member, blob in ((f"{k}_{i}.{ext}", data), (f"{k}_{i}.json", b'{"uuid": "x"}')):
                     info = tarfile.TarInfo(member)
                     info.size = len(blob)
-                    tar.addfile(info, __import__("io").BytesIO(blob))
+                    tar.addfile(info, io.BytesIO(blob))
                 expected.append(f"{tmp_path}/shards/{name}#{k}_{i}.{ext}")
     out = tmp_path / "run"
     summary = run(str(tmp_path / "shards"), out, ray_local)
