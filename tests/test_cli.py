@@ -11,6 +11,7 @@ import time
 import pytest
 
 from tests.conftest import ROOT
+from tests.test_pipeline import check_invariant
 
 RUN = [sys.executable, str(ROOT / "pipeline" / "run.py")]
 
@@ -88,6 +89,7 @@ def test_input_and_output_alone_run_on_defaults_from_any_directory(tmp_path, goo
                timeout=300)
     assert p.returncode == 0, p.stderr[-3000:]
     summary = json.loads((tmp_path / "o" / "summary.json").read_text())
+    check_invariant(tmp_path / "o", [str(p) for p in corpus.iterdir()])
     assert (summary["inputs"], summary["curated"], summary["rejected"]) == (5, 4, 1)
     assert summary["rejected_by_stage"] == {"validate": {"corrupt": 1}}
     assert summary["config"]["validate"]["min_side"] == 80

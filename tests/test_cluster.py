@@ -18,6 +18,7 @@ import pytest
 import yaml
 
 from tests.conftest import ROOT, free_port
+from tests.test_pipeline import check_invariant
 
 CLUSTER_YAML = ROOT / "ray_cluster.yaml"
 
@@ -100,6 +101,9 @@ def test_ray_job_submit_with_token_auth(tmp_path, good, hostile):
     head = subprocess.Popen(
         ["ray", "start", "--head", "--block", f"--port={port}", "--num-cpus=2", "--num-gpus=0",
          "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", "--disable-usage-stats",
+         # own agent/metrics ports: another Ray on this machine holds the defaults (52365, ...)
+         f"--dashboard-agent-listen-port={free_port()}", f"--dashboard-agent-grpc-port={free_port()}",
+         f"--metrics-export-port={free_port()}", f"--runtime-env-agent-port={free_port()}",
          f"--temp-dir={ray_tmp}"],  # short: Ray's unix socket paths must stay < 108 bytes
         env=env, stdout=open(tmp_path / "head.log", "w"), stderr=subprocess.STDOUT, start_new_session=True)
     try:
@@ -123,6 +127,7 @@ def test_ray_job_submit_with_token_auth(tmp_path, good, hostile):
         head.wait(timeout=60)
         shutil.rmtree(ray_tmp, ignore_errors=True)
     summary = json.loads((out / "summary.json").read_text())
+    check_invariant(out, [str(p) for p in corpus.iterdir()])
     assert summary["inputs"] == len(good) + len(hostile)
     assert summary["rejected"] == len(hostile)
     assert (out / "curated" / "_SUCCESS").exists()

@@ -127,6 +127,8 @@ def test_parquet_with_image_bytes(tmp_path, ray_local, good, hostile):
     out = tmp_path / "run"
     summary = run(str(tmp_path / "tol"), out, ray_local)
     assert summary["input_kind"] == "parquet_bytes"
+    files = [f"{tmp_path}/tol/part{0 if i < half else 1}.parquet" for i in range(len(keys))]
+    check_invariant(out, [f"{f}#uuid={k}" for f, k in zip(files, keys)])
     curated, rejected = tables(out)
     assert sorted(r["uri"].split("#uuid=")[1] for r in curated + rejected) == sorted(keys)
     reasons = {r["uri"].split("#uuid=")[1]: r["reason"] for r in rejected}

@@ -91,6 +91,9 @@ def test_webdataset_with_catalog_join(tmp_path, ray_local, good):
              "select": {"where": [{"column": "kingdom", "eq": "Animalia"}]}}, ray_local)
     df = cat.to_pandas().set_index("uuid")
     animal = {k for k in keys[:50] if df.loc[k, "kingdom"] == "Animalia"}
+    shard_of = {key: k for k in range(2) for key in with_image[k::2]}
+    check_invariant(tmp_path / "run", [f"{tmp_path}/shards/image_set_{shard_of[key]:02d}.tar.gz#{key}.jpg"
+                                       for key in animal | {"orphan-1", "orphan-2"}])
     curated, rejected = tables(tmp_path / "run")
     base = lambda r: r["uri"].rsplit("#", 1)[1].removesuffix(".jpg")
     seen = {base(r) for r in curated + rejected}
@@ -122,6 +125,7 @@ def test_parquet_bytes_selected_on_own_metadata(tmp_path, ray_local, good):
     s = run({"input.path": str(tmp_path / "tol.parquet"), "output": str(tmp_path / "run"),
              "select": {"where": [{"column": "license", "in": ["cc0", "cc-by"]}]}}, ray_local, until="validate")
     want = set(cat.to_pandas().query("license in ['cc0', 'cc-by']")["uuid"])
+    check_invariant(tmp_path / "run", [f"{tmp_path}/tol.parquet#uuid={k}" for k in want])
     curated, rejected = tables(tmp_path / "run")
     assert {r["uuid"] for r in curated + rejected} == want
     assert s["selection"]["select"] == {"catalog_rows": 40, "selected": len(want), "unselected": 40 - len(want)}
@@ -234,6 +238,7 @@ def test_parquet_with_separate_catalog(tmp_path, ray_local, good):
              "select": {"where": [{"column": "license", "ne": "all-rights-reserved"}]}}, ray_local, until="validate")
     df = cat.to_pandas().set_index("uuid")
     want = {k for k in keys[:24] if df.loc[k, "license"] != "all-rights-reserved"}
+    check_invariant(tmp_path / "run", [f"{tmp_path}/imgs.parquet#uuid={k}" for k in want | {"orphan-a"}])
     curated, rejected = tables(tmp_path / "run")
     assert {r["uuid"] for r in curated} == want
     assert [(r["uuid"], r["reason"]) for r in rejected] == [("orphan-a", "not_in_catalog")]
