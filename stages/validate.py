@@ -75,6 +75,7 @@ class ImageInfo:
     reason: Reason | None = None
     detail: str | None = None
     image: np.ndarray | None = field(default=None, repr=False)  # normalized RGB, HxWx3 uint8
+    decoded: np.ndarray | None = field(default=None, repr=False)  # the decode covering the models' input
 
 
 def to_rgb(img: Image.Image) -> Image.Image:
@@ -168,19 +169,24 @@ def decode_jpeg_scaled(data: bytes, img: Image.Image, short: int) -> np.ndarray 
         return None
 
 
-def _decode(data: bytes, img: Image.Image, cfg: ValidateConfig) -> tuple[np.ndarray, int]:
-    """Full decode of the first frame at reduced scale; RGB, short side reduced, then
-    EXIF orientation applied (on the small image: cheaper, same result)."""
+def _decode(data: bytes, img: Image.Image, cfg: ValidateConfig,
+            cover: int = 0) -> tuple[np.ndarray, int, np.ndarray | None]:
+    """Full decode of the first frame at reduced scale; RGB, short side reduced to
+    ``decode_short_side``, then EXIF orientation applied (on the small image: cheaper,
+    same result). With ``cover`` (the largest model input), the decode covers the larger of
+    the two and is also returned, oriented, for the models: one decode for all."""
     w, h = img.size
-    rgb = decode_jpeg_scaled(data, img, cfg.decode_short_side) if cfg.draft else None
+    target = max(cfg.decode_short_side, cover)
+    rgb = decode_jpeg_scaled(data, img, target) if cfg.draft else None
     if rgb is None:
         if cfg.draft and img.format in ("JPEG", "MPO"):
-            scale = cfg.decode_short_side / min(w, h)
+            scale = target / min(w, h)
             if scale < 1:
                 # draft picks the largest DCT reduction that keeps both sides >= requested.
                 img.draft(img.mode, (max(1, int(w * scale + 0.999)), max(1, int(h * scale + 0.999))))
         img.load()  # raises on truncated / corrupt data
         rgb = np.asarray(to_rgb(img))
+    full = rgb if cover else None  # the models resize from the decode itself, never from a resize
     rgb = resize_short_side(rgb, cfg.decode_short_side)
     orientation = 1
     try:
@@ -189,11 +195,15 @@ def _decode(data: bytes, img: Image.Image, cfg: ValidateConfig) -> tuple[np.ndar
         orientation = 1
     if orientation in _TRANSPOSE:
         rgb = np.ascontiguousarray(_TRANSPOSE[orientation](rgb))
-    return rgb, orientation
+        if full is not None:
+            full = np.ascontiguousarray(_TRANSPOSE[orientation](full))
+    return rgb, orientation, full
 
 
-def validate_image(data: bytes | None, cfg: ValidateConfig) -> ImageInfo:
-    """Validate one encoded image. Never raises on bad input: failures are a ``reason``."""
+def validate_image(data: bytes | None, cfg: ValidateConfig, cover: int = 0) -> ImageInfo:
+    """Validate one encoded image. Never raises on bad input: failures are a ``reason``.
+    With ``cover`` > 0, ``info.decoded`` is the oriented decode whose short side covers it
+    (the embedding stage's input)."""
     if data is None:
         return ImageInfo(0, None, reason=Reason.EMPTY, detail="no bytes")
     info = ImageInfo(n_bytes=len(data), sha256=hashlib.sha256(data).hexdigest())
@@ -208,7 +218,7 @@ def validate_image(data: bytes | None, cfg: ValidateConfig) -> ImageInfo:
             info.format, info.mode = img.format, img.mode
             info.n_frames = int(getattr(img, "n_frames", 1) or 1)
             w, h = img.size  # before draft() reduces it
-            rgb, orientation = _decode(data, img, cfg)
+            rgb, orientation, full = _decode(data, img, cfg, cover)
         info.exif_orientation = orientation
         if orientation in _SWAPS_AXES:
             w, h = h, w
@@ -216,6 +226,7 @@ def validate_image(data: bytes | None, cfg: ValidateConfig) -> ImageInfo:
         gray = cv2.cvtColor(rgb, cv2.COLOR_RGB2GRAY)
         info.phash = phash64(cv2.resize(gray, (32, 32), interpolation=cv2.INTER_AREA))
         info.image = rgb
+        info.decoded = full
     except Rejected as r:
         info.reason, info.detail = r.reason, r.detail
     except DeadlineExceeded:
@@ -237,9 +248,17 @@ def validate_batch(table: pa.Table, cfg: ValidateConfig) -> pa.Table:
     Rows already rejected upstream (``reason`` not null) pass through untouched. Returns
     the table without ``image_bytes``, with the validate columns and reject columns set.
     """
+    return validate_batch_decodes(table, cfg)[0]
+
+
+def validate_batch_decodes(table: pa.Table, cfg: ValidateConfig,
+                           cover: int = 0) -> tuple[pa.Table, list[np.ndarray | None]]:
+    """:func:`validate_batch`, plus each row's decode covering ``cover`` (None for
+    rejected rows) for the embedding stage."""
     blobs = table.column(BYTES).to_pylist()
     prior_reason = table.column("reason").to_pylist()
     cols: dict[str, list] = {f.name: [] for f in _OUT_SCHEMA}
+    decodes: list[np.ndarray | None] = []
     prior = {k: table.column(k).to_pylist() for k in ("stage", "reason", "detail")}
     for i, data in enumerate(blobs):
         if prior_reason[i] is not None:
@@ -247,8 +266,10 @@ def validate_batch(table: pa.Table, cfg: ValidateConfig) -> pa.Table:
                 cols[f.name].append(len(data) if f.name == "n_bytes" and data is not None else None)
             for k in ("stage", "reason", "detail"):
                 cols[k].append(prior[k][i])
+            decodes.append(None)
             continue
-        info = validate_image(data, cfg)
+        info = validate_image(data, cfg, cover)
+        decodes.append(info.decoded if info.reason is None else None)
         for f in VALIDATE_FIELDS:
             cols[f.name].append(getattr(info, f.name))
         cols["stage"].append(Stage.VALIDATE.value if info.reason else None)
@@ -259,7 +280,7 @@ def validate_batch(table: pa.Table, cfg: ValidateConfig) -> pa.Table:
         if f.name in out.column_names:
             out = out.drop_columns([f.name])
         out = out.append_column(f, pa.array(cols[f.name], type=f.type))
-    return out
+    return out, decodes
 
 
 @dataclass

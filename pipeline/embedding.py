@@ -1,0 +1,279 @@
+"""The embedding stage on Ray: model plans, device choice, the actor pool inside the
+streaming pass, and the step after it that fills in cached embeddings and grows the cache.
+
+Cache layout (local or S3)::
+
+    <embed.cache_path or <output>/cache/embeddings>/<model id>/<prep signature>-<dtype>/
+        part-<uuid>/*.parquet + _SUCCESS        columns sha256, embedding
+
+The model id is ``<name>@<weights identity>`` (sha256 of the weights file), so swapping a
+weights file never reuses embeddings of the old one; the preprocessing signature hashes
+what the model sees (``stages.embed.prep_signature``).
+"""
+
+from __future__ import annotations
+
+import logging
+import posixpath
+import uuid
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import ray
+
+from manifests import io as mio
+from pipeline.config import ConfigError, PipelineConfig
+from stages import embed as emb
+from stages.backbones import BackboneError, locate_weights, resolve_spec, weights_identity
+
+log = logging.getLogger("biocurate")
+
+
+# --------------------------------------------------------------------------- plans
+
+def model_plans(cfg: PipelineConfig) -> list[emb.ModelPlan]:
+    """Resolve every configured model (registry entry, dimension check, weights location)
+    on the driver, before Ray starts; problems are one-line :class:`ConfigError`."""
+    e = cfg.embed
+    plans = []
+    for m in e.models:
+        try:
+            s = resolve_spec(m.name, network=m.network, size=m.size, dim=m.dim, output=m.output)
+            where = locate_weights(s, m.weights, e.models_dir, cfg.storage)
+            model_id = f"{m.name}@{weights_identity(where, cfg.storage)}"
+        except BackboneError as err:
+            raise ConfigError(f"embed error: {err}") from None
+        plans.append(emb.ModelPlan(s, where, model_id, emb.prep_signature(s), e.dtype))
+    return plans
+
+
+# --------------------------------------------------------------------------- device
+
+def gpu_capacity() -> tuple[float, float]:
+    """(GPUs in the cluster now, GPUs its autoscaler config can add at most)."""
+    now = float(ray.cluster_resources().get("GPU", 0))
+    try:
+        max_cfg = ray._private.state.state.get_max_resources_from_cluster_config() or {}
+    except Exception:  # noqa: BLE001 - no autoscaler (local Ray): nothing to add
+        max_cfg = {}
+    return now, float(max_cfg.get("GPU", 0) or 0)
+
+
+def wait_for_gpu(num_gpus: float, timeout_s: float) -> None:
+    """Block until a task asking ``num_gpus`` can run (an autoscaled GPU node started), or
+    raise a one-line :class:`ConfigError` after ``timeout_s``."""
+    probe = ray.remote(num_cpus=0, num_gpus=num_gpus)(lambda: True).remote()
+    ready, _ = ray.wait([probe], timeout=timeout_s)
+    if not ready:
+        ray.cancel(probe, force=True)
+        raise ConfigError(f"embed error: no GPU became available within embed.gpu_timeout_s={timeout_s:g} s "
+                          f"(asked for {num_gpus:g} per actor); check the GPU worker group of the cluster, "
+                          f"or set embed.device: cpu")
+
+
+def resolve_device(cfg: PipelineConfig) -> str:
+    """'cuda' or 'cpu' for the embedding actors (see ``embed.device``)."""
+    e = cfg.embed
+    if e.device == "cpu":
+        return "cpu"
+    now, can = gpu_capacity()
+    if now >= e.num_gpus:
+        return "cuda"
+    if can >= e.num_gpus:
+        wait_for_gpu(e.num_gpus, e.gpu_timeout_s)
+        return "cuda"
+    if e.device == "auto":
+        return "cpu"
+    raise ConfigError("embed error: embed.device is cuda, but the Ray cluster has no GPU and its autoscaler config "
+                      "can add none; set embed.device: cpu (or auto), or add a GPU worker group")
+
+
+# --------------------------------------------------------------------------- cache
+
+def cache_root(cfg: PipelineConfig) -> str:
+    return cfg.embed.cache_path or mio.join(cfg.output.rstrip("/"), "cache", "embeddings")
+
+
+def cache_dir(cfg: PipelineConfig, plan: emb.ModelPlan) -> tuple[object, str]:
+    fs, root = mio.filesystem(cache_root(cfg), cfg.storage)
+    return fs, mio.join(root, emb.slug(plan.model_id), f"{plan.prep}-{plan.dtype}")
+
+
+def cache_files(cfg: PipelineConfig, plan: emb.ModelPlan) -> tuple[object, list[str]]:
+    """Parquet files of the committed cache parts of ``plan`` (uncommitted parts ignored)."""
+    fs, d = cache_dir(cfg, plan)
+    if not cfg.embed.cache or not fs.exists(d):
+        return fs, []
+    files = []
+    for part in sorted(fs.ls(d, detail=False)):
+        name = posixpath.basename(part.rstrip("/"))
+        if name.startswith("part-") and mio.is_committed(fs, part):
+            files += sorted(p for p in fs.find(part) if p.endswith(".parquet"))
+    return fs, files
+
+
+def known_sets(cfg: PipelineConfig, plans: list[emb.ModelPlan]) -> dict[str, np.ndarray]:
+    """Per model, the sorted keys of the images its cache already holds (sha256 column only)."""
+    import pyarrow.parquet as pq
+
+    out = {}
+    for p in plans:
+        fs, files = cache_files(cfg, p)
+        shas: list[str] = []
+        for f in files:
+            with fs.open(f, "rb") as fh:
+                shas += pq.read_table(fh, columns=["sha256"]).column("sha256").to_pylist()
+        out[p.name] = emb.known_set(shas)
+    return out
+
+
+def write_cache_part(cfg: PipelineConfig, plan: emb.ModelPlan, ds: ray.data.Dataset) -> None:
+    """Add the rows of ``ds`` (sha256, embedding) to the cache as one committed part."""
+    fs, d = cache_dir(cfg, plan)
+    final = mio.join(d, f"part-{uuid.uuid4().hex[:16]}")
+    tmp = mio.temp_path(fs, final)
+    fs.makedirs(tmp, exist_ok=True)
+    ds.write_parquet(tmp, filesystem=mio.arrow_filesystem(fs))
+    mio.commit(fs, tmp, final, {"model_id": plan.model_id, "prep": plan.prep, "dtype": plan.dtype})
+
+
+def cache_dataset(cfg: PipelineConfig, plan: emb.ModelPlan, wanted: ray.ObjectRef) -> ray.data.Dataset | None:
+    """Cache rows of the sha256 keys in ``wanted`` (an object ref of a sorted key array),
+    with a null ``id`` so they can be grouped with run rows."""
+    fs, files = cache_files(cfg, plan)
+    if not files:
+        return None
+    ds = ray.data.read_parquet(files, filesystem=mio.arrow_filesystem(fs), columns=["sha256", "embedding"])
+    return ds.map_batches(_cache_rows, batch_format="pyarrow", fn_kwargs={"wanted": wanted, "plan": plan})
+
+
+def _resolve_ref(ref):
+    return ray.get(ref) if isinstance(ref, ray.ObjectRef) else ref
+
+
+def _cache_rows(batch: pa.Table, wanted, plan: emb.ModelPlan) -> pa.Table:
+    keep = emb.is_known(_resolve_ref(wanted), batch.column("sha256").to_pylist())
+    batch = batch.filter(pa.array(keep))
+    return pa.table({"id": pa.nulls(len(batch), pa.string()), "sha256": batch.column("sha256"),
+                     "embedding": batch.column("embedding").cast(plan.arrow_type())})
+
+
+# --------------------------------------------------------------------------- inside the pass
+
+class ValidateForModels:
+    """Validate + model inputs in one CPU task: the decode that validation makes (covering
+    the largest model input) is the one the models see."""
+
+    def __init__(self, cfg: PipelineConfig, plans: list[emb.ModelPlan], known_ref):
+        self.cfg, self.plans, self.known_ref = cfg.validate_, plans, known_ref
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        from stages.validate import validate_batch_decodes
+
+        out, decodes = validate_batch_decodes(batch, self.cfg, emb.cover_size(self.plans))
+        return emb.add_model_inputs(out, decodes, self.plans, _resolve_ref(self.known_ref))
+
+
+def embed_in_pass(cfg: PipelineConfig, ds: ray.data.Dataset, plans: list[emb.ModelPlan], device: str,
+                  known: dict[str, np.ndarray]) -> ray.data.Dataset:
+    """validate -> model inputs (CPU tasks) -> embedding actors, streamed."""
+    from pipeline.plan import _ray_remote_kwargs
+
+    e = cfg.embed
+    known_ref = ray.put(known)
+    ds = ds.map_batches(ValidateForModels(cfg, plans, known_ref), batch_size=cfg.run.batch_size,
+                        batch_format="pyarrow", **_ray_remote_kwargs(cfg))
+    resources = {"num_gpus": e.num_gpus, "num_cpus": 1} if device == "cuda" else {"num_cpus": e.num_cpus}
+    # Host memory the actor needs (weights, a copy while loading, activations): a real
+    # request, which also keeps Ray Data from fusing the decode tasks into the actor on a
+    # CPU-only cluster (the decode would then run serially with the model).
+    resources["memory"] = actor_memory(cfg, plans)
+    return ds.map_batches(
+        emb.EmbedModels, batch_format="pyarrow", batch_size=e.batch_size,
+        compute=ray.data.ActorPoolStrategy(size=e.concurrency),
+        fn_constructor_kwargs={"plans": plans, "device": device, "batch_size": e.batch_size,
+                               "num_threads": max(1, int(e.num_cpus)), "compile": e.compile,
+                               "models_dir": e.models_dir, "storage": cfg.storage},
+        **resources)
+
+
+def actor_memory(cfg: PipelineConfig, plans: list[emb.ModelPlan]) -> int:
+    total = 1 << 30
+    for p in plans:
+        try:
+            fs, path = mio.filesystem(p.weights, cfg.storage)
+            total += 2 * int(fs.info(path).get("size") or 0)
+        except Exception:  # noqa: BLE001 - an estimate; the load itself reports real problems
+            total += 1 << 30
+    return total
+
+
+# --------------------------------------------------------------------------- after the pass
+
+def _run_rows(batch: pa.Table, column: str) -> pa.Table:
+    alive = batch.filter(pc.and_(pc.invert(pc.is_valid(batch["reason"])), pc.is_valid(batch["sha256"])))
+    return pa.table({"id": alive.column("id"), "sha256": alive.column("sha256"),
+                     "embedding": alive.column(column)})
+
+
+def _computed(batch: pa.Table) -> pa.Table:
+    return batch.filter(pc.is_valid(batch["embedding"]))
+
+
+def _missing(batch: pa.Table) -> pa.Table:
+    return batch.filter(pc.invert(pc.is_valid(batch["embedding"])))
+
+
+def _keys(batch: pa.Table) -> pa.Table:
+    return pa.table({"key": pa.array(list(emb.cache_keys(batch.column("sha256").to_pylist())), pa.binary(16))})
+
+
+def _narrow_resolved(batch: pa.Table) -> pa.Table:
+    return batch.select(["id", "sha256", "embedding"])
+
+
+def resolve_embeddings(cfg: PipelineConfig, narrow: ray.data.Dataset,
+                       plan: emb.ModelPlan) -> tuple[ray.data.Dataset, dict]:
+    """The run's embedding table of ``plan`` (id, sha256, embedding) for every alive row of
+    ``narrow``, and the counts; new embeddings are added to the cache."""
+    rows = narrow.map_batches(_run_rows, batch_format="pyarrow", fn_kwargs={"column": plan.column}).materialize()
+    computed = rows.map_batches(_computed, batch_format="pyarrow").materialize()
+    missing = rows.map_batches(_missing, batch_format="pyarrow").materialize()
+    n_computed, n_missing = computed.count(), missing.count()
+    if cfg.embed.cache and n_computed:
+        write_cache_part(cfg, plan, computed.select_columns(["sha256", "embedding"]))
+    table = computed
+    if n_missing:
+        keys = np.unique(np.array([r["key"] for r in missing.map_batches(_keys, batch_format="pyarrow").take_all()],
+                                  dtype="S16"))
+        cached = cache_dataset(cfg, plan, ray.put(keys))
+        if cached is None:
+            raise RuntimeError(f"embedding cache of {plan.model_id} is gone: {n_missing} rows expected cached")
+        groups = missing.union(cached)
+        resolved = groups.groupby("sha256", num_partitions=max(1, min(200, -(-n_missing // 100_000)))).map_groups(
+            emb.resolve_group, batch_format="pyarrow", fn_kwargs={"plan": plan}).materialize()
+        lost = _count_null(resolved)
+        if lost:
+            raise RuntimeError(f"embedding cache of {plan.model_id} lost {lost} entries during the run; run again")
+        table = computed.union(resolved.map_batches(_narrow_resolved, batch_format="pyarrow"))
+    counts = {"model_id": plan.model_id, "prep": plan.prep, "dim": plan.spec.dim, "dtype": plan.dtype,
+              "l2_normalized": plan.spec.l2_normalize, "computed": n_computed, "cached": n_missing}
+    return table, counts
+
+
+def _null_count(batch: pa.Table) -> pa.Table:
+    return pa.table({"n": [batch.column("embedding").null_count]})
+
+
+def _count_null(ds: ray.data.Dataset) -> int:
+    return int(sum(r["n"] for r in ds.map_batches(_null_count, batch_format="pyarrow").take_all()))
+
+
+def drop_embeddings(batch: pa.Table) -> pa.Table:
+    """The narrow table without ``emb_*`` columns (they live in the embedding tables)."""
+    return batch.drop_columns([c for c in batch.column_names if c.startswith("emb_")])
+
+
+__all__ = ["BackboneError", "model_plans", "resolve_device", "resolve_embeddings", "embed_in_pass", "known_sets",
+           "drop_embeddings", "wait_for_gpu", "gpu_capacity", "cache_root"]
