@@ -155,14 +155,6 @@ def embedding_array(values: np.ndarray, mask: np.ndarray, plan: ModelPlan) -> pa
 
 # --------------------------------------------------------------------------- model side
 
-def pick_device(requested: str, cuda_available: bool) -> str:
-    if requested == "cuda":
-        return "cuda"
-    if requested == "cpu":
-        return "cpu"
-    return "cuda" if cuda_available else "cpu"
-
-
 @dataclass
 class EmbedModels:
     """Callable class for ``map_batches``: runs every model of ``plans`` on its rows.
