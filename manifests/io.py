@@ -39,8 +39,10 @@ def filesystem(uri: str, storage: StorageConfig | None = None) -> tuple[fsspec.A
         # botocore's own retries stay short (standard mode, 3 attempts): the policy that
         # outlasts an outage is ours (StorageConfig.max_retries, exponential backoff).
         config = {"retries": {"max_attempts": 3, "mode": "standard"}, "connect_timeout": 10, "read_timeout": 60}
+        # No listings cache: a long-lived process (a notebook, a refresh loop) must see
+        # objects added since its last listing.
         fs = s3fs.S3FileSystem(anon=storage.anon, client_kwargs=client_kwargs, config_kwargs=config,
-                               skip_instance_cache=False)
+                               skip_instance_cache=False, use_listings_cache=False)
         return fs, uri.split("://", 1)[1].rstrip("/")
     if uri.startswith("file://"):
         uri = uri[len("file://") :]

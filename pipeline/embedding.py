@@ -132,9 +132,10 @@ def write_cache_part(cfg: PipelineConfig, plan: emb.ModelPlan, ds: ray.data.Data
     """Add the rows of ``ds`` (sha256, embedding) to the cache as one committed part."""
     fs, d = cache_dir(cfg, plan)
     final = mio.join(d, f"part-{uuid.uuid4().hex[:16]}")
+    from pipeline.plan import write_parquet_dir
+
     tmp = mio.temp_path(fs, final)
-    fs.makedirs(tmp, exist_ok=True)
-    ds.write_parquet(tmp, filesystem=mio.arrow_filesystem(fs))
+    write_parquet_dir(ds, fs, tmp)
     mio.commit(fs, tmp, final, {"model_id": plan.model_id, "prep": plan.prep, "dtype": plan.dtype})
 
 

@@ -265,6 +265,30 @@ def scan_dataset(cfg: PipelineConfig, kind: str, until: str, flagged: ray.data.D
 
 # --------------------------------------------------------------------------- run directory
 
+def write_parquet_dir(ds: ray.data.Dataset, fs, tmp: str) -> None:
+    """Write ``ds`` as parquet files under ``tmp`` (an empty dataset: one empty file with
+    its schema, so readers still see the columns)."""
+    fs.makedirs(tmp, exist_ok=True)
+    # On S3 a "folder" exists only once an object is in it: without one, Ray Data thinks it
+    # created the folder and, when no row was written, fails deleting it.
+    keep = mio.join(tmp, ".writing")
+    fs.pipe(keep, b"")
+    ds.write_parquet(tmp, filesystem=mio.arrow_filesystem(fs))
+    fs.rm(keep)
+    fs.invalidate_cache(tmp)
+    try:
+        written = fs.find(tmp)
+    except FileNotFoundError:  # S3: nothing was written under the prefix
+        written = []
+    if not any(p.endswith(".parquet") for p in written):
+        import pyarrow.parquet as pq
+
+        found = ds.schema()
+        empty_schema = found.base_schema if found is not None else schema.EMPTY_NARROW
+        with fs.open(mio.join(tmp, "empty.parquet"), "wb") as f:
+            pq.write_table(empty_schema.empty_table(), f)
+
+
 @dataclass
 class RunDir:
     cfg: PipelineConfig
@@ -285,15 +309,7 @@ class RunDir:
     def write(self, ds: ray.data.Dataset, final: str, marker: dict) -> None:
         """Write ``ds`` as parquet under a temporary name, then commit it (marker last)."""
         tmp = mio.temp_path(self.fs, final)
-        self.fs.makedirs(tmp, exist_ok=True)
-        ds.write_parquet(tmp, filesystem=self.afs)
-        if not any(p.endswith(".parquet") for p in self.fs.find(tmp)):
-            import pyarrow.parquet as pq
-
-            found = ds.schema()
-            empty_schema = found.base_schema if found is not None else schema.EMPTY_NARROW
-            with self.fs.open(mio.join(tmp, "empty.parquet"), "wb") as f:
-                pq.write_table(empty_schema.empty_table(), f)
+        write_parquet_dir(ds, self.fs, tmp)
         mio.commit(self.fs, tmp, final, marker)
 
     def read(self, final: str) -> ray.data.Dataset:
