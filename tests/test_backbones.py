@@ -1,6 +1,8 @@
 """Backbones: the real offline MobileNetV2 weights, Birder architectures with random
 weights through the same wrapper, and clear errors for missing weights."""
 
+import io
+
 import numpy as np
 import pytest
 import torch
@@ -24,7 +26,9 @@ def test_real_mobilenet_weights_see_a_photo_in_its_edited_copy(photos):
         img = Image.fromarray(a)
         w, h = img.size
         img = img.crop((w // 20, h // 20, w - w // 20, h - h // 20)).resize((w // 2, h // 2))
-        copies.append(np.asarray(img))
+        buf = io.BytesIO()
+        img.convert("RGB").save(buf, "JPEG", quality=60)
+        copies.append(np.asarray(Image.open(io.BytesIO(buf.getvalue())).convert("RGB")))
     e = bb(_batch(originals, 224))
     c = bb(_batch(copies, 224))
     assert e.shape == (6, 1280) and torch.allclose(e.norm(dim=1), torch.ones(6), atol=1e-4)

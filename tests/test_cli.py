@@ -128,3 +128,13 @@ def test_catalog_key_missing_from_the_input(tmp_path):
                    f"catalog: {{path: {tmp_path / 'cat.csv'}, key: uuid}}\n")
     line = one_line_error(cli("--config", str(cfg))[0])
     assert "catalog.input_key" in line and "'uuid'" in line
+
+
+def test_shipped_configs_validate_and_readme_reference_is_current():
+    from pipeline.config import describe_options, load_config
+
+    for name in ("demo.yaml", "example.yaml"):
+        cfg = load_config(str(ROOT / "configs" / name))
+        assert cfg.embed.models, name
+    assert load_config(str(ROOT / "configs" / "example.yaml")).embed.model_for("dedup") == "resnet_v1_50_c1_sscd"
+    assert describe_options().strip() in (ROOT / "README.md").read_text()

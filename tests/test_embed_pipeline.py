@@ -140,11 +140,22 @@ def _tmp_dir():
     return Path(tempfile.mkdtemp(prefix="biocurate-embed-"))
 
 
-def test_gpu_that_never_comes_is_a_clear_error(ray_local):
+def test_gpu_that_never_comes_is_a_clear_error(ray_local, monkeypatch):
     with pytest.raises(ConfigError, match="no GPU became available within embed.gpu_timeout_s=1"):
         embedding.wait_for_gpu(1, 1.0)
     now, can = embedding.gpu_capacity()
     assert (now, can) == (0.0, 0.0)  # this machine: no GPU, no autoscaler to add one
+    cfg = lambda device: load_config(None, {"input.path": "x", "output": "y", "embed.device": device,  # noqa: E731
+                                            "embed.gpu_timeout_s": 1, "embed.models": [{"name": "m"}]})
+    assert embedding.resolve_device(cfg("auto")) == "cpu"
+    with pytest.raises(ConfigError, match="can add none"):
+        embedding.resolve_device(cfg("cuda"))
+    # an autoscaling GPU group at zero nodes: auto means GPU, and a GPU that never starts
+    # (here: the autoscaler says it could, the local cluster never will) times out clearly
+    monkeypatch.setattr(embedding, "gpu_capacity", lambda: (0.0, 8.0))
+    with pytest.raises(ConfigError, match="no GPU became available"):
+        embedding.resolve_device(cfg("auto"))
+    assert embedding.resolve_device(cfg("cpu")) == "cpu"
 
 
 def test_cli_errors_for_weights_dimension_and_cuda(tmp_path, photos):
