@@ -44,7 +44,9 @@ def model_plans(cfg: PipelineConfig) -> list[emb.ModelPlan]:
             model_id = f"{m.name}@{weights_identity(where, cfg.storage)}"
         except BackboneError as err:
             raise ConfigError(f"embed error: {err}") from None
-        plans.append(emb.ModelPlan(s, where, model_id, emb.prep_signature(s), e.dtype))
+        # Weights found through the models dir or an installed package are looked up again
+        # on each worker (its paths may differ from the driver's); explicit ones are passed.
+        plans.append(emb.ModelPlan(s, m.weights, model_id, emb.prep_signature(s), e.dtype))
     return plans
 
 
@@ -203,7 +205,8 @@ def actor_memory(cfg: PipelineConfig, plans: list[emb.ModelPlan]) -> int:
     total = 1 << 30
     for p in plans:
         try:
-            fs, path = mio.filesystem(p.weights, cfg.storage)
+            where = locate_weights(p.spec, p.weights, cfg.embed.models_dir, cfg.storage)
+            fs, path = mio.filesystem(where, cfg.storage)
             total += 2 * int(fs.info(path).get("size") or 0)
         except Exception:  # noqa: BLE001 - an estimate; the load itself reports real problems
             total += 1 << 30

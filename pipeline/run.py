@@ -70,6 +70,17 @@ def check_inputs(cfg: PipelineConfig) -> None:
         model_plans(cfg)
 
 
+def failure_line(e: BaseException) -> str:
+    """One line for the user. A failure inside a Ray worker arrives wrapped (RayTaskError,
+    ActorDiedError, ...): the line that names our own error is the useful one."""
+    text = str(e)
+    for line in text.splitlines():
+        for name in ("BackboneError", "ConfigError"):
+            if f"{name}:" in line:
+                return line[line.index(name):].strip()
+    return f"{type(e).__name__}: {text.splitlines()[0] if text else ''}"
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.print_config:
@@ -102,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
         import logging
 
         logging.getLogger("biocurate").exception("run failed")
-        print(f"biocurate: run failed: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}", file=sys.stderr)
+        print(f"biocurate: run failed: {failure_line(e)}", file=sys.stderr)
         return 1
     print(f"biocurate: {summary['inputs']} inputs -> {summary['curated']} curated, {summary['rejected']} rejected "
           f"({summary['timings_s']['total']} s); manifest in {cfg.output}")

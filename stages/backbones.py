@@ -227,6 +227,14 @@ class Backbone(torch.nn.Module):
             return self.net.embedding(x)
         return self.net(x)
 
+    def compile(self) -> None:
+        """``torch.compile`` what forward runs (the embedding path, not only ``net.forward``)."""
+        self._compiled = torch.compile(self.features)
+
+    def check_dim(self) -> None:
+        """One zero image through the model: its output dimension must be the spec's."""
+        self(torch.zeros((1, self.spec.size, self.spec.size, 3), dtype=torch.uint8))
+
     @torch.inference_mode()
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         if images.dtype != torch.uint8 or images.ndim != 4 or images.shape[-1] != 3:
@@ -234,14 +242,16 @@ class Backbone(torch.nn.Module):
         x = images.to(self.device, non_blocking=True).permute(0, 3, 1, 2).float()
         x = ((x - self.mean) / self.std).contiguous(
             memory_format=torch.channels_last if self.device.type == "cuda" else torch.contiguous_format)
+        run = getattr(self, "_compiled", None) or self.features
         if self.device.type == "cuda":
             with torch.autocast("cuda", dtype=torch.bfloat16):
-                out = self.features(x)
+                out = run(x)
         else:
-            out = self.features(x)
+            out = run(x)
         out = out.float()
         if out.shape[-1] != self.spec.dim:
-            raise BackboneError(f"backbone {self.spec.name} gave {out.shape[-1]}-d outputs, registry says {self.spec.dim}")
+            raise BackboneError(f"backbone {self.spec.name} gives {out.shape[-1]}-d outputs, but {self.spec.dim} "
+                                f"are expected (its dim in the config or the registry)")
         if self.spec.l2_normalize:
             out = torch.nn.functional.normalize(out, dim=-1)
         return out

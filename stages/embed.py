@@ -186,8 +186,9 @@ class EmbedModels:
                 torch.manual_seed(0)
             bb = load_backbone(p.spec, weights=p.weights, models_dir=self.models_dir, device=self.device,
                                random_init=self.random_init, storage=self.storage)
+            bb.check_dim()  # a wrong dimension fails here, once, not on the first batch
             if self.compile:
-                bb.net = torch.compile(bb.net)
+                bb.compile()
             self.models[p.name] = bb
             self.calls[p.name] = 0
 

@@ -133,7 +133,7 @@ def test_custom_birder_network_round_trips_through_a_checkpoint(tmp_path):
     ref = torch.nn.functional.normalize(net.eval().embedding(((x.permute(0, 3, 1, 2).float() - bb.mean) / bb.std)), dim=-1)
     assert torch.allclose(bb(x), ref, atol=1e-5)
     wrong = resolve_spec("tiny", network="vit_t16", size=64, dim=100)
-    with pytest.raises(BackboneError, match="192-d"):
+    with pytest.raises(BackboneError, match="gives 192-d outputs, but 100 are expected"):
         load_backbone(wrong, weights=str(tmp_path / "tiny.pt"))(x)
 
 

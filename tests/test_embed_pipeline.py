@@ -177,3 +177,15 @@ def test_cli_errors_for_weights_dimension_and_cuda(tmp_path, photos):
     errors = [line for line in p.stderr.splitlines() if line.startswith("biocurate:")]
     assert len(errors) == 1 and "embed.device is cuda, but the Ray cluster has no GPU" in errors[0], p.stderr
     assert not (tmp_path / "o" / "_SUCCESS").exists()
+    # a custom network whose real output differs from its configured dim: found when the
+    # actor loads it, reported as one line naming the model
+    tiny_vit(tmp_path / "tiny.pt")
+    (tmp_path / "c.yaml").write_text(
+        "embed: {models: [{name: tiny, network: vit_t16, size: 96, dim: 100, weights: %s}]}\n"
+        "run: {num_cpus: 2}\n" % (tmp_path / "tiny.pt"))
+    p, _ = cli(*base, str(tmp_path / "c.yaml"), timeout=240)
+    assert p.returncode == 1, (p.stdout, p.stderr)
+    errors = [line for line in p.stderr.splitlines() if line.startswith("biocurate:")]
+    assert errors == ["biocurate: run failed: BackboneError: backbone tiny gives 192-d outputs, but 100 are "
+                      "expected (its dim in the config or the registry)"], p.stderr[-3000:]
+    assert not (tmp_path / "o" / "_SUCCESS").exists()
