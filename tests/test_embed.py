@@ -21,6 +21,15 @@ def _plan(name="mobilenet_v2_imagenet", dtype="float16"):
     return emb.ModelPlan(s, None, f"{name}@test", emb.prep_signature(s), dtype)
 
 
+def _validated(good, n):
+    """The first ``n`` real images validated with a decode covering 224 px."""
+    names = sorted(good)[:n]
+    nulls = pa.nulls(n, pa.string())
+    table = pa.table({"id": names, "uri": names, "image_bytes": [good[k] for k in names],
+                      "stage": nulls, "reason": nulls, "detail": nulls})
+    return validate_batch_decodes(table, ValidateConfig(), 224)
+
+
 def test_validate_decode_covers_the_largest_model_input(photos):
     big = Image.fromarray(photos["chelsea"]).resize((1600, 1200), Image.Resampling.LANCZOS)
     data = samples.encode(big, "JPEG", quality=90)
@@ -49,11 +58,7 @@ def test_exif_orientation_reaches_the_model_input(photos):
 
 
 def test_model_inputs_shared_by_size_and_skipped_when_cached(good):
-    names = sorted(good)[:4]
-    table = pa.table({"id": names, "uri": names, "image_bytes": [good[n] for n in names],
-                      "stage": pa.nulls(4, pa.string()), "reason": pa.nulls(4, pa.string()),
-                      "detail": pa.nulls(4, pa.string())})
-    out, decodes = validate_batch_decodes(table, ValidateConfig(), 224)
+    out, decodes = _validated(good, 4)
     a, b = _plan(), _plan("vit_b16_pn_bioclip-v1")  # both 224 px: one pixel column
     sha = out.column("sha256").to_pylist()
     known = {b.name: emb.known_set([sha[1]])}
@@ -106,11 +111,7 @@ def test_resolve_group_fills_from_cache_and_marks_new_entries():
 
 def test_embed_models_callable_matches_a_direct_call(good):
     """The actor class on a batch equals the backbone called on the same inputs."""
-    names = sorted(good)[:3]
-    table = pa.table({"id": names, "uri": names, "image_bytes": [good[n] for n in names],
-                      "stage": pa.nulls(3, pa.string()), "reason": pa.nulls(3, pa.string()),
-                      "detail": pa.nulls(3, pa.string())})
-    out, decodes = validate_batch_decodes(table, ValidateConfig(), 224)
+    out, decodes = _validated(good, 3)
     p = _plan(dtype="float32")
     batch = emb.add_model_inputs(out, decodes, [p])
     stage = emb.EmbedModels([p], batch_size=2)
