@@ -23,6 +23,7 @@ class Stage(StrEnum):
     SELECT = "select"
     VALIDATE = "validate"
     EXACT_DEDUP = "exact_dedup"
+    FILTER = "filter"
 
 
 class Reason(StrEnum):
@@ -48,6 +49,13 @@ class Reason(StrEnum):
     # global steps
     EXACT_DUPLICATE = "exact_duplicate"
     PLACEHOLDER = "placeholder"  # one byte-identical image served for many inputs
+    # filter (thresholds on the technical quality columns, see QualityConfig)
+    UNIFORM = "uniform"  # near-uniform, no information (gray-level entropy)
+    BLURRY = "blurry"  # variance of the Laplacian
+    UNDEREXPOSED = "underexposed"  # fraction of crushed shadows
+    OVEREXPOSED = "overexposed"  # fraction of blown highlights
+    LOW_CONTRAST = "low_contrast"  # RMS contrast
+    LETTERBOX = "letterbox"  # flat bars along the edges
 
 
 # Columns every row carries from ingest on.
@@ -74,6 +82,13 @@ VALIDATE_FIELDS = [
     pa.field("exif_orientation", pa.int8()),
     pa.field("phash", pa.uint64()),  # 64-bit DCT perceptual hash of the normalized image
     pa.field("decode_ms", pa.float32()),
+    # technical quality of the decoded image (stages.kernels.quality)
+    pa.field("q_blur", pa.float32()),  # variance of the Laplacian, 256x256 gray thumbnail
+    pa.field("q_dark_clip", pa.float32()),  # fraction of pixels <= 4
+    pa.field("q_bright_clip", pa.float32()),  # fraction of pixels >= 251
+    pa.field("q_contrast", pa.float32()),  # RMS contrast (std / 255)
+    pa.field("q_entropy", pa.float32()),  # gray histogram entropy, bits (0-8)
+    pa.field("q_border", pa.float32()),  # fraction of the area in flat edge bars
 ]
 
 # The narrow table of an empty input (no block to take a schema from).

@@ -111,6 +111,24 @@ class ExactDedupConfig(_Section):
     )
 
 
+class QualityConfig(_Section):
+    """Technical quality thresholds (the filter stage). The scores are always computed in the
+    decode pass (columns q_*); a threshold set to null is not applied."""
+
+    min_entropy: float | None = Field(
+        1.5, ge=0, le=8, description="Reject as 'uniform' below this gray-level entropy (bits; photos: 5-8).")
+    min_blur: float | None = Field(
+        None, ge=0, description="Reject as 'blurry' below this variance of the Laplacian (sharp photos: "
+        "hundreds to thousands; a radius-4 Gaussian blur: < 50).")
+    max_dark_clip: float | None = Field(
+        None, ge=0, le=1, description="Reject as 'underexposed' above this fraction of crushed shadows (<= 4).")
+    max_bright_clip: float | None = Field(
+        None, ge=0, le=1, description="Reject as 'overexposed' above this fraction of blown highlights (>= 251).")
+    min_contrast: float | None = Field(None, ge=0, le=1, description="Reject as 'low_contrast' below this RMS contrast.")
+    max_border: float | None = Field(
+        None, ge=0, le=1, description="Reject as 'letterbox' above this fraction of the area in flat edge bars.")
+
+
 class RunConfig(_Section):
     """Execution."""
 
@@ -244,7 +262,7 @@ class EmbedConfig(_Section):
         return self.roles.get(role) or (self.models[0].name if self.models else None)
 
 
-STAGES = ("ingest", "validate", "embed", "exact_dedup")
+STAGES = ("ingest", "validate", "embed", "exact_dedup", "filter")
 
 
 class PipelineConfig(_Section):
@@ -255,6 +273,7 @@ class PipelineConfig(_Section):
     storage: StorageConfig = StorageConfig()
     validate_: ValidateConfig = Field(ValidateConfig(), alias="validate")
     exact_dedup: ExactDedupConfig = ExactDedupConfig()
+    quality: QualityConfig = QualityConfig()
     catalog: CatalogConfig = CatalogConfig()
     select: SelectConfig = SelectConfig()
     embed: EmbedConfig = EmbedConfig()

@@ -28,6 +28,8 @@ import stages.backbones
 import stages.dedup
 import stages.deadline
 import stages.embed
+import stages.filters
+import stages.kernels.quality
 import stages.ingest as ingest
 import stages.kernels.bloom
 import stages.kernels.exact
@@ -86,7 +88,8 @@ def stage_fingerprints(cfg: PipelineConfig, until: str, kind: str = "folder",
         "models": _models_section(plans or []),
     }
     scan_code = code_hash(ingest, schema, stages.kernels.hashing, sys.modules[__name__],
-                          *( (stages.validate, stages.deadline, stages.kernels.phash) if validating else ()),
+                          *((stages.validate, stages.deadline, stages.kernels.phash, stages.kernels.quality)
+                            if validating else ()),
                           *((stages.embed, stages.backbones, embedding) if plans else ()))
     fps: dict[str, str] = {}
     select_code = code_hash(stages.select, stages.kernels.select, stages.kernels.bloom, catalog)
@@ -107,6 +110,9 @@ def stage_fingerprints(cfg: PipelineConfig, until: str, kind: str = "folder",
             code_hash(stages.dedup, stages.kernels.exact),
             fps.get("catalog_join", fps["scan"]),
         )
+    if STAGES.index(until) >= STAGES.index("filter"):
+        fps["filter"] = fingerprint({"quality": cfg.section("quality")}, code_hash(stages.filters),
+                                    fps.get("exact_dedup", narrow_fp))
     return fps
 
 
@@ -406,6 +412,9 @@ def describe(cfg: PipelineConfig, kind: str, until: str, plans: list | None = No
     if STAGES.index(until) >= STAGES.index("exact_dedup") and cfg.exact_dedup.enabled:
         lines.append(f"  exact_dedup groupby(sha256).map_groups  placeholder_min_copies="
                      f"{cfg.exact_dedup.placeholder_min_copies}  writes stages/exact_dedup")
+    if STAGES.index(until) >= STAGES.index("filter"):
+        on = {k: v for k, v in cfg.section("quality").items() if v is not None}
+        lines.append(f"  filter      quality thresholds {on or 'none'}  writes stages/filter")
     lines.append("  manifest    curated/ + rejected/ + summary.json, committed with _SUCCESS")
     return "\n".join(lines)
 
@@ -455,6 +464,10 @@ def run(cfg: PipelineConfig, until: str = STAGES[-1], resume: bool = False) -> d
         elif name == "exact_dedup":
             ds = exact_dedup_dataset(cfg, rd.read(upstream).map_batches(embedding.drop_embeddings,
                                                                        batch_format="pyarrow"))
+        elif name == "filter":
+            ds = (rd.read(upstream).map_batches(embedding.drop_embeddings, batch_format="pyarrow")
+                  .map_batches(stages.filters.quality_decisions, batch_format="pyarrow",
+                               fn_kwargs={"cfg": cfg.quality}))
         else:  # pragma: no cover - guarded by stage_fingerprints
             raise AssertionError(name)
         rd.write(ds, final, {"fingerprint": fp, "stage": name, "counts": stage_counts})

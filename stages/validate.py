@@ -3,8 +3,8 @@
 Per image (``validate_image``): byte size, format sniffed from the content (never the
 extension), header checks before any pixel is decoded (decompression bombs, minimum side,
 aspect ratio), a full decode of the first frame under a time limit, EXIF orientation,
-mode normalization (CMYK, P, LA, RGBA, I;16, ... -> RGB over white), content sha256 and a
-64-bit perceptual hash.
+mode normalization (CMYK, P, LA, RGBA, I;16, ... -> RGB over white), content sha256, a
+64-bit perceptual hash and the technical quality scores (``stages.kernels.quality``).
 
 JPEGs are decoded with Pillow's draft mode (libjpeg DCT scaling): the decoder still reads
 and entropy-decodes the whole stream, so truncated or corrupt files are still caught, but
@@ -30,6 +30,7 @@ from manifests.schema import BYTES, REJECT_FIELDS, VALIDATE_FIELDS, Reason, Stag
 from pipeline.config import ValidateConfig
 from stages.deadline import DeadlineExceeded, deadline
 from stages.kernels.phash import phash64
+from stages.kernels.quality import measure as measure_quality
 
 ImageFile.LOAD_TRUNCATED_IMAGES = False
 # Our own max_pixels check is the authority; Pillow still raises DecompressionBombError
@@ -72,6 +73,12 @@ class ImageInfo:
     exif_orientation: int | None = None
     phash: int | None = None
     decode_ms: float | None = None
+    q_blur: float | None = None
+    q_dark_clip: float | None = None
+    q_bright_clip: float | None = None
+    q_contrast: float | None = None
+    q_entropy: float | None = None
+    q_border: float | None = None
     reason: Reason | None = None
     detail: str | None = None
     image: np.ndarray | None = field(default=None, repr=False)  # normalized RGB, HxWx3 uint8
@@ -225,6 +232,8 @@ def validate_image(data: bytes | None, cfg: ValidateConfig, cover: int = 0) -> I
         info.width, info.height = w, h
         gray = cv2.cvtColor(rgb, cv2.COLOR_RGB2GRAY)
         info.phash = phash64(cv2.resize(gray, (32, 32), interpolation=cv2.INTER_AREA))
+        for k, v in measure_quality(gray).__dict__.items():
+            setattr(info, f"q_{k}", v)
         info.image = rgb
         info.decoded = full
     except Rejected as r:

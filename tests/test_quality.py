@@ -50,3 +50,41 @@ def test_letterbox_bars_are_measured(photos):
     pillar = np.full((400, 600, 3), 255, np.uint8)
     pillar[:, 100:500] = np.asarray(Image.fromarray(photos["rocket"]).convert("RGB").resize((400, 400)))
     assert border_fraction(gray_thumbnail(pillar)) == pytest.approx(200 / 600, abs=0.02)
+
+
+@pytest.mark.slow
+def test_filter_stage_rejects_by_quality_with_scores_and_thresholds(tmp_path, ray_local, photos):
+    from pipeline import plan, samples
+    from pipeline.config import load_config
+    from tests.test_pipeline import check_invariant
+
+    src = tmp_path / "in"
+    src.mkdir()
+    files = {}
+    for name in ("astronaut", "coffee", "chelsea", "rocket"):
+        files[f"{name}.jpg"] = samples.encode(Image.fromarray(photos[name]).convert("RGB"), "JPEG", quality=92)
+    rocket = Image.fromarray(photos["rocket"]).convert("RGB")
+    files["rocket_blurred.jpg"] = samples.encode(rocket.filter(ImageFilter.GaussianBlur(4)), "JPEG", quality=92)
+    files["gray.png"] = samples.encode(Image.new("RGB", (320, 240), (90, 90, 90)), "PNG")
+    frame = np.zeros((480, 640, 3), np.uint8)
+    frame[80:400] = np.asarray(Image.fromarray(photos["chelsea"]).convert("RGB").resize((640, 320)))
+    files["chelsea_letterbox.png"] = samples.encode(Image.fromarray(frame), "PNG")
+    chelsea = Image.fromarray(photos["chelsea"]).convert("RGB")
+    files["chelsea_blown.jpg"] = samples.encode(ImageEnhance.Brightness(chelsea).enhance(3.0), "JPEG", quality=92)
+    for rel, data in files.items():
+        (src / rel).write_bytes(data)
+    out = tmp_path / "run"
+    cfg = load_config(None, {"input.path": str(src), "output": str(out), "quality.min_blur": 50,
+                             "quality.max_border": 0.2, "quality.max_bright_clip": 0.3})
+    summary = plan.run(cfg)
+    curated, rejected = check_invariant(out, [str(src / f) for f in files])
+    by_name = {u.rsplit("/", 1)[1]: r for u, r in rejected.items()}
+    assert {n: r["reason"] for n, r in by_name.items()} == {
+        "rocket_blurred.jpg": "blurry", "gray.png": "uniform", "chelsea_letterbox.png": "letterbox",
+        "chelsea_blown.jpg": "overexposed"}
+    assert all(r["stage"] == "filter" for r in by_name.values())
+    assert by_name["rocket_blurred.jpg"]["detail"].startswith("q_blur ") and "< min_blur 50" in by_name["rocket_blurred.jpg"]["detail"]
+    assert summary["rejected_by_stage"] == {"filter": {"blurry": 1, "letterbox": 1, "overexposed": 1, "uniform": 1}}
+    for r in curated.values():
+        assert r["q_blur"] > 50 and r["q_entropy"] > 5 and r["q_border"] < 0.2
+    assert by_name["rocket_blurred.jpg"]["q_blur"] < 50  # rejects keep their scores for the report
