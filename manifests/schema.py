@@ -83,7 +83,7 @@ VALIDATE_FIELDS = [
     pa.field("phash", pa.uint64()),  # 64-bit DCT perceptual hash of the normalized image
     pa.field("decode_ms", pa.float32()),
     # technical quality of the decoded image (stages.kernels.quality)
-    pa.field("q_blur", pa.float32()),  # variance of the Laplacian, 256x256 gray thumbnail
+    pa.field("q_blur", pa.float32()),  # variance of the Laplacian, gray at short side 256
     pa.field("q_dark_clip", pa.float32()),  # fraction of pixels <= 4
     pa.field("q_bright_clip", pa.float32()),  # fraction of pixels >= 251
     pa.field("q_contrast", pa.float32()),  # RMS contrast (std / 255)
