@@ -56,6 +56,7 @@ class Reason(StrEnum):
     OVEREXPOSED = "overexposed"  # fraction of blown highlights
     LOW_CONTRAST = "low_contrast"  # RMS contrast
     LETTERBOX = "letterbox"  # flat bars along the edges
+    NONNATURAL = "nonnatural"  # near the examples of an unwanted category (detail names it)
 
 
 # Columns every row carries from ingest on.

@@ -129,6 +129,22 @@ class QualityConfig(_Section):
         None, ge=0, le=1, description="Reject as 'letterbox' above this fraction of the area in flat edge bars.")
 
 
+class ExamplesConfig(_Section):
+    """The example-based non-natural filter: unwanted categories described by example."""
+
+    path: str | None = Field(
+        None, description="Folder (local or s3://) with one sub-folder of example images per unwanted category, "
+        "plus optionally natural/ (wanted examples). Null: no non-natural filter.")
+    method: Literal["min_distance", "probe"] = Field(
+        "min_distance", description="min_distance: per category, min cosine distance to its examples below a "
+        "threshold (the reference). probe: class-balanced linear probe probabilities.")
+    target_frr: float = Field(
+        0.02, gt=0, lt=1, description="Natural false-rejection rate the thresholds aim at (set from natural/ examples).")
+    default_threshold: float = Field(
+        0.15, gt=0, lt=2, description="min_distance threshold used when there are no natural examples.")
+    folds: int = Field(5, ge=2, description="Cross-validation folds for the recall / false-rejection estimates.")
+
+
 class RunConfig(_Section):
     """Execution."""
 
@@ -274,12 +290,19 @@ class PipelineConfig(_Section):
     validate_: ValidateConfig = Field(ValidateConfig(), alias="validate")
     exact_dedup: ExactDedupConfig = ExactDedupConfig()
     quality: QualityConfig = QualityConfig()
+    examples: ExamplesConfig = ExamplesConfig()
     catalog: CatalogConfig = CatalogConfig()
     select: SelectConfig = SelectConfig()
     embed: EmbedConfig = EmbedConfig()
     run: RunConfig = RunConfig()
 
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+    @model_validator(mode="after")
+    def _examples_need_a_model(self) -> "PipelineConfig":
+        if self.examples.path and not self.embed.models:
+            raise ValueError("examples.path needs an embedding model (embed.models; roles.filter picks which)")
+        return self
 
     def section(self, name: str) -> dict[str, Any]:
         """A stage's config section as plain data (for fingerprints)."""

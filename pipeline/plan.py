@@ -32,6 +32,7 @@ import stages.filters
 import stages.kernels.quality
 import stages.ingest as ingest
 import stages.kernels.bloom
+import stages.kernels.examples
 import stages.kernels.exact
 import stages.kernels.hashing
 import stages.kernels.phash
@@ -40,6 +41,7 @@ import stages.select
 import stages.validate
 from manifests import io as mio
 from pipeline import __version__, catalog, embedding
+from pipeline import examples as bank_examples
 from pipeline.config import STAGES, PipelineConfig
 from stages.kernels.bloom import bloom_contains
 from stages.validate import ValidateStage
@@ -76,7 +78,7 @@ def _models_section(plans: list) -> list[dict]:
 
 
 def stage_fingerprints(cfg: PipelineConfig, until: str, kind: str = "folder",
-                       plans: list | None = None) -> dict[str, str]:
+                       plans: list | None = None, examples_fp: str = "") -> dict[str, str]:
     """Fingerprint of each stage the run will execute, in order. ``plans``: the resolved
     embedding models (``embedding.model_plans``) when the embed stage runs."""
     validating = STAGES.index(until) >= STAGES.index("validate")
@@ -111,7 +113,9 @@ def stage_fingerprints(cfg: PipelineConfig, until: str, kind: str = "folder",
             fps.get("catalog_join", fps["scan"]),
         )
     if STAGES.index(until) >= STAGES.index("filter"):
-        fps["filter"] = fingerprint({"quality": cfg.section("quality")}, code_hash(stages.filters),
+        fps["filter"] = fingerprint({"quality": cfg.section("quality"), "examples": cfg.section("examples"),
+                                     "bank": examples_fp},
+                                    code_hash(stages.filters, stages.kernels.examples, bank_examples),
                                     fps.get("exact_dedup", narrow_fp))
     return fps
 
@@ -356,6 +360,22 @@ def exact_dedup_dataset(cfg: PipelineConfig, narrow: ray.data.Dataset) -> ray.da
     return decided.union(unhashed)
 
 
+def nonnatural_dataset(cfg: PipelineConfig, rd: "RunDir", narrow: ray.data.Dataset, plans: list, device: str,
+                       bank_rows: pa.Table) -> tuple[ray.data.Dataset, dict]:
+    """Embed the example bank with the filter model and fit it, join the filter model's
+    embeddings to the narrow rows by id, decide per row. Returns the rows and the report."""
+    plan = next(p for p in plans if p.name == cfg.embed.model_for("filter"))
+    bank, bad = bank_examples.embed_bank(cfg, bank_rows, plan, device)
+    model, report = bank_examples.fit(cfg, bank)
+    report.update({"examples_rejected": bad, "model_id": plan.model_id})
+    embs = rd.read(rd.path("stages", embed_stage(plan))).select_columns(["id", "embedding"])
+    n = max(1, narrow.count())
+    joined = narrow.join(embs, join_type="left_outer", on=("id",),
+                         num_partitions=max(1, min(200, -(-n // 100_000))))
+    return joined.map_batches(stages.filters.nonnatural_decisions, batch_format="pyarrow",
+                              fn_kwargs={"model": model}), report
+
+
 # --------------------------------------------------------------------------- manifest
 
 def _alive(batch: pa.Table) -> pa.Table:
@@ -428,7 +448,10 @@ def run(cfg: PipelineConfig, until: str = STAGES[-1], resume: bool = False) -> d
     device = embedding.resolve_device(cfg) if plans else "cpu"
     print(describe(cfg, kind, until, plans, device), flush=True)
     rd = RunDir(cfg)
-    fps = stage_fingerprints(cfg, until, kind, plans)
+    filtering_examples = bool(cfg.examples.path) and bool(plans) and STAGES.index(until) >= STAGES.index("filter")
+    bank_rows = bank_examples.bank_rows(cfg) if filtering_examples else None
+    examples_fp = bank_examples.listing_hash(bank_rows) if filtering_examples else ""
+    fps = stage_fingerprints(cfg, until, kind, plans, examples_fp)
     by_stage = {embed_stage(p): p for p in plans}
     timings, reused = {}, []
 
@@ -468,6 +491,8 @@ def run(cfg: PipelineConfig, until: str = STAGES[-1], resume: bool = False) -> d
             ds = (rd.read(upstream).map_batches(embedding.drop_embeddings, batch_format="pyarrow")
                   .map_batches(stages.filters.quality_decisions, batch_format="pyarrow",
                                fn_kwargs={"cfg": cfg.quality}))
+            if filtering_examples:
+                ds, stage_counts = nonnatural_dataset(cfg, rd, ds, plans, device, bank_rows)
         else:  # pragma: no cover - guarded by stage_fingerprints
             raise AssertionError(name)
         rd.write(ds, final, {"fingerprint": fp, "stage": name, "counts": stage_counts})
@@ -504,6 +529,8 @@ def run(cfg: PipelineConfig, until: str = STAGES[-1], resume: bool = False) -> d
         "embed": {p.name: {**((mio.read_marker(rd.fs, rd.path("stages", embed_stage(p))) or {}).get("counts") or {}),
                            "table": mio.to_uri(rd.fs, rd.path("stages", embed_stage(p))), "device": device}
                   for p in plans},
+        "examples": ((mio.read_marker(rd.fs, rd.path("stages", "filter")) or {}).get("counts") or None
+                     if filtering_examples else None),
         "input_kind": kind,
         "until": until,
         "stages_run": [s for s in fps if s not in reused],

@@ -103,3 +103,59 @@ def hostile_images(photo: dict[str, np.ndarray] | None = None) -> dict[str, tupl
 def wrong_extension() -> tuple[str, bytes]:
     """A PNG saved under a .jpg name: accepted, sniffed as PNG."""
     return "actually_png.jpg", encode(Image.fromarray(photos()["rocket"]), "PNG")
+
+
+def chart_image(seed: int) -> np.ndarray:
+    """A chart rendered by matplotlib (bar, line, scatter or histogram, by seed), RGB."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rng = np.random.default_rng(seed)
+    fig, ax = plt.subplots(figsize=(4, 3), dpi=80)
+    kind = seed % 4
+    if kind == 0:
+        ax.bar(range(6), rng.random(6), color=rng.random((6, 3)))
+    elif kind == 1:
+        for _ in range(3):
+            ax.plot(np.cumsum(rng.normal(size=40)))
+    elif kind == 2:
+        ax.scatter(rng.random(60), rng.random(60), c=rng.random(60), s=20)
+    else:
+        ax.hist(rng.normal(size=300), bins=20, color=rng.random(3))
+    ax.set_title(f"Figure {seed}")
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    plt.close(fig)
+    return np.asarray(Image.open(buf).convert("RGB"))
+
+
+def text_page(seed: int) -> np.ndarray:
+    """A page of text lines drawn with Pillow (white or cream paper), RGB."""
+    from PIL import ImageDraw, ImageFont
+
+    rng = np.random.default_rng(seed)
+    img = Image.new("RGB", (360, 480), (255, 255, 255) if seed % 2 else (246, 240, 225))
+    d = ImageDraw.Draw(img)
+    font = ImageFont.load_default(size=int(rng.integers(11, 17)))
+    y = 20
+    while y < 450:
+        words = " ".join("".join(chr(97 + c) for c in rng.integers(0, 26, rng.integers(2, 9)))
+                         for _ in range(rng.integers(4, 9)))
+        d.text((20, y), words, fill=(20, 20, 20), font=font)
+        y += int(rng.integers(16, 24))
+    return np.asarray(img)
+
+
+def crops(a: np.ndarray, n: int, seed: int) -> list[np.ndarray]:
+    """``n`` random crops (60-95% of each side) of an image."""
+    rng = np.random.default_rng(seed)
+    h, w = a.shape[:2]
+    out = []
+    for _ in range(n):
+        f = rng.uniform(0.6, 0.95)
+        ch, cw = int(h * f), int(w * f)
+        y, x = int(rng.integers(0, h - ch + 1)), int(rng.integers(0, w - cw + 1))
+        out.append(a[y : y + ch, x : x + cw])
+    return out

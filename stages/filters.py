@@ -53,3 +53,74 @@ def quality_decisions(batch: pa.Table, cfg: QualityConfig) -> pa.Table:
     for name, values in (("stage", stage), ("reason", reason), ("detail", detail)):
         batch = batch.set_column(batch.schema.get_field_index(name), name, pa.array(values, pa.string()))
     return batch
+
+
+def embedding_matrix(column: pa.ChunkedArray | pa.Array) -> tuple[np.ndarray, np.ndarray]:
+    """(n, dim) float32 embeddings of a fixed_size_list column (zeros where null) and the
+    mask of rows that have one."""
+    arr = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
+    valid = ~np.asarray(arr.is_null().to_numpy(zero_copy_only=False), dtype=bool)
+    dim = arr.type.list_size
+    out = np.zeros((len(arr), dim), dtype=np.float32)
+    if valid.any():
+        values = arr.filter(pa.array(valid)).flatten().to_numpy(zero_copy_only=False)
+        out[valid] = values.astype(np.float32).reshape(-1, dim)
+    return out, valid
+
+
+def nonnatural_scores(x: np.ndarray, model: dict) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[str]]:
+    """Per row: score, category index, rejected?, and a detail per row.
+
+    min_distance: score = max cosine similarity to an unwanted example; the category is the
+    one whose threshold the row is deepest inside (or nearest to). probe: score = the
+    highest unwanted-class probability."""
+    from stages.kernels.examples import min_cosine_distance, normalize
+
+    cats = model["categories"]
+    if model["method"] == "min_distance":
+        dist = np.stack([min_cosine_distance(x, model["bank"][c]) for c in cats], axis=1)
+        thr = np.array([model["thresholds"][c] for c in cats], dtype=np.float32)
+        margin = dist - thr  # < 0: inside the category's threshold
+        best = margin.argmin(axis=1)
+        rows = np.arange(len(x))
+        rejected = margin[rows, best] < 0
+        score = 1.0 - dist.min(axis=1)
+        detail = [f"min cosine distance {dist[i, best[i]]:.4f} to '{cats[best[i]]}' examples < threshold "
+                  f"{thr[best[i]]:.4f}" for i in rows]
+        return score, best, rejected, detail
+    logits = normalize(x) @ model["weight"] + model["bias"]
+    logits -= logits.max(axis=1, keepdims=True)
+    p = np.exp(logits)
+    p /= p.sum(axis=1, keepdims=True)
+    idx = [model["classes"].index(c) for c in cats]
+    pu = p[:, idx]
+    best = pu.argmax(axis=1)
+    score = pu.max(axis=1)
+    rejected = score > model["threshold"]
+    detail = [f"p('{cats[b]}') {s:.4f} > threshold {model['threshold']:.4f}" for b, s in zip(best, score)]
+    return score, best, rejected, detail
+
+
+def nonnatural_decisions(batch: pa.Table, model: dict) -> pa.Table:
+    """Score every row that has an ``embedding`` (the filter model's, joined by id), reject
+    the alive ones inside an unwanted category's threshold, drop the embedding.
+
+    Adds ``nonnatural_score`` (float32) and ``nonnatural_category`` (the nearest unwanted
+    category, set on every scored row so a user can audit near misses)."""
+    x, valid = embedding_matrix(batch["embedding"])
+    n = len(batch)
+    score = np.full(n, np.nan, dtype=np.float32)
+    category: list[str | None] = [None] * n
+    stage, reason, detail = batch["stage"].to_pylist(), batch["reason"].to_pylist(), batch["detail"].to_pylist()
+    if valid.any():
+        s, best, rejected, why = nonnatural_scores(x[valid], model)
+        for j, i in enumerate(np.flatnonzero(valid)):
+            score[i] = s[j]
+            category[i] = model["categories"][best[j]]
+            if rejected[j] and reason[i] is None:
+                stage[i], reason[i], detail[i] = Stage.FILTER.value, Reason.NONNATURAL.value, why[j]
+    out = batch.drop_columns(["embedding"])
+    for name, values in (("stage", stage), ("reason", reason), ("detail", detail)):
+        out = out.set_column(out.schema.get_field_index(name), name, pa.array(values, pa.string()))
+    return (out.append_column("nonnatural_score", pa.array(score, pa.float32(), mask=~valid))
+            .append_column("nonnatural_category", pa.array(category, pa.string())))

@@ -4,14 +4,14 @@ scikit-image / scikit-learn vs charts rendered by matplotlib and text pages (dra
 Pillow; scanned pages shipped in scikit-image held out) -- with held-out images never in the
 example bank."""
 
-import io
 import json
 
 import numpy as np
 import pytest
 import torch
-from PIL import Image, ImageDraw, ImageFont
+from PIL import Image
 
+from pipeline import samples
 from stages.kernels.examples import (cross_validate, distance_threshold, fit_probe, loo_min_distance,
                                      min_cosine_distance, probability_threshold, probe_with_threshold, wilson)
 
@@ -52,57 +52,6 @@ def test_probe_separates_clusters():
 
 # --------------------------------------------------------------------------- real images
 
-def _chart(seed: int) -> np.ndarray:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    rng = np.random.default_rng(seed)
-    fig, ax = plt.subplots(figsize=(4, 3), dpi=80)
-    kind = seed % 4
-    if kind == 0:
-        ax.bar(range(6), rng.random(6), color=rng.random((6, 3)))
-    elif kind == 1:
-        for _ in range(3):
-            ax.plot(np.cumsum(rng.normal(size=40)))
-    elif kind == 2:
-        ax.scatter(rng.random(60), rng.random(60), c=rng.random(60), s=20)
-    else:
-        ax.hist(rng.normal(size=300), bins=20, color=rng.random(3))
-    ax.set_title(f"Figure {seed}")
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png")
-    plt.close(fig)
-    return np.asarray(Image.open(buf).convert("RGB"))
-
-
-def _text_page(seed: int) -> np.ndarray:
-    rng = np.random.default_rng(seed)
-    img = Image.new("RGB", (360, 480), (255, 255, 255) if seed % 2 else (246, 240, 225))
-    d = ImageDraw.Draw(img)
-    font = ImageFont.load_default(size=int(rng.integers(11, 17)))
-    y = 20
-    while y < 450:
-        words = " ".join("".join(chr(97 + c) for c in rng.integers(0, 26, rng.integers(2, 9)))
-                         for _ in range(rng.integers(4, 9)))
-        d.text((20, y), words, fill=(20, 20, 20), font=font)
-        y += int(rng.integers(16, 24))
-    return np.asarray(img)
-
-
-def _crops(a: np.ndarray, n: int, seed: int) -> list[np.ndarray]:
-    rng = np.random.default_rng(seed)
-    h, w = a.shape[:2]
-    out = []
-    for _ in range(n):
-        f = rng.uniform(0.6, 0.95)
-        ch, cw = int(h * f), int(w * f)
-        y, x = int(rng.integers(0, h - ch + 1)), int(rng.integers(0, w - cw + 1))
-        out.append(a[y : y + ch, x : x + cw])
-    return out
-
-
 def _rgb(a):
     return np.stack([a] * 3, -1).astype(np.uint8) if a.ndim == 2 else a[..., :3]
 
@@ -122,19 +71,19 @@ def embedded(photos):
     bank_photos = [photos["chelsea"], photos["coffee"], photos["china"], photos["rocket"], sd.coins()]
     held_photos = {"cat": sd.cat(), "flower": photos["flower"], "astronaut": photos["astronaut"],
                    "camera": photos["camera"], "moon": sd.moon(), "grass": sd.grass()}
-    natural = [c for i, a in enumerate(bank_photos) for c in _crops(_rgb(a), 3, i)]
+    natural = [c for i, a in enumerate(bank_photos) for c in samples.crops(_rgb(a), 3, i)]
     # Natural examples also as grayscale copies (IR camera traps, old scans): without them a
     # gray photograph sits nearer the white-background drawings than the color examples.
     natural += [_rgb(np.asarray(Image.fromarray(c).convert("L"))) for c in natural[::2]]
     bank = {
         "natural": emb(natural),
-        "chart": emb([_chart(s) for s in range(16)]),
-        "text": emb([_text_page(s) for s in range(16)]),
+        "chart": emb([samples.chart_image(s) for s in range(16)]),
+        "text": emb([samples.text_page(s) for s in range(16)]),
     }
     held = {
-        "natural": emb([c for i, a in enumerate(held_photos.values()) for c in _crops(a, 2, 50 + i)]),
-        "chart": emb([_chart(s) for s in range(100, 110)]),
-        "text": emb([_text_page(s) for s in range(100, 106)] + _crops(sd.page(), 2, 7) + _crops(sd.text(), 2, 8)),
+        "natural": emb([c for i, a in enumerate(held_photos.values()) for c in samples.crops(a, 2, 50 + i)]),
+        "chart": emb([samples.chart_image(s) for s in range(100, 110)]),
+        "text": emb([samples.text_page(s) for s in range(100, 106)] + samples.crops(sd.page(), 2, 7) + samples.crops(sd.text(), 2, 8)),
     }
     return bank, held
 
@@ -176,3 +125,64 @@ def test_both_methods_on_held_out_real_images(embedded):
     print("bank 4-fold CV:", json.dumps({m: {k: v for k, v in r.items() if k != "categories"} for m, r in cv.items()}))
     for m in ("A", "B"):
         assert cv[m]["recall"] >= 0.8 and cv[m]["natural_n"] == len(bank["natural"])
+
+
+@pytest.mark.slow
+def test_pipeline_rejects_nonnatural_by_example(tmp_path, ray_local, photos):
+    import skimage.data as sd
+
+    from pipeline import plan
+    from pipeline.config import load_config
+    from tests.test_pipeline import check_invariant
+
+    def save(path, a):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(samples.encode(Image.fromarray(_rgb(a)), "PNG" if path.suffix == ".png" else "JPEG"))
+
+    bank = tmp_path / "examples"
+    for s in range(12):
+        save(bank / "chart" / f"c{s}.png", samples.chart_image(s))
+        save(bank / "text" / f"t{s}.png", samples.text_page(s))
+    natural = [c for i, n in enumerate(["chelsea", "coffee", "china", "rocket"]) for c in samples.crops(photos[n], 3, i)]
+    natural += [c for c in samples.crops(sd.coins(), 3, 9)]
+    for i, c in enumerate(natural):
+        save(bank / "natural" / f"n{i}.jpg", c)
+        if i % 2 == 0:  # gray copies too (see test_both_methods_on_held_out_real_images)
+            save(bank / "natural" / f"n{i}_gray.jpg", np.asarray(Image.fromarray(_rgb(c)).convert("L")))
+    corpus = tmp_path / "in"
+    expect = {}
+    held = {"cat": sd.cat(), "flower": photos["flower"], "astronaut": photos["astronaut"],
+            "camera": photos["camera"], "moon": sd.moon(), "grass": sd.grass()}
+    for name, a in held.items():
+        save(corpus / f"{name}.jpg", a)
+        expect[f"{name}.jpg"] = None
+    for s in range(100, 104):
+        save(corpus / f"chart{s}.png", samples.chart_image(s))
+        expect[f"chart{s}.png"] = "chart"
+        save(corpus / f"page{s}.png", samples.text_page(s))
+        expect[f"page{s}.png"] = "text"
+    out = tmp_path / "run"
+    cfg = load_config(None, {"input.path": str(corpus), "output": str(out), "examples.path": str(bank),
+                             "examples.target_frr": 0.05, "embed.models": [{"name": "mobilenet_v2_imagenet"}],
+                             "quality.min_entropy": None})  # a sparse line chart is also "uniform"
+    summary = plan.run(cfg)
+    curated, rejected = check_invariant(out, [str(corpus / f) for f in expect])
+    got = {u.rsplit("/", 1)[1]: r for u, r in {**curated, **rejected}.items()}
+    for name, cat in expect.items():
+        r = got[name]
+        assert r["nonnatural_category"] is not None and r["nonnatural_score"] is not None
+        if cat is not None:
+            assert r["reason"] == "nonnatural" and r["stage"] == "filter", (name, r)
+            assert f"'{cat}'" in r["detail"] and r["nonnatural_category"] == cat
+    false_rejections = [n for n, c in expect.items() if c is None and got[n].get("reason") is not None]
+    print("\nfalse rejections of held-out natural photos:", false_rejections,
+          {n: got[n].get("detail") for n in false_rejections})
+    # Measured: 2 of 6 (flower, camera: both nearer the 'text' pages than any of the 23
+    # natural examples were, so below its threshold). The natural false-rejection rate is
+    # only as good as the natural/ examples are representative; the report says so.
+    assert len(false_rejections) <= 2, false_rejections
+    ex = summary["examples"]
+    assert ex["method"] == "min_distance" and set(ex["thresholds"]) == {"chart", "text"}
+    assert ex["n_examples"]["chart"] == 12 and ex["examples_rejected"] == 0
+    assert ex["cross_validation"]["min_distance"]["recall"] >= 0.8
+    assert summary["rejected_by_stage"]["filter"] == {"nonnatural": 8 + len(false_rejections)}

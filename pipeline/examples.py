@@ -1,0 +1,97 @@
+"""The example bank of the non-natural filter, on Ray: list it, embed it with the filter
+model through the same decode and actors as the corpus (so it sees exactly the same
+preprocessing), fit the chosen method, set thresholds from data and estimate recall and
+natural false rejection by cross-validation (``stages.kernels.examples``)."""
+
+from __future__ import annotations
+
+import hashlib
+import posixpath
+
+import numpy as np
+import pyarrow as pa
+import ray
+
+from pipeline import embedding
+from pipeline.config import ConfigError, PipelineConfig
+from stages import embed as emb
+from stages import ingest
+from stages.kernels import examples as kx
+from stages.kernels.hashing import stable_id
+
+
+def bank_rows(cfg: PipelineConfig) -> pa.Table:
+    """``id, uri, category``: every image under ``<examples.path>/<category>/``."""
+    root = cfg.examples.path
+    try:
+        _, dirs = ingest.split_listing(root, cfg.storage, cfg.input.extensions)
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"examples error: cannot list examples.path {root}: {e}") from None
+    uris, cats = [], []
+    for d in sorted(dirs):
+        cat = posixpath.basename(d.rstrip("/"))
+        for u in ingest.list_prefix(d, cfg.storage, cfg.input.extensions):
+            uris.append(u)
+            cats.append(cat)
+    if not any(c != "natural" for c in cats):
+        raise ConfigError(f"examples error: {root} has no sub-folder of unwanted example images "
+                          "(one sub-folder per category, natural/ for wanted ones)")
+    return pa.table({"id": [stable_id(u) for u in uris], "uri": uris, "category": cats})
+
+
+def listing_hash(rows: pa.Table) -> str:
+    blob = "\n".join(f"{c}\t{u}" for u, c in sorted(zip(rows["uri"].to_pylist(), rows["category"].to_pylist())))
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def embed_bank(cfg: PipelineConfig, rows: pa.Table, plan: emb.ModelPlan, device: str) -> tuple[dict, int]:
+    """Category -> (n, dim) float32 embeddings of the bank; and how many examples failed
+    to load or validate (left out, counted)."""
+    ds = ray.data.from_arrow(rows).map_batches(ingest.fetch_batch, batch_format="pyarrow",
+                                               fn_kwargs={"storage": cfg.storage})
+    ds = embedding.embed_in_pass(cfg, ds, [plan], device, {})
+    got = ds.select_columns(["category", "reason", plan.column]).take_all()
+    bank: dict[str, list] = {}
+    bad = 0
+    for r in got:
+        if r["reason"] is not None or r[plan.column] is None:
+            bad += 1
+            continue
+        bank.setdefault(r["category"], []).append(np.asarray(r[plan.column], dtype=np.float32))
+    return {c: np.stack(v) for c, v in sorted(bank.items())}, bad
+
+
+def fit(cfg: PipelineConfig, bank: dict[str, np.ndarray]) -> tuple[dict, dict]:
+    """The fitted filter (plain data for the filter tasks) and its report."""
+    e = cfg.examples
+    cats = [c for c in bank if c != "natural"]
+    natural = bank.get("natural")
+    has_natural = natural is not None and len(natural) >= 2
+    report: dict = {"method": e.method, "n_examples": {c: len(v) for c, v in bank.items()},
+                    "target_frr": e.target_frr}
+    if e.method == "min_distance":
+        thresholds = {c: (kx.distance_threshold(kx.min_cosine_distance(natural, bank[c]), e.target_frr)
+                          if has_natural else e.default_threshold) for c in cats}
+        model = {"method": "min_distance", "categories": cats, "thresholds": thresholds,
+                 "bank": {c: kx.normalize(bank[c]) for c in cats}}
+    else:
+        if not has_natural:
+            raise ConfigError("examples error: method probe needs natural/ examples (at least 2)")
+        probe, pthr = kx.probe_with_threshold(bank, e.target_frr, k=e.folds)
+        model = {"method": "probe", "categories": cats, "classes": probe.classes, "weight": probe.weight,
+                 "bias": probe.bias, "threshold": pthr}
+        thresholds = {c: pthr for c in cats}
+    report["thresholds"] = {c: round(float(t), 5) for c, t in thresholds.items()}
+    if has_natural and all(len(bank[c]) >= 2 for c in cats):
+        cv = kx.cross_validate(bank, e.target_frr, k=e.folds)
+        report["cross_validation"] = {("min_distance" if m == "A" else "probe"): r for m, r in cv.items()}
+    else:
+        report["cross_validation"] = None
+        report["note"] = ("no natural/ examples: thresholds are examples.default_threshold; the natural "
+                          "false-rejection rate cannot be estimated, only recall by leave-one-out" if not has_natural
+                          else "a category has fewer than 2 examples: no cross-validation")
+        if not has_natural:
+            report["leave_one_out_recall"] = {
+                c: float(np.mean(kx.loo_min_distance(bank[c]) < thresholds[c])) if len(bank[c]) >= 2 else None
+                for c in cats}
+    return model, report
