@@ -57,6 +57,7 @@ class Reason(StrEnum):
     LOW_CONTRAST = "low_contrast"  # RMS contrast
     LETTERBOX = "letterbox"  # flat bars along the edges
     NONNATURAL = "nonnatural"  # near the examples of an unwanted category (detail names it)
+    LOW_AESTHETIC = "low_aesthetic"  # LAION aesthetic score below aesthetic.min_score
 
 
 # Columns every row carries from ingest on.

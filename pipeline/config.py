@@ -145,6 +145,20 @@ class ExamplesConfig(_Section):
     folds: int = Field(5, ge=2, description="Cross-validation folds for the recall / false-rejection estimates.")
 
 
+class AestheticConfig(_Section):
+    """LAION aesthetic score on the 768-d OpenAI CLIP L/14 projection (embed.roles.aesthetic)."""
+
+    head: Literal["off", "mlp", "linear"] = Field(
+        "off", description="off; mlp: the improved predictor (768-1024-128-64-16-1, the reference's); linear: "
+        "the aesthetic-predictor package's head.")
+    weights: str | None = Field(
+        None, description="Local weights file (mlp: sac+logos+ava1-l14-linearMSE.pth; linear: "
+        "sa_0_4_vit_l_14_linear.pth, placed where the package looks). Never downloaded.")
+    min_score: float | None = Field(3.4, description="Reject as 'low_aesthetic' below this score (0-10); null: score only.")
+    on_missing_weights: Literal["error", "skip"] = Field(
+        "error", description="Missing weights: a one-line error, or 'skip' the aesthetic score (said in the summary).")
+
+
 class RunConfig(_Section):
     """Execution."""
 
@@ -291,6 +305,7 @@ class PipelineConfig(_Section):
     exact_dedup: ExactDedupConfig = ExactDedupConfig()
     quality: QualityConfig = QualityConfig()
     examples: ExamplesConfig = ExamplesConfig()
+    aesthetic: AestheticConfig = AestheticConfig()
     catalog: CatalogConfig = CatalogConfig()
     select: SelectConfig = SelectConfig()
     embed: EmbedConfig = EmbedConfig()
@@ -302,6 +317,8 @@ class PipelineConfig(_Section):
     def _examples_need_a_model(self) -> "PipelineConfig":
         if self.examples.path and not self.embed.models:
             raise ValueError("examples.path needs an embedding model (embed.models; roles.filter picks which)")
+        if self.aesthetic.head != "off" and not self.embed.models:
+            raise ValueError("aesthetic.head needs the CLIP L/14 model in embed.models (roles.aesthetic picks it)")
         return self
 
     def section(self, name: str) -> dict[str, Any]:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 import posixpath
 import uuid
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -48,6 +49,32 @@ def model_plans(cfg: PipelineConfig) -> list[emb.ModelPlan]:
         # on each worker (its paths may differ from the driver's); explicit ones are passed.
         plans.append(emb.ModelPlan(s, m.weights, model_id, emb.prep_signature(s), e.dtype))
     return plans
+
+
+def aesthetic_active(cfg: PipelineConfig, plans: list[emb.ModelPlan]) -> bool:
+    """Whether the aesthetic score runs: its model gives 768-d CLIP projections and its
+    weights are there (else a one-line ConfigError, or False with on_missing_weights: skip)."""
+    a = cfg.aesthetic
+    if a.head == "off" or not plans:
+        return False
+    name = cfg.embed.model_for("aesthetic")
+    plan = next(p for p in plans if p.name == name)
+    from stages.aesthetic import DIM, LINEAR_FILE, package_cache_path
+
+    if plan.spec.dim != DIM:
+        raise ConfigError(f"aesthetic error: the aesthetic head takes {DIM}-d CLIP L/14 projections; model {name} "
+                          f"gives {plan.spec.dim}-d (set embed.roles.aesthetic: vit_l14_pn_quick_gelu_openai-clip)")
+    present = bool(a.weights) and Path(a.weights).is_file()
+    if a.head == "linear" and not a.weights:
+        present = package_cache_path().is_file()
+    if not present:
+        if a.on_missing_weights == "skip":
+            return False
+        wanted = a.weights or (package_cache_path() if a.head == "linear" else "aesthetic.weights (not set)")
+        raise ConfigError(f"aesthetic error: weights {wanted} not found; get "
+                          f"{LINEAR_FILE if a.head == 'linear' else 'sac+logos+ava1-l14-linearMSE.pth'} on a machine "
+                          "with network, or set aesthetic.on_missing_weights: skip")
+    return True
 
 
 # --------------------------------------------------------------------------- device

@@ -24,6 +24,7 @@ import pyarrow.compute as pc
 import ray
 
 import manifests.schema as schema
+import stages.aesthetic
 import stages.backbones
 import stages.dedup
 import stages.deadline
@@ -114,8 +115,9 @@ def stage_fingerprints(cfg: PipelineConfig, until: str, kind: str = "folder",
         )
     if STAGES.index(until) >= STAGES.index("filter"):
         fps["filter"] = fingerprint({"quality": cfg.section("quality"), "examples": cfg.section("examples"),
-                                     "bank": examples_fp},
-                                    code_hash(stages.filters, stages.kernels.examples, bank_examples),
+                                     "aesthetic": cfg.section("aesthetic"), "bank": examples_fp},
+                                    code_hash(stages.filters, stages.kernels.examples, bank_examples,
+                                              stages.aesthetic),
                                     fps.get("exact_dedup", narrow_fp))
     return fps
 
@@ -360,6 +362,15 @@ def exact_dedup_dataset(cfg: PipelineConfig, narrow: ray.data.Dataset) -> ray.da
     return decided.union(unhashed)
 
 
+def with_embeddings(rd: "RunDir", narrow: ray.data.Dataset, plans: list, name: str) -> ray.data.Dataset:
+    """``narrow`` with model ``name``'s ``embedding`` column, joined by id (null for rows
+    that have none: rejected before the embedding stage)."""
+    plan = next(p for p in plans if p.name == name)
+    embs = rd.read(rd.path("stages", embed_stage(plan))).select_columns(["id", "embedding"])
+    n = max(1, narrow.count())
+    return narrow.join(embs, join_type="left_outer", on=("id",), num_partitions=max(1, min(200, -(-n // 100_000))))
+
+
 def nonnatural_dataset(cfg: PipelineConfig, rd: "RunDir", narrow: ray.data.Dataset, plans: list, device: str,
                        bank_rows: pa.Table) -> tuple[ray.data.Dataset, dict]:
     """Embed the example bank with the filter model and fit it, join the filter model's
@@ -368,10 +379,7 @@ def nonnatural_dataset(cfg: PipelineConfig, rd: "RunDir", narrow: ray.data.Datas
     bank, bad = bank_examples.embed_bank(cfg, bank_rows, plan, device)
     model, report = bank_examples.fit(cfg, bank)
     report.update({"examples_rejected": bad, "model_id": plan.model_id})
-    embs = rd.read(rd.path("stages", embed_stage(plan))).select_columns(["id", "embedding"])
-    n = max(1, narrow.count())
-    joined = narrow.join(embs, join_type="left_outer", on=("id",),
-                         num_partitions=max(1, min(200, -(-n // 100_000))))
+    joined = with_embeddings(rd, narrow, plans, plan.name)
     return joined.map_batches(stages.filters.nonnatural_decisions, batch_format="pyarrow",
                               fn_kwargs={"model": model}), report
 
@@ -451,7 +459,8 @@ def run(cfg: PipelineConfig, until: str = STAGES[-1], resume: bool = False) -> d
     filtering_examples = bool(cfg.examples.path) and bool(plans) and STAGES.index(until) >= STAGES.index("filter")
     bank_rows = bank_examples.bank_rows(cfg) if filtering_examples else None
     examples_fp = bank_examples.listing_hash(bank_rows) if filtering_examples else ""
-    fps = stage_fingerprints(cfg, until, kind, plans, examples_fp)
+    scoring_aesthetic = (STAGES.index(until) >= STAGES.index("filter")) and embedding.aesthetic_active(cfg, plans)
+    fps = stage_fingerprints(cfg, until, kind, plans, examples_fp + f"|aesthetic={scoring_aesthetic}")
     by_stage = {embed_stage(p): p for p in plans}
     timings, reused = {}, []
 
@@ -493,6 +502,11 @@ def run(cfg: PipelineConfig, until: str = STAGES[-1], resume: bool = False) -> d
                                fn_kwargs={"cfg": cfg.quality}))
             if filtering_examples:
                 ds, stage_counts = nonnatural_dataset(cfg, rd, ds, plans, device, bank_rows)
+            if scoring_aesthetic:
+                ds = with_embeddings(rd, ds, plans, cfg.embed.model_for("aesthetic")).map_batches(
+                    stages.filters.aesthetic_decisions, batch_format="pyarrow",
+                    fn_kwargs={"head": cfg.aesthetic.head, "weights": cfg.aesthetic.weights,
+                               "min_score": cfg.aesthetic.min_score})
         else:  # pragma: no cover - guarded by stage_fingerprints
             raise AssertionError(name)
         rd.write(ds, final, {"fingerprint": fp, "stage": name, "counts": stage_counts})
@@ -531,6 +545,8 @@ def run(cfg: PipelineConfig, until: str = STAGES[-1], resume: bool = False) -> d
                   for p in plans},
         "examples": ((mio.read_marker(rd.fs, rd.path("stages", "filter")) or {}).get("counts") or None
                      if filtering_examples else None),
+        "aesthetic": {"head": cfg.aesthetic.head, "scored": scoring_aesthetic,
+                      "min_score": cfg.aesthetic.min_score if scoring_aesthetic else None},
         "input_kind": kind,
         "until": until,
         "stages_run": [s for s in fps if s not in reused],

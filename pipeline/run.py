@@ -65,9 +65,9 @@ def check_inputs(cfg: PipelineConfig) -> None:
     except (ValueError, OSError) as e:
         raise ConfigError(f"input error: {str(e).splitlines()[0]}") from None
     if cfg.embed.models:  # weights present, dimensions right: before any Ray worker starts
-        from pipeline.embedding import model_plans
+        from pipeline.embedding import aesthetic_active, model_plans
 
-        model_plans(cfg)
+        aesthetic_active(cfg, model_plans(cfg))
 
 
 def failure_line(e: BaseException) -> str:

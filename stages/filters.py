@@ -124,3 +124,30 @@ def nonnatural_decisions(batch: pa.Table, model: dict) -> pa.Table:
         out = out.set_column(out.schema.get_field_index(name), name, pa.array(values, pa.string()))
     return (out.append_column("nonnatural_score", pa.array(score, pa.float32(), mask=~valid))
             .append_column("nonnatural_category", pa.array(category, pa.string())))
+
+
+_HEADS: dict = {}
+
+
+def aesthetic_decisions(batch: pa.Table, head: str, weights: str | None, min_score: float | None) -> pa.Table:
+    """LAION aesthetic score of every row with an ``embedding`` (the aesthetic model's, joined
+    by id); alive rows below ``min_score`` are rejected ``low_aesthetic``. Adds ``aesthetic``."""
+    from stages.aesthetic import load_head, score
+
+    key = (head, weights)
+    if key not in _HEADS:  # once per worker process
+        _HEADS[key] = load_head(head, weights)
+    x, valid = embedding_matrix(batch["embedding"])
+    values = np.full(len(batch), np.nan, dtype=np.float32)
+    if valid.any():
+        values[valid] = score(_HEADS[key], x[valid])
+    stage, reason, detail = batch["stage"].to_pylist(), batch["reason"].to_pylist(), batch["detail"].to_pylist()
+    if min_score is not None:
+        for i in np.flatnonzero(valid & (values < min_score)):
+            if reason[i] is None:
+                stage[i], reason[i] = Stage.FILTER.value, Reason.LOW_AESTHETIC.value
+                detail[i] = f"aesthetic {values[i]:.3f} < min_score {min_score:g}"
+    out = batch.drop_columns(["embedding"])
+    for name, vals in (("stage", stage), ("reason", reason), ("detail", detail)):
+        out = out.set_column(out.schema.get_field_index(name), name, pa.array(vals, pa.string()))
+    return out.append_column("aesthetic", pa.array(values, pa.float32(), mask=~valid))

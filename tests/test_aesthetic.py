@@ -68,3 +68,60 @@ def test_missing_weights_and_wrong_dimension_are_clear(offline_home):
         load_head("mlp", None)
     with pytest.raises(AestheticError, match="768-d"):
         score(ImprovedAestheticMLP().eval(), np.zeros((2, 512), np.float32))
+
+
+@pytest.mark.slow
+def test_pipeline_aesthetic_score_and_threshold(tmp_path, ray_local, photos):
+    """Through the pipeline: a 768-d CLIP-like model (a random-weight Birder ViT with a
+    768-d head, standing in for the real CLIP L/14) feeds the MLP head; the scores equal the
+    head applied to the run's embedding table, and rows below min_score are rejected."""
+    from birder.model_registry import registry
+
+    from manifests.io import read_committed_table
+    from pipeline import plan, samples
+    from pipeline.config import ConfigError, load_config
+    from pipeline.embedding import aesthetic_active, model_plans
+    from PIL import Image
+    from stages.backbones import resolve_spec, save_birder_checkpoint
+    from tests.test_pipeline import check_invariant
+
+    s = resolve_spec("clip_like", network="vit_t16", size=64, dim=768, output="head")
+    torch.manual_seed(0)
+    save_birder_checkpoint(registry.net_factory("vit_t16", 768, size=(64, 64)), tmp_path / "clip_like.pt", s)
+    torch.manual_seed(3)
+    torch.save(ImprovedAestheticMLP().state_dict(), tmp_path / "mlp.pth")
+    src = tmp_path / "in"
+    src.mkdir()
+    names = ["astronaut", "coffee", "chelsea", "rocket", "china", "flower"]
+    for n in names:
+        (src / f"{n}.jpg").write_bytes(samples.encode(Image.fromarray(photos[n]).convert("RGB"), "JPEG"))
+    model = {"name": "clip_like", "network": "vit_t16", "size": 64, "dim": 768, "output": "head",
+             "weights": str(tmp_path / "clip_like.pt")}
+    base = {"input.path": str(src), "embed.models": [model], "aesthetic.head": "mlp",
+            "aesthetic.weights": str(tmp_path / "mlp.pth")}
+    out = tmp_path / "run"
+    summary = plan.run(load_config(None, {**base, "output": str(out), "aesthetic.min_score": None}))
+    assert summary["aesthetic"]["scored"]
+    curated, _ = check_invariant(out, [str(src / f"{n}.jpg") for n in names])
+    table = {r["id"]: np.asarray(r["embedding"], np.float32)
+             for r in read_committed_table(f"{out}/stages/embed_clip_like").to_pylist()}
+    head = load_head("mlp", str(tmp_path / "mlp.pth"))
+    got = {r["id"]: r["aesthetic"] for r in curated.values()}
+    ids = sorted(got)
+    assert np.allclose([got[i] for i in ids], score(head, np.stack([table[i] for i in ids])), atol=1e-5)
+    cut = float(np.median(list(got.values())))
+    out2 = tmp_path / "run2"
+    summary = plan.run(load_config(None, {**base, "output": str(out2), "aesthetic.min_score": cut}))
+    curated2, rejected2 = check_invariant(out2, [str(src / f"{n}.jpg") for n in names])
+    assert {r["id"] for r in rejected2.values()} == {i for i in ids if got[i] < cut}
+    assert all(r["reason"] == "low_aesthetic" and f"< min_score {cut:g}" in r["detail"] for r in rejected2.values())
+    # a model that is not 768-d, or weights that are not there: one-line errors
+    wrong = load_config(None, {**base, "output": "o", "embed.models": [{"name": "mobilenet_v2_imagenet"}]})
+    with pytest.raises(ConfigError, match="768-d CLIP L/14 projections; model mobilenet_v2_imagenet gives 1280-d"):
+        aesthetic_active(wrong, model_plans(wrong))
+    gone = load_config(None, {**base, "output": "o", "aesthetic.weights": str(tmp_path / "none.pth")})
+    with pytest.raises(ConfigError, match="none.pth not found"):
+        aesthetic_active(gone, model_plans(gone))
+    skip = load_config(None, {**base, "output": "o", "aesthetic.weights": str(tmp_path / "none.pth"),
+                              "aesthetic.on_missing_weights": "skip"})
+    assert aesthetic_active(skip, model_plans(skip)) is False
