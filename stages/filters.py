@@ -50,6 +50,11 @@ def quality_decisions(batch: pa.Table, cfg: QualityConfig) -> pa.Table:
             alive[i] = False
     if n == 0:
         return batch
+    return with_rejects(batch, stage, reason, detail)
+
+
+def with_rejects(batch: pa.Table, stage: list, reason: list, detail: list) -> pa.Table:
+    """``batch`` with its stage/reason/detail columns replaced."""
     for name, values in (("stage", stage), ("reason", reason), ("detail", detail)):
         batch = batch.set_column(batch.schema.get_field_index(name), name, pa.array(values, pa.string()))
     return batch
@@ -119,9 +124,7 @@ def nonnatural_decisions(batch: pa.Table, model: dict) -> pa.Table:
             category[i] = model["categories"][best[j]]
             if rejected[j] and reason[i] is None:
                 stage[i], reason[i], detail[i] = Stage.FILTER.value, Reason.NONNATURAL.value, why[j]
-    out = batch.drop_columns(["embedding"])
-    for name, values in (("stage", stage), ("reason", reason), ("detail", detail)):
-        out = out.set_column(out.schema.get_field_index(name), name, pa.array(values, pa.string()))
+    out = with_rejects(batch.drop_columns(["embedding"]), stage, reason, detail)
     return (out.append_column("nonnatural_score", pa.array(score, pa.float32(), mask=~valid))
             .append_column("nonnatural_category", pa.array(category, pa.string())))
 
@@ -147,7 +150,5 @@ def aesthetic_decisions(batch: pa.Table, head: str, weights: str | None, min_sco
             if reason[i] is None:
                 stage[i], reason[i] = Stage.FILTER.value, Reason.LOW_AESTHETIC.value
                 detail[i] = f"aesthetic {values[i]:.3f} < min_score {min_score:g}"
-    out = batch.drop_columns(["embedding"])
-    for name, vals in (("stage", stage), ("reason", reason), ("detail", detail)):
-        out = out.set_column(out.schema.get_field_index(name), name, pa.array(vals, pa.string()))
+    out = with_rejects(batch.drop_columns(["embedding"]), stage, reason, detail)
     return out.append_column("aesthetic", pa.array(values, pa.float32(), mask=~valid))
