@@ -178,12 +178,13 @@ def cache_dataset(cfg: PipelineConfig, plan: emb.ModelPlan, wanted: ray.ObjectRe
     return ds.map_batches(_cache_rows, batch_format="pyarrow", fn_kwargs={"wanted": wanted, "plan": plan})
 
 
-def _resolve_ref(ref):
+def resolve_ref(ref):
+    """The value behind an object ref (a broadcast), or the value itself."""
     return ray.get(ref) if isinstance(ref, ray.ObjectRef) else ref
 
 
 def _cache_rows(batch: pa.Table, wanted, plan: emb.ModelPlan) -> pa.Table:
-    keep = emb.is_known(_resolve_ref(wanted), batch.column("sha256").to_pylist())
+    keep = emb.is_known(resolve_ref(wanted), batch.column("sha256").to_pylist())
     batch = batch.filter(pa.array(keep))
     return pa.table({"id": pa.nulls(len(batch), pa.string()), "sha256": batch.column("sha256"),
                      "embedding": batch.column("embedding").cast(plan.arrow_type())})
@@ -197,12 +198,15 @@ class ValidateForModels:
 
     def __init__(self, cfg: PipelineConfig, plans: list[emb.ModelPlan], known_ref):
         self.cfg, self.plans, self.known_ref = cfg.validate_, plans, known_ref
+        self._known = None  # fetched once per worker, not once per batch
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         from stages.validate import validate_batch_decodes
 
+        if self._known is None:
+            self._known = resolve_ref(self.known_ref)
         out, decodes = validate_batch_decodes(batch, self.cfg, emb.cover_size(self.plans))
-        return emb.add_model_inputs(out, decodes, self.plans, _resolve_ref(self.known_ref))
+        return emb.add_model_inputs(out, decodes, self.plans, self._known)
 
 
 def embed_in_pass(cfg: PipelineConfig, ds: ray.data.Dataset, plans: list[emb.ModelPlan], device: str,

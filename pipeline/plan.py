@@ -168,7 +168,7 @@ def _list_dir_rows(batch: pa.Table, storage, extensions, rows_per_block):
 def _read_shard_rows(batch: pa.Table, storage, extensions, rows_per_block, key_filter=None):
     keep = None
     if key_filter is not None:
-        bits, k = ray.get(key_filter) if isinstance(key_filter, ray.ObjectRef) else key_filter
+        bits, k = embedding.resolve_ref(key_filter)
 
         def keep(key: str) -> bool:
             return bool(bloom_contains(bits, [key], k)[0])

@@ -14,6 +14,7 @@ autocast on CUDA, fp32 on CPU.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import importlib.util
 import os
@@ -155,16 +156,24 @@ def weights_path(s: BackboneSpec, weights: str | None, models_dir: str | None, s
 
 def weights_identity(where: str, storage=None) -> str:
     """A short content identity of a weights file (sha256 of a local file; size + ETag of a
-    remote one): part of the model id, so swapped weights never reuse cached embeddings."""
-    if "://" in where:
-        from manifests.io import filesystem
+    remote one): part of the model id, so swapped weights never reuse cached embeddings.
+    A local file is hashed once per (path, size, mtime) in a process: the driver resolves
+    models both for the up-front checks and for the run."""
+    if "://" not in where:
+        st = os.stat(where)
+        return _local_identity(where, st.st_size, st.st_mtime_ns)
+    from manifests.io import filesystem
 
-        fs, path = filesystem(where, storage)
-        info = fs.info(path)
-        blob = f"{info.get('size')}|{info.get('ETag') or info.get('LastModified')}".encode()
-        return hashlib.sha256(blob).hexdigest()[:12]
+    fs, path = filesystem(where, storage)
+    info = fs.info(path)
+    blob = f"{info.get('size')}|{info.get('ETag') or info.get('LastModified')}".encode()
+    return hashlib.sha256(blob).hexdigest()[:12]
+
+
+@functools.lru_cache(maxsize=64)
+def _local_identity(path: str, size: int, mtime_ns: int) -> str:
     h = hashlib.sha256()
-    with open(where, "rb") as f:
+    with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 22), b""):
             h.update(chunk)
     return h.hexdigest()[:12]
