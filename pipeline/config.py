@@ -134,7 +134,8 @@ class ExamplesConfig(_Section):
 
     path: str | None = Field(
         None, description="Folder (local or s3://) with one sub-folder of example images per unwanted category, "
-        "plus optionally natural/ (wanted examples). Null: no non-natural filter.")
+        "plus optionally natural/ (wanted examples); or a table (.csv/.parquet/.jsonl) with columns uri, category "
+        "(relative uris are relative to the table's folder). Null: no non-natural filter.")
     method: Literal["min_distance", "probe"] = Field(
         "min_distance", description="min_distance: per category, min cosine distance to its examples below a "
         "threshold (the reference). probe: class-balanced linear probe probabilities.")
@@ -143,6 +144,9 @@ class ExamplesConfig(_Section):
     default_threshold: float = Field(
         0.15, gt=0, lt=2, description="min_distance threshold used when there are no natural examples.")
     folds: int = Field(5, ge=2, description="Cross-validation folds for the recall / false-rejection estimates.")
+    labels: str | None = Field(
+        None, description="A sample of the corpus labelled by a user: table with id or uri, and label (natural or "
+        "a category). biocurate examples-report measures false rejection and recall on it.")
 
 
 class AestheticConfig(_Section):

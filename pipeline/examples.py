@@ -21,8 +21,11 @@ from stages.kernels.hashing import stable_id
 
 
 def bank_rows(cfg: PipelineConfig) -> pa.Table:
-    """``id, uri, category``: every image under ``<examples.path>/<category>/``."""
+    """``id, uri, category``: every image under ``<examples.path>/<category>/``, or the rows
+    of the ``uri,category`` table ``examples.path`` names."""
     root = cfg.examples.path
+    if is_table(root):
+        return _table_rows(root, cfg)
     try:
         _, dirs = ingest.split_listing(root, cfg.storage, cfg.input.extensions)
     except (OSError, ValueError) as e:
@@ -36,6 +39,47 @@ def bank_rows(cfg: PipelineConfig) -> pa.Table:
     if not any(c != "natural" for c in cats):
         raise ConfigError(f"examples error: {root} has no sub-folder of unwanted example images "
                           "(one sub-folder per category, natural/ for wanted ones)")
+    return pa.table({"id": [stable_id(u) for u in uris], "uri": uris, "category": cats})
+
+
+def is_table(path: str) -> bool:
+    return ("." + path.rsplit(".", 1)[-1]).lower() in ingest.TABLE_SUFFIXES
+
+
+def read_small_table(path: str, cfg: PipelineConfig, what: str) -> pa.Table:
+    """A small user table (example bank, labels) read in this process; ConfigError if unreadable."""
+    import pyarrow.csv as pacsv
+    import pyarrow.json as pajson
+    import pyarrow.parquet as pq
+
+    from manifests.io import filesystem
+
+    try:
+        fs, p = filesystem(path, cfg.storage)
+        with fs.open(p, "rb") as f:
+            fmt = ingest.TABLE_SUFFIXES[("." + p.rsplit(".", 1)[-1]).lower()]
+            return {"parquet": pq.read_table, "csv": pacsv.read_csv, "json": pajson.read_json}[fmt](f)
+    except Exception as e:  # noqa: BLE001 - any unreadable table is one line
+        raise ConfigError(f"{what}: cannot read {path}: {type(e).__name__}: {str(e).splitlines()[0]}") from None
+
+
+def _table_rows(path: str, cfg: PipelineConfig) -> pa.Table:
+    t = read_small_table(path, cfg, "examples error")
+    missing = [c for c in ("uri", "category") if c not in t.column_names]
+    if missing:
+        raise ConfigError(f"examples error: {path} needs columns uri, category (missing {missing}; has {t.column_names})")
+    base = posixpath.dirname(path)
+    uris, cats = [], []
+    for u, c in zip(t["uri"].to_pylist(), t["category"].to_pylist()):
+        if not u or not c:
+            continue
+        u, c = str(u), str(c).strip()
+        if "://" not in u and not u.startswith("/"):
+            u = posixpath.join(base, u)
+        uris.append(u)
+        cats.append(c)
+    if not any(c != "natural" for c in cats):
+        raise ConfigError(f"examples error: {path} has no row of an unwanted category (category other than natural)")
     return pa.table({"id": [stable_id(u) for u in uris], "uri": uris, "category": cats})
 
 

@@ -114,7 +114,8 @@ def stage_fingerprints(cfg: PipelineConfig, until: str, kind: str = "folder",
             fps.get("catalog_join", fps["scan"]),
         )
     if STAGES.index(until) >= STAGES.index("filter"):
-        fps["filter"] = fingerprint({"quality": cfg.section("quality"), "examples": cfg.section("examples"),
+        examples = {k: v for k, v in cfg.section("examples").items() if k != "labels"}  # labels: report only
+        fps["filter"] = fingerprint({"quality": cfg.section("quality"), "examples": examples,
                                      "aesthetic": cfg.section("aesthetic"), "bank": examples_fp},
                                     code_hash(stages.filters, stages.kernels.examples, bank_examples,
                                               stages.aesthetic),

@@ -3,6 +3,7 @@
     python pipeline/run.py --config my.yaml [--input PATH_OR_URI] [--output DIR] [--resume] [--until STAGE]
     ray job submit --working-dir . -- python pipeline/run.py --config my.yaml
     biocurate --input ./images --output ./run      # same entry point, documented defaults
+    biocurate examples-report --config my.yaml [--labels labels.csv] [--label-sample 200]
 
 Exit codes: 0 done, 2 bad config or unreachable input (one line on stderr, before Ray
 starts), 1 the run failed.
@@ -27,7 +28,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "Writes <output>/curated, <output>/rejected (every input exactly once across the two) and "
         "<output>/summary.json.",
         epilog="Without --config, --input and --output run the pipeline on documented defaults. "
-        "See --print-config for every option.",
+        "See --print-config for every option. 'biocurate examples-report --help': the non-natural filter's report.",
     )
     p.add_argument("--config", help="YAML config file (see README 'Config reference').")
     p.add_argument("--input", help="Overrides input.path: folder, s3://bucket/prefix, manifest, parquet or shards.")
@@ -82,6 +83,11 @@ def failure_line(e: BaseException) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] == "examples-report":
+        from pipeline import examples_report
+
+        return examples_report.main(argv[1:])
     args = parse_args(argv)
     if args.print_config:
         print(describe_options())

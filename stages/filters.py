@@ -74,11 +74,13 @@ def embedding_matrix(column: pa.ChunkedArray | pa.Array) -> tuple[np.ndarray, np
 
 
 def nonnatural_scores(x: np.ndarray, model: dict) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[str]]:
-    """Per row: score, category index, rejected?, and a detail per row.
+    """Per row: score, category index, margin to that category's threshold (< 0: rejected),
+    and a detail per row.
 
     min_distance: score = max cosine similarity to an unwanted example; the category is the
-    one whose threshold the row is deepest inside (or nearest to). probe: score = the
-    highest unwanted-class probability."""
+    one whose threshold the row is deepest inside (or nearest to); margin = distance -
+    threshold. probe: score = the highest unwanted-class probability; margin = threshold -
+    probability."""
     from stages.kernels.examples import min_cosine_distance, normalize
 
     cats = model["categories"]
@@ -88,11 +90,10 @@ def nonnatural_scores(x: np.ndarray, model: dict) -> tuple[np.ndarray, np.ndarra
         margin = dist - thr  # < 0: inside the category's threshold
         best = margin.argmin(axis=1)
         rows = np.arange(len(x))
-        rejected = margin[rows, best] < 0
         score = 1.0 - dist.min(axis=1)
         detail = [f"min cosine distance {dist[i, best[i]]:.4f} to '{cats[best[i]]}' examples < threshold "
                   f"{thr[best[i]]:.4f}" for i in rows]
-        return score, best, rejected, detail
+        return score, best, margin[rows, best], detail
     logits = normalize(x) @ model["weight"] + model["bias"]
     logits -= logits.max(axis=1, keepdims=True)
     p = np.exp(logits)
@@ -101,32 +102,35 @@ def nonnatural_scores(x: np.ndarray, model: dict) -> tuple[np.ndarray, np.ndarra
     pu = p[:, idx]
     best = pu.argmax(axis=1)
     score = pu.max(axis=1)
-    rejected = score > model["threshold"]
     detail = [f"p('{cats[b]}') {s:.4f} > threshold {model['threshold']:.4f}" for b, s in zip(best, score)]
-    return score, best, rejected, detail
+    return score, best, model["threshold"] - score, detail
 
 
 def nonnatural_decisions(batch: pa.Table, model: dict) -> pa.Table:
     """Score every row that has an ``embedding`` (the filter model's, joined by id), reject
     the alive ones inside an unwanted category's threshold, drop the embedding.
 
-    Adds ``nonnatural_score`` (float32) and ``nonnatural_category`` (the nearest unwanted
-    category, set on every scored row so a user can audit near misses)."""
+    Adds ``nonnatural_score`` (float32), ``nonnatural_category`` (the nearest unwanted
+    category, set on every scored row so a user can audit near misses) and
+    ``nonnatural_margin`` (signed distance to that category's threshold, < 0: rejected;
+    ``biocurate examples-report`` shows the images nearest 0)."""
     x, valid = embedding_matrix(batch["embedding"])
     n = len(batch)
     score = np.full(n, np.nan, dtype=np.float32)
+    margin = np.full(n, np.nan, dtype=np.float32)
     category: list[str | None] = [None] * n
     stage, reason, detail = batch["stage"].to_pylist(), batch["reason"].to_pylist(), batch["detail"].to_pylist()
     if valid.any():
-        s, best, rejected, why = nonnatural_scores(x[valid], model)
+        s, best, m, why = nonnatural_scores(x[valid], model)
         for j, i in enumerate(np.flatnonzero(valid)):
-            score[i] = s[j]
+            score[i], margin[i] = s[j], m[j]
             category[i] = model["categories"][best[j]]
-            if rejected[j] and reason[i] is None:
+            if m[j] < 0 and reason[i] is None:
                 stage[i], reason[i], detail[i] = Stage.FILTER.value, Reason.NONNATURAL.value, why[j]
     out = with_rejects(batch.drop_columns(["embedding"]), stage, reason, detail)
     return (out.append_column("nonnatural_score", pa.array(score, pa.float32(), mask=~valid))
-            .append_column("nonnatural_category", pa.array(category, pa.string())))
+            .append_column("nonnatural_category", pa.array(category, pa.string()))
+            .append_column("nonnatural_margin", pa.array(margin, pa.float32(), mask=~valid)))
 
 
 _HEADS: dict = {}

@@ -125,6 +125,9 @@ def test_both_methods_on_held_out_real_images(embedded):
     print("bank 4-fold CV:", json.dumps({m: {k: v for k, v in r.items() if k != "categories"} for m, r in cv.items()}))
     for m in ("A", "B"):
         assert cv[m]["recall"] >= 0.8 and cv[m]["natural_n"] == len(bank["natural"])
+        for c in cats:
+            v = cv[m]["categories"][c]
+            assert v["n"] == len(bank[c]) and v["precision"] >= 0.8, (m, c, v)
 
 
 @pytest.mark.slow
@@ -186,3 +189,97 @@ def test_pipeline_rejects_nonnatural_by_example(tmp_path, ray_local, photos):
     assert ex["n_examples"]["chart"] == 12 and ex["examples_rejected"] == 0
     assert ex["cross_validation"]["min_distance"]["recall"] >= 0.8
     assert summary["rejected_by_stage"]["filter"] == {"nonnatural": 8 + len(false_rejections)}
+    for r in got.values():  # the margin's sign is the decision
+        assert (r["nonnatural_margin"] < 0) == (r.get("reason") == "nonnatural")
+    check_examples_report(out, corpus, expect, got, false_rejections)
+
+
+def check_examples_report(out, corpus, expect, got, false_rejections):
+    """``biocurate examples-report`` on the finished run, with the user's labels of every
+    corpus image: measured false rejection / recall / precision, the rows nearest each
+    threshold, a label sample, and a page whose every thumbnail decodes."""
+    import base64
+    import csv
+    import io
+    import re
+
+    from pipeline.run import main
+    from stages.kernels.hashing import seeded_rank
+
+    labels = out.parent / "labels.csv"
+    labels.write_text("uri,label\n" + "".join(f"{corpus / n},{c or 'natural'}\n" for n, c in expect.items()))
+    assert main(["examples-report", "--output", str(out), "--labels", str(labels), "--label-sample", "5",
+                 "--per-category", "3"]) == 0
+    rep = json.loads((out / "examples_report" / "report.json").read_text())
+    lab = rep["labels"]
+    assert lab["n_matched"] == len(expect) and lab["n_unscored"] == 0
+    assert (lab["natural_frr"]["k"], lab["natural_frr"]["n"]) == (len(false_rejections), 6)
+    assert (lab["recall"]["k"], lab["recall"]["n"]) == (8, 8)
+    for c in ("chart", "text"):
+        predicted_c = [n for n, r in got.items() if r.get("reason") == "nonnatural" and r["nonnatural_category"] == c]
+        assert lab["categories"][c]["precision"]["n"] == len(predicted_c)
+        assert lab["categories"][c]["precision"]["k"] == sum(expect[n] == c for n in predicted_c)
+        assert rep["corpus"]["categories"][c]["inside"] == len(predicted_c)
+        # the rows nearest the threshold, each side, are the ones a full sort finds
+        mine = sorted((r["nonnatural_margin"], n) for n, r in got.items() if r["nonnatural_category"] == c)
+        inside = [n for m, n in sorted(mine, key=lambda t: -t[0]) if m < 0][:3]
+        outside = [n for m, n in mine if m >= 0][:3]
+        assert [r["uri"].rsplit("/", 1)[1] for r in rep["nearest"][c]["inside"]] == inside
+        assert [r["uri"].rsplit("/", 1)[1] for r in rep["nearest"][c]["outside"]] == outside
+    assert {d["uri"].rsplit("/", 1)[1] for d in lab["disagreements"]} == set(false_rejections)
+    for m in ("min_distance", "probe"):  # both methods, with precision
+        cats = rep["cross_validation"][m]["categories"]
+        assert all(v["precision"] is not None and v["n_predicted"] > 0 for v in cats.values())
+    rows = list(csv.DictReader(io.StringIO((out / "examples_report" / "label_sample.csv").read_text())))
+    ids = [r["id"] for r in got.values()]
+    assert [r["id"] for r in rows] == [ids[i] for i in np.argsort(seeded_rank(0, ids), kind="stable")[:5]]
+    assert all(r["label"] == "" and r["predicted"] in ("natural", "chart", "text") for r in rows)
+    page = (out / "examples_report" / "index.html").read_text()
+    srcs = re.findall(r'<img src="([^"]+)"', page)
+    assert len(srcs) >= 12 and "http://" not in page and "https://" not in page
+    for s in srcs:
+        assert s.startswith("data:image/jpeg;base64,")
+        assert min(Image.open(io.BytesIO(base64.b64decode(s.split(",", 1)[1]))).size) > 10
+    for c in ("chart", "text"):
+        assert f"id='{c}-inside'" in page and f"id='{c}-outside'" in page
+    # a run without the filter: a one-line error, exit 2
+    assert main(["examples-report", "--output", str(out.parent / "nothing")]) == 2
+
+
+def test_bank_as_a_uri_category_table(tmp_path):
+    from pipeline.config import ConfigError, load_config
+    from pipeline.examples import bank_rows
+
+    (tmp_path / "b").mkdir()
+    (tmp_path / "b" / "bank.csv").write_text("uri,category\nimgs/a.png,chart\n/abs/n.jpg,natural\n"
+                                             "s3://bkt/t.png, text\n,chart\n")
+    cfg = load_config(None, {"input.path": str(tmp_path), "output": str(tmp_path / "o"), "examples.path": str(tmp_path / "b" / "bank.csv"),
+                             "embed.models": [{"name": "mobilenet_v2_imagenet"}]})
+    rows = bank_rows(cfg)
+    assert rows["uri"].to_pylist() == [str(tmp_path / "b" / "imgs" / "a.png"), "/abs/n.jpg", "s3://bkt/t.png"]
+    assert rows["category"].to_pylist() == ["chart", "natural", "text"]
+    (tmp_path / "b" / "bad.csv").write_text("path,category\na.png,chart\n")
+    with pytest.raises(ConfigError, match="needs columns uri, category"):
+        bank_rows(load_config(None, {"input.path": str(tmp_path), "output": str(tmp_path / "o"), "examples.path": str(tmp_path / "b" / "bad.csv"),
+                                     "embed.models": [{"name": "mobilenet_v2_imagenet"}]}))
+
+
+def test_cross_validation_confusion_counts():
+    """Recall, precision and the natural false rejections per category add up, on separable
+    categories with one natural example planted inside the 'chart' cluster (a mislabelled
+    natural: it pulls chart's threshold down, and chart's recall with it)."""
+    rng = np.random.default_rng(1)
+    centers = {"natural": [1, 0, 0, 0], "chart": [0, 1, 0, 0], "text": [0, 0, 1, 0]}
+    bank = {c: (np.array(v) + rng.normal(0, 0.05, (20, 4))).astype(np.float32) for c, v in centers.items()}
+    bank["natural"][0] = bank["chart"][0] + 0.01
+    cv = cross_validate(bank, 0.05, k=5)
+    for m in ("A", "B"):
+        r = cv[m]
+        per = r["categories"]
+        assert r["natural_n"] == 20 and per["chart"]["recall"] < 0.5
+        assert sum(v["natural_false_rejections"] for v in per.values()) == round(r["natural_frr"] * 20)
+        assert r["recall"] == pytest.approx((per["chart"]["recall"] + per["text"]["recall"]) / 2)
+        for c in ("chart", "text"):
+            right = round(per[c]["precision"] * per[c]["n_predicted"])  # c predicted as c
+            assert right + per[c]["natural_false_rejections"] <= per[c]["n_predicted"]
+            assert right <= round(per[c]["recall"] * 20)  # rejected as c <= rejected as anything

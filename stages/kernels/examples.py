@@ -147,53 +147,74 @@ def folds(n: int, k: int, seed: int) -> np.ndarray:
     return out
 
 
+def predict_min_distance(x: np.ndarray, bank: dict[str, np.ndarray], thresholds: dict[str, float],
+                         cats: list[str]) -> np.ndarray:
+    """Method A: per row the index in ``cats`` of the category whose threshold the row is
+    deepest inside, or -1 (kept)."""
+    if len(x) == 0:
+        return np.zeros(0, np.int64)
+    margin = np.stack([min_cosine_distance(x, bank[c]) - thresholds[c] for c in cats], axis=1)
+    best = margin.argmin(axis=1)
+    return np.where(margin[np.arange(len(x)), best] < 0, best, -1)
+
+
+def predict_probe(x: np.ndarray, probe: Probe, threshold: float, cats: list[str]) -> np.ndarray:
+    """Method B: index in ``cats`` of the most probable unwanted class when its probability
+    is above ``threshold``, else -1."""
+    if len(x) == 0:
+        return np.zeros(0, np.int64)
+    pu = probe.proba(x)[:, [probe.classes.index(c) for c in cats]]
+    best = pu.argmax(axis=1)
+    return np.where(pu.max(axis=1) > threshold, best, -1)
+
+
 def cross_validate(bank: dict[str, np.ndarray], target_frr: float, k: int = 5, seed: int = 0) -> dict:
-    """k-fold estimates for both methods: per category recall (held-out examples of the
-    category rejected as that category or any other unwanted one), natural false-rejection
-    rate, each with its 95% Wilson interval. ``bank`` maps category -> embeddings and may
-    hold 'natural'."""
+    """k-fold estimates for both methods, each proportion with its 95% Wilson interval:
+
+    * per category ``recall`` (held-out examples of the category rejected, as it or as any
+      other unwanted category) and ``precision`` (held-out items predicted as the category
+      that are that category; this depends on the bank's mix of categories and naturals);
+    * overall recall, and the natural false-rejection rate (held-out natural examples
+      rejected) with the share each category takes of those false rejections.
+
+    ``bank`` maps category -> embeddings and may hold 'natural'."""
     cats = [c for c in sorted(bank) if c != "natural"]
-    natural = bank.get("natural", np.zeros((0, next(iter(bank.values())).shape[1]), np.float32))
-    fold_of = {c: folds(len(bank[c]), min(k, max(2, len(bank[c]))), seed) for c in [*cats, "natural"] if c in bank}
-    hits = {m: {c: [0, 0] for c in cats} for m in ("A", "B")}
-    nat = {m: [0, 0] for m in ("A", "B")}
+    classes = [*cats, "natural"]
+    fold_of = {c: folds(len(bank[c]), min(k, max(2, len(bank[c]))), seed) for c in classes if c in bank}
+    # confusion[m][true class][predicted category index or -1]
+    confusion = {m: {t: np.zeros(len(cats) + 1, np.int64) for t in classes} for m in ("A", "B")}
     for f in range(k):
         train = {c: bank[c][fold_of[c] != f] for c in fold_of}
         test = {c: bank[c][fold_of[c] == f] for c in fold_of}
         if any(len(train[c]) == 0 for c in cats):
             continue
-        nat_train = train.get("natural", natural[:0])
+        nat_train = train.get("natural", bank[cats[0]][:0])
         # method A: thresholds from training naturals, applied to held-out items
         thr = {c: distance_threshold(min_cosine_distance(nat_train, train[c]), target_frr) for c in cats}
-
-        def rejected_a(x):
-            if len(x) == 0:
-                return np.zeros(0, bool)
-            return np.any([min_cosine_distance(x, train[c]) < thr[c] for c in cats], axis=0)
-
         # method B: a probe on the training split, its threshold from out-of-fold naturals
         probe, pthr = probe_with_threshold(train, target_frr, k=k, seed=seed)
-        unwanted = [probe.classes.index(c) for c in cats]
-
-        def rejected_b(x):
-            if len(x) == 0:
-                return np.zeros(0, bool)
-            return probe.proba(x)[:, unwanted].max(axis=1) > pthr
-
-        for m, rej in (("A", rejected_a), ("B", rejected_b)):
-            for c in cats:
-                r = rej(test[c])
-                hits[m][c][0] += int(r.sum())
-                hits[m][c][1] += len(r)
-            if "natural" in test:
-                r = rej(test["natural"])
-                nat[m][0] += int(r.sum())
-                nat[m][1] += len(r)
+        for m, predict in (("A", lambda x: predict_min_distance(x, train, thr, cats)),
+                           ("B", lambda x: predict_probe(x, probe, pthr, cats))):
+            for t in test:
+                confusion[m][t] += np.bincount(predict(test[t]) + 1, minlength=len(cats) + 1)[
+                    np.r_[1 : len(cats) + 1, 0]]
     out = {}
     for m in ("A", "B"):
-        per = {c: {"recall": h[0] / h[1] if h[1] else None, "n": h[1], "ci95": wilson(*h)} for c, h in hits[m].items()}
-        all_k, all_n = sum(h[0] for h in hits[m].values()), sum(h[1] for h in hits[m].values())
+        cm = confusion[m]
+        per = {}
+        for i, c in enumerate(cats):
+            n = int(cm[c].sum())
+            hit = n - int(cm[c][-1])
+            predicted = int(sum(cm[t][i] for t in classes))
+            per[c] = {"recall": hit / n if n else None, "n": n, "ci95": wilson(hit, n),
+                      "precision": int(cm[c][i]) / predicted if predicted else None, "n_predicted": predicted,
+                      "precision_ci95": wilson(int(cm[c][i]), predicted) if predicted else None,
+                      "natural_false_rejections": int(cm["natural"][i])}
+        all_n = sum(int(cm[c].sum()) for c in cats)
+        all_k = all_n - sum(int(cm[c][-1]) for c in cats)
+        nat_n = int(cm["natural"].sum())
+        nat_k = nat_n - int(cm["natural"][-1])
         out[m] = {"categories": per, "recall": all_k / all_n if all_n else None, "recall_ci95": wilson(all_k, all_n),
-                  "natural_frr": nat[m][0] / nat[m][1] if nat[m][1] else None, "natural_n": nat[m][1],
-                  "natural_frr_ci95": wilson(*nat[m]) if nat[m][1] else None}
+                  "natural_frr": nat_k / nat_n if nat_n else None, "natural_n": nat_n,
+                  "natural_frr_ci95": wilson(nat_k, nat_n) if nat_n else None}
     return out
