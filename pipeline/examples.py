@@ -88,21 +88,39 @@ def listing_hash(rows: pa.Table) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
-def embed_bank(cfg: PipelineConfig, rows: pa.Table, plan: emb.ModelPlan, device: str) -> tuple[dict, int]:
-    """Category -> (n, dim) float32 embeddings of the bank; and how many examples failed
-    to load or validate (left out, counted)."""
+def embed_bank(cfg: PipelineConfig, rows: pa.Table, plan: emb.ModelPlan, device: str) -> tuple[dict, dict]:
+    """Category -> (n, dim) float32 embeddings of the bank; and counts: examples that failed
+    to load or validate (left out), embeddings computed, embeddings read from the cache.
+
+    The bank shares the corpus' embedding cache (same keys: sha256, model id, preprocessing,
+    dtype): a rerun, a refresh or a changed threshold embeds no example twice."""
     ds = ray.data.from_arrow(rows).map_batches(ingest.fetch_batch, batch_format="pyarrow",
                                                fn_kwargs={"storage": cfg.storage})
-    ds = embedding.embed_in_pass(cfg, ds, [plan], device, {})
-    got = ds.select_columns(["category", "reason", plan.column]).take_all()
+    known = embedding.known_sets(cfg, [plan]) if cfg.embed.cache else {}
+    ds = embedding.embed_in_pass(cfg, ds, [plan], device, known)
+    got = ds.select_columns(["category", "reason", "sha256", plan.column]).take_all()
+    alive = [r for r in got if r["reason"] is None]
+    computed = {r["sha256"]: r[plan.column] for r in alive if r[plan.column] is not None}
+    missing = sorted({r["sha256"] for r in alive if r[plan.column] is None} - set(computed))
+    if cfg.embed.cache and computed:
+        shas = sorted(computed)
+        embedding.write_cache_part(cfg, plan, ray.data.from_arrow(pa.table({
+            "sha256": pa.array(shas, pa.string()),
+            "embedding": pa.array([computed[h] for h in shas], plan.arrow_type())})))
+    found: dict = {}
+    if missing:
+        cached = embedding.cache_dataset(cfg, plan, ray.put(np.unique(emb.cache_keys(missing))))
+        for r in (cached.take_all() if cached is not None else []):
+            found.setdefault(r["sha256"], r["embedding"])
+        lost = [h for h in missing if h not in found]
+        if lost:
+            raise RuntimeError(f"embedding cache of {plan.model_id} lost {len(lost)} example embeddings; run again")
     bank: dict[str, list] = {}
-    bad = 0
-    for r in got:
-        if r["reason"] is not None or r[plan.column] is None:
-            bad += 1
-            continue
-        bank.setdefault(r["category"], []).append(np.asarray(r[plan.column], dtype=np.float32))
-    return {c: np.stack(v) for c, v in sorted(bank.items())}, bad
+    for r in alive:
+        vec = r[plan.column] if r[plan.column] is not None else found[r["sha256"]]
+        bank.setdefault(r["category"], []).append(np.asarray(vec, dtype=np.float32))
+    counts = {"examples_rejected": len(got) - len(alive), "computed": len(computed), "cached": len(missing)}
+    return {c: np.stack(v) for c, v in sorted(bank.items())}, counts
 
 
 def fit(cfg: PipelineConfig, bank: dict[str, np.ndarray]) -> tuple[dict, dict]:

@@ -377,9 +377,10 @@ def nonnatural_dataset(cfg: PipelineConfig, rd: "RunDir", narrow: ray.data.Datas
     """Embed the example bank with the filter model and fit it, join the filter model's
     embeddings to the narrow rows by id, decide per row. Returns the rows and the report."""
     plan = next(p for p in plans if p.name == cfg.embed.model_for("filter"))
-    bank, bad = bank_examples.embed_bank(cfg, bank_rows, plan, device)
+    bank, counts = bank_examples.embed_bank(cfg, bank_rows, plan, device)
     model, report = bank_examples.fit(cfg, bank)
-    report.update({"examples_rejected": bad, "model_id": plan.model_id})
+    report.update({"examples_rejected": counts["examples_rejected"], "model_id": plan.model_id,
+                   "bank_embeddings": {"computed": counts["computed"], "cached": counts["cached"]}})
     joined = with_embeddings(rd, narrow, plans, plan.name)
     return joined.map_batches(stages.filters.nonnatural_decisions, batch_format="pyarrow",
                               fn_kwargs={"model": model}), report

@@ -165,9 +165,10 @@ def test_pipeline_rejects_nonnatural_by_example(tmp_path, ray_local, photos):
         save(corpus / f"page{s}.png", samples.text_page(s))
         expect[f"page{s}.png"] = "text"
     out = tmp_path / "run"
-    cfg = load_config(None, {"input.path": str(corpus), "output": str(out), "examples.path": str(bank),
-                             "examples.target_frr": 0.05, "embed.models": [{"name": "mobilenet_v2_imagenet"}],
-                             "quality.min_entropy": None})  # a sparse line chart is also "uniform"
+    overrides = {"input.path": str(corpus), "output": str(out), "examples.path": str(bank),
+                 "examples.target_frr": 0.05, "embed.models": [{"name": "mobilenet_v2_imagenet"}],
+                 "quality.min_entropy": None}  # a sparse line chart is also "uniform"
+    cfg = load_config(None, overrides)
     summary = plan.run(cfg)
     curated, rejected = check_invariant(out, [str(corpus / f) for f in expect])
     got = {u.rsplit("/", 1)[1]: r for u, r in {**curated, **rejected}.items()}
@@ -192,6 +193,15 @@ def test_pipeline_rejects_nonnatural_by_example(tmp_path, ray_local, photos):
     for r in got.values():  # the margin's sign is the decision
         assert (r["nonnatural_margin"] < 0) == (r.get("reason") == "nonnatural")
     check_examples_report(out, corpus, expect, got, false_rejections)
+    # The bank shares the embedding cache: a changed threshold refits without embedding it again.
+    import hashlib
+
+    distinct = len({hashlib.sha256(f.read_bytes()).hexdigest() for f in bank.rglob("*.*")})  # 45 of 47 files
+    assert ex["bank_embeddings"] == {"computed": distinct, "cached": 0}
+    cfg = load_config(None, {**overrides, "examples.target_frr": 0.1})
+    again = plan.run(cfg, resume=True)
+    assert again["examples"]["bank_embeddings"] == {"computed": 0, "cached": distinct}
+    assert "filter" in again["stages_run"] and "scan" in again["stages_reused"]
 
 
 def check_examples_report(out, corpus, expect, got, false_rejections):
