@@ -24,6 +24,7 @@ class Stage(StrEnum):
     VALIDATE = "validate"
     EXACT_DEDUP = "exact_dedup"
     FILTER = "filter"
+    NEAR_DEDUP = "near_dedup"
 
 
 class Reason(StrEnum):
@@ -58,6 +59,9 @@ class Reason(StrEnum):
     LETTERBOX = "letterbox"  # flat bars along the edges
     NONNATURAL = "nonnatural"  # near the examples of an unwanted category (detail names it)
     LOW_AESTHETIC = "low_aesthetic"  # LAION aesthetic score below aesthetic.min_score
+    # near-duplicates (duplicate_of names the kept id)
+    PERCEPTUAL_DUPLICATE = "perceptual_duplicate"  # pHash within near_dedup.max_hamming of a kept image
+    SEMANTIC_DUPLICATE = "semantic_duplicate"  # copy-detection embedding above near_dedup.threshold
 
 
 # Columns every row carries from ingest on.

@@ -111,6 +111,40 @@ class ExactDedupConfig(_Section):
     )
 
 
+class NearDedupConfig(_Section):
+    """Near-duplicates among the rows that passed the filters: perceptual (pHash) and
+    semantic (embeddings of embed.roles.dedup), one kept per group."""
+
+    enabled: bool = Field(True, description="Run near-duplicate removal (after the filter stage).")
+    perceptual: bool = Field(True, description="pHash pairs within max_hamming (re-encodes, resizes, small edits).")
+    max_hamming: int = Field(
+        8, ge=0, le=24, description="Max Hamming distance of two 64-bit pHashes (measured: re-encode/resize/"
+        "brightness/caption edits <= 8, distinct photos >= 24).")
+    perceptual_bits: int = Field(16, ge=4, le=32, description="Hash bits per LSH table (tables follow from recall).")
+    semantic: bool = Field(True, description="Embedding pairs above the threshold (needs an embedding model).")
+    threshold: float | None = Field(
+        None, gt=-1, le=1, description="Cosine similarity of centred, L2-normalized embeddings. Null: the dedup "
+        "model's default (SSCD 0.75, MobileNetV2 0.6; other models must set it).")
+    center: bool = Field(True, description="Subtract the corpus mean (from the sample) before normalizing.")
+    recall: float = Field(
+        0.99, gt=0, lt=1, description="Candidate recall aimed at for a pair at the threshold (sets LSH tables and "
+        "how many partitions each row joins).")
+    partition_size: int = Field(2000, ge=16, description="Rows per k-means partition (partitions = rows / this).")
+    max_assign: int = Field(6, ge=1, le=32, description="Most partitions one row joins (calibrated up to this).")
+    sample_size: int = Field(50_000, ge=100, description="Rows drawn by hash(seed, id) to fit the partitions.")
+    kmeans_iters: int = Field(10, ge=1, description="k-means iterations for the partitions.")
+    max_block: int = Field(4096, ge=16, description="A partition above this many rows is compared block pair by "
+                           "block pair (memory per worker bounded by two blocks).")
+    licence_column: str | None = Field(
+        "auto", description="Licence column for the keep policy ('auto': license/licence if present; null: none).")
+    permissive: str = Field(
+        r"^\s*(cc0|cc[- _]?zero|public[- _]?domain|pdm|no known copyright|cc[- _]?by(?![- _a-z]*(nc|nd)))",
+        description="Regex (case-insensitive) of the licences kept first.")
+    quality_column: str = Field("auto", description="Score kept highest ('auto': aesthetic if scored, else q_blur).")
+    taxon_column: str | None = Field(
+        "auto", description="Taxon label to flag conflicts inside a group ('auto': species/scientific_name/taxon).")
+
+
 class QualityConfig(_Section):
     """Technical quality thresholds (the filter stage). The scores are always computed in the
     decode pass (columns q_*); a threshold set to null is not applied."""
@@ -296,7 +330,7 @@ class EmbedConfig(_Section):
         return self.roles.get(role) or (self.models[0].name if self.models else None)
 
 
-STAGES = ("ingest", "validate", "embed", "exact_dedup", "filter")
+STAGES = ("ingest", "validate", "embed", "exact_dedup", "filter", "near_dedup")
 
 
 class PipelineConfig(_Section):
@@ -309,6 +343,7 @@ class PipelineConfig(_Section):
     exact_dedup: ExactDedupConfig = ExactDedupConfig()
     quality: QualityConfig = QualityConfig()
     examples: ExamplesConfig = ExamplesConfig()
+    near_dedup: NearDedupConfig = NearDedupConfig()
     aesthetic: AestheticConfig = AestheticConfig()
     catalog: CatalogConfig = CatalogConfig()
     select: SelectConfig = SelectConfig()

@@ -35,6 +35,9 @@ import stages.ingest as ingest
 import stages.kernels.bloom
 import stages.kernels.examples
 import stages.kernels.exact
+import stages.kernels.kmeans
+import stages.kernels.neardup
+import stages.neardup
 import stages.kernels.hashing
 import stages.kernels.phash
 import stages.kernels.select
@@ -43,6 +46,7 @@ import stages.validate
 from manifests import io as mio
 from pipeline import __version__, catalog, embedding
 from pipeline import examples as bank_examples
+from pipeline import neardedup
 from pipeline.config import STAGES, PipelineConfig
 from stages.kernels.bloom import bloom_contains
 from stages.validate import ValidateStage
@@ -120,6 +124,14 @@ def stage_fingerprints(cfg: PipelineConfig, until: str, kind: str = "folder",
                                     code_hash(stages.filters, stages.kernels.examples, bank_examples,
                                               stages.aesthetic),
                                     fps.get("exact_dedup", narrow_fp))
+    if STAGES.index(until) >= STAGES.index("near_dedup") and cfg.near_dedup.enabled:
+        dedup_model = cfg.embed.model_for("dedup") if plans else None
+        embed_fp = next((fps[embed_stage(p)] for p in plans or [] if p.name == dedup_model), "")
+        fps["near_dedup"] = fingerprint({"near_dedup": cfg.section("near_dedup"), "seed": cfg.run.seed,
+                                         "model": dedup_model},
+                                        code_hash(stages.neardup, stages.kernels.neardup, stages.kernels.kmeans,
+                                                  neardedup),
+                                        fps.get("filter", fps.get("exact_dedup", narrow_fp)) + embed_fp)
     return fps
 
 
@@ -445,6 +457,10 @@ def describe(cfg: PipelineConfig, kind: str, until: str, plans: list | None = No
     if STAGES.index(until) >= STAGES.index("filter"):
         on = {k: v for k, v in cfg.section("quality").items() if v is not None}
         lines.append(f"  filter      quality thresholds {on or 'none'}  writes stages/filter")
+    if STAGES.index(until) >= STAGES.index("near_dedup") and cfg.near_dedup.enabled:
+        nd = cfg.near_dedup
+        lines.append(f"  near_dedup  perceptual={nd.perceptual} (Hamming <= {nd.max_hamming}), semantic={nd.semantic} "
+                     f"(model {cfg.embed.model_for('dedup') if plans else None}), union-find  writes stages/near_dedup")
     lines.append("  manifest    curated/ + rejected/ + summary.json, committed with _SUCCESS")
     return "\n".join(lines)
 
@@ -509,6 +525,14 @@ def run(cfg: PipelineConfig, until: str = STAGES[-1], resume: bool = False) -> d
                     stages.filters.aesthetic_decisions, batch_format="pyarrow",
                     fn_kwargs={"head": cfg.aesthetic.head, "weights": cfg.aesthetic.weights,
                                "min_score": cfg.aesthetic.min_score})
+        elif name == "near_dedup":
+            model = cfg.embed.model_for("dedup") if plans else None
+            embs = None
+            if model and cfg.near_dedup.semantic:
+                p = next(p for p in plans if p.name == model)
+                embs = rd.read(rd.path("stages", embed_stage(p))).select_columns(["id", "embedding"])
+            ds, stage_counts, pairs = neardedup.near_dedup_dataset(cfg, rd.read(upstream), embs, model)
+            rd.write(ray.data.from_arrow(pairs), rd.path("stages", "near_dedup_pairs"), {"fingerprint": fp})
         else:  # pragma: no cover - guarded by stage_fingerprints
             raise AssertionError(name)
         rd.write(ds, final, {"fingerprint": fp, "stage": name, "counts": stage_counts})
@@ -547,6 +571,8 @@ def run(cfg: PipelineConfig, until: str = STAGES[-1], resume: bool = False) -> d
                   for p in plans},
         "examples": ((mio.read_marker(rd.fs, rd.path("stages", "filter")) or {}).get("counts") or None
                      if filtering_examples else None),
+        "near_dedup": ((mio.read_marker(rd.fs, rd.path("stages", "near_dedup")) or {}).get("counts") or None
+                       if "near_dedup" in fps else None),
         "aesthetic": {"head": cfg.aesthetic.head, "scored": scoring_aesthetic,
                       "min_score": cfg.aesthetic.min_score if scoring_aesthetic else None},
         "input_kind": kind,

@@ -159,3 +159,25 @@ def crops(a: np.ndarray, n: int, seed: int) -> list[np.ndarray]:
         y, x = int(rng.integers(0, h - ch + 1)), int(rng.integers(0, w - cw + 1))
         out.append(a[y : y + ch, x : x + cw])
     return out
+
+
+def edited_copies(a: np.ndarray) -> dict[str, Image.Image]:
+    """The edits aggregators make to one photo: re-encoded (JPEG q30), resized 50%, centre
+    crop 85%, brightened, rotated 5 degrees, mirrored, a caption drawn over it."""
+    from PIL import ImageDraw, ImageEnhance, ImageOps
+
+    im = Image.fromarray(np.asarray(a)[..., :3])
+    w, h = im.size
+    cw, ch = int(w * 0.85), int(h * 0.85)
+    caption = im.copy()
+    ImageDraw.Draw(caption).text((10, h // 2), "(c) Some Aggregator 2024", fill=(255, 255, 255),
+                                 font_size=max(12, h // 12))
+    return {
+        "q30": Image.open(io.BytesIO(encode(im, "JPEG", quality=30))).convert("RGB"),
+        "half": im.resize((w // 2, h // 2), Image.Resampling.BILINEAR),
+        "crop85": im.crop(((w - cw) // 2, (h - ch) // 2, (w - cw) // 2 + cw, (h - ch) // 2 + ch)),
+        "bright": ImageEnhance.Brightness(im).enhance(1.3),
+        "rot5": im.rotate(5, resample=Image.Resampling.BICUBIC),
+        "flip": ImageOps.mirror(im),
+        "caption": caption,
+    }

@@ -1,0 +1,209 @@
+"""Near-duplicate removal on Ray Data, among the rows alive after the filters.
+
+1. perceptual: every alive row emits one (bucket, pHash) row per LSH table; a hash shuffle
+   on the bucket's partition brings bucket mates together; pairs within the Hamming radius
+   are verified exactly. Tables follow from the recall target at the radius.
+2. semantic: spherical k-means on a sample drawn by hash(seed, id) (one process: a
+   deterministic fit); every row joins its m nearest partitions (m calibrated for the
+   recall target at the threshold); partition sizes are counted first and a partition
+   above ``max_block`` rows is compared block pair by block pair; pairs at cosine >=
+   threshold are verified exactly inside each group.
+3. the pairs (a few per duplicate, not per row) become groups by union-find in the driver;
+   the group members' keep-policy columns are fetched, one row is kept per group, and
+   the decisions are joined back to the narrow table by id.
+
+Memory per worker is bounded by a shuffle partition / two blocks, never by the corpus; the
+driver holds the pair graph (proportional to the duplicates found).
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pyarrow as pa
+import ray
+
+from pipeline.config import ConfigError, PipelineConfig
+from stages import neardup as snd
+from stages.kernels import kmeans
+from stages.kernels import neardup as kn
+
+# Default semantic thresholds (cosine of centred, L2-normalized embeddings) per model.
+DEFAULT_THRESHOLDS = {
+    # SSCD authors' operating point for copy detection (~90% precision on DISC21). The
+    # reference walkthrough used cosine distance 0.04 (0.96), which keeps crops and overlays.
+    "resnet_v1_50_c1_sscd": 0.75,
+    # Measured here on real photos (tests/test_neardup.py): edited copies (JPEG q30, 50%
+    # resize, 85% crop, brightness, 5 degree rotation, flip, caption) >= 0.74, distinct
+    # photos <= 0.12.
+    "mobilenet_v2_imagenet": 0.6,
+}
+
+ROWS_PER_PARTITION = 2_000_000  # shuffle partitions of the perceptual band rows
+
+
+def threshold_for(cfg: PipelineConfig, model: str) -> float:
+    t = cfg.near_dedup.threshold
+    if t is None:
+        t = DEFAULT_THRESHOLDS.get(model)
+    if t is None:
+        raise ConfigError(f"near_dedup.threshold: no default for dedup model {model!r} (a species-level model puts "
+                          "different photos of one species close together); set it, or near_dedup.semantic: false")
+    return float(t)
+
+
+def _take_pairs(ds: ray.data.Dataset) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    parts = [t for t in ds.iter_batches(batch_format="pyarrow", batch_size=None) if len(t)]
+    if not parts:
+        return np.zeros(0, np.uint64), np.zeros(0, np.uint64), np.zeros(0, np.float32)
+    t = pa.concat_tables(parts)
+    return (t["a"].to_numpy().astype(np.uint64), t["b"].to_numpy().astype(np.uint64),
+            t["score"].to_numpy().astype(np.float32))
+
+
+def perceptual_pairs(cfg: PipelineConfig, alive: ray.data.Dataset, n: int) -> tuple[tuple, dict]:
+    c = cfg.near_dedup
+    params = kn.perceptual_params(c.max_hamming, c.recall, c.perceptual_bits)
+    positions = kn.band_positions(params["tables"], c.perceptual_bits, cfg.run.seed)
+    parts = int(max(1, min(1000, math.ceil(n * params["tables"] / ROWS_PER_PARTITION))))
+    rows = alive.map_batches(snd.band_rows, batch_format="pyarrow", fn_kwargs={"positions": positions, "parts": parts})
+    pairs = rows.groupby("part", num_partitions=min(parts, 200)).map_groups(
+        snd.hamming_partition, batch_format="pyarrow", fn_kwargs={"max_hamming": c.max_hamming})
+    a, b, h = _take_pairs(pairs)
+    a, b, h = kn.unique_pairs(a, b, h)
+    params.update({"partitions": parts, "pairs": int(len(a))})
+    return (a, b, h), params
+
+
+def semantic_pairs(cfg: PipelineConfig, rows: ray.data.Dataset, n: int, model: str) -> tuple[tuple, dict]:
+    """``rows``: alive rows with ``_key`` and the dedup model's ``embedding``."""
+    c = cfg.near_dedup
+    threshold = threshold_for(cfg, model)
+    cutoff = min(2**64 - 1, int(c.sample_size / max(1, n) * 2**64))
+    got = rows.map_batches(snd.sample_rows, batch_format="pyarrow",
+                           fn_kwargs={"seed": cfg.run.seed, "cutoff": cutoff}).take_all()
+    empty = (np.zeros(0, np.uint64), np.zeros(0, np.uint64), np.zeros(0, np.float32))
+    if len(got) < 2:
+        return empty, {"threshold": threshold, "pairs": 0, "sample": len(got)}
+    got.sort(key=lambda r: r["id"])  # the same sample in the same order whatever the blocks
+    x = np.asarray([r["embedding"] for r in got], dtype=np.float32)
+    mean = x.mean(axis=0) if c.center else None
+    xs = kn.center_normalize(x, mean)
+    k = int(max(1, min(len(xs) // 4 or 1, math.ceil(n / c.partition_size))))
+    centroids, inertia = kmeans.fit(xs, k, iters=c.kmeans_iters, seed=cfg.run.seed)
+    m, curve = kn.calibrate_assign(xs, centroids, threshold, c.recall, min(c.max_assign, k), seed=cfg.run.seed)
+    assigned = rows.map_batches(snd.assign_rows, batch_format="pyarrow",
+                                fn_kwargs={"mean": mean, "centroids": centroids, "m": m}).materialize()
+    counts = np.zeros(k, np.int64)
+    for r in assigned.map_batches(snd.part_counts, batch_format="pyarrow", fn_kwargs={"k": k}).take_all():
+        counts += np.asarray(r["counts"], dtype=np.int64)
+    blocks = np.array([kn.n_blocks(int(s), c.max_block) for s in counts], dtype=np.int64)
+    groups = assigned.map_batches(snd.group_rows, batch_format="pyarrow", fn_kwargs={"blocks": blocks})
+    n_groups = int(sum(b * (b + 1) // 2 for b in blocks))
+    pairs = groups.groupby("group", num_partitions=max(1, min(200, n_groups))).map_groups(
+        snd.cosine_group, batch_format="pyarrow", fn_kwargs={"threshold": threshold})
+    a, b, s = _take_pairs(pairs)
+    a, b, s = kn.unique_pairs(a, b, s, keep_max=True)
+    report = {"model": model, "threshold": threshold, "centred": c.center, "sample": len(xs), "partitions": k,
+              "kmeans_mean_cosine_distance": round(inertia, 5), "assign": m,
+              "boundary_recall_at_threshold": {str(i): round(v, 4) for i, v in curve.items()},
+              "largest_partition": int(counts.max()), "blocked_partitions": int((blocks > 1).sum()),
+              "groups_compared": n_groups, "pairs": int(len(a))}
+    return (a, b, s), report
+
+
+def _auto(names: list[str], setting: str | None, candidates: tuple[str, ...]) -> str | None:
+    if setting is None:
+        return None
+    if setting != "auto":
+        if setting not in names:
+            raise ConfigError(f"near_dedup: column {setting!r} is not in the table ({names})")
+        return setting
+    return next((c for c in candidates if c in names), None)
+
+
+def near_dedup_dataset(cfg: PipelineConfig, narrow: ray.data.Dataset, embeddings: ray.data.Dataset | None,
+                       model: str | None) -> tuple[ray.data.Dataset, dict, pa.Table]:
+    """The narrow table with near-duplicates rejected; the report; the pairs table."""
+    c = cfg.near_dedup
+    alive = narrow.map_batches(snd.alive_keyed, batch_format="pyarrow").materialize()
+    n = alive.count()
+    report: dict = {"alive": n}
+    found = []
+    if c.perceptual and n > 1:
+        (a, b, h), report["perceptual"] = perceptual_pairs(cfg, alive, n)
+        found.append(("perceptual", a, b, h))
+    if c.semantic and model and n > 1 and embeddings is not None:
+        rows = alive.select_columns(["id", "_key"]).join(
+            embeddings, join_type="inner", on=("id",), num_partitions=max(1, min(200, -(-n // 100_000))))
+        (a, b, s), report["semantic"] = semantic_pairs(cfg, rows, n, model)
+        found.append(("semantic", a, b, s))
+    all_a = np.concatenate([f[1] for f in found]) if found else np.zeros(0, np.uint64)
+    all_b = np.concatenate([f[2] for f in found]) if found else np.zeros(0, np.uint64)
+    nodes, roots = kn.connected_components(all_a, all_b)
+    root = dict(zip(nodes.tolist(), roots.tolist()))
+    edges: dict[int, list] = {}
+    for kind, a, b, s in found:
+        for x, y, v in zip(a.tolist(), b.tolist(), s.tolist()):
+            for node in (x, y):
+                e = edges.setdefault(node, [None, None])
+                if kind == "perceptual":
+                    e[0] = int(v) if e[0] is None else min(e[0], int(v))
+                else:
+                    e[1] = float(v) if e[1] is None else max(e[1], float(v))
+    names = alive.schema().names
+    quality = "aesthetic" if c.quality_column == "auto" and "aesthetic" in names else (
+        "q_blur" if c.quality_column == "auto" else c.quality_column)
+    quality = quality if quality in names else None
+    licence = _auto(names, c.licence_column, ("license", "licence", "License"))
+    taxon = _auto(names, c.taxon_column, ("species", "scientific_name", "taxon", "taxon_name"))
+    columns = [col for col in dict.fromkeys(["width", "height", quality, licence, taxon]) if col]
+    members = np.asarray(nodes, dtype=np.uint64)
+    if len(members):
+        ref = ray.put(members)
+        rows = pa.concat_tables([t for t in alive.map_batches(
+            _members, batch_format="pyarrow", fn_kwargs={"members": ref, "columns": columns}).iter_batches(
+            batch_format="pyarrow", batch_size=None)])
+        decisions = snd.decide_groups(rows, root, {k: tuple(v) for k, v in edges.items()}, cfg.run.seed, quality,
+                                      licence, c.permissive, taxon)
+    else:
+        decisions = None
+    id_of = {}
+    if decisions is not None:
+        keys = kn.id_keys(decisions["id"].to_pylist())
+        id_of = dict(zip(keys.tolist(), decisions["id"].to_pylist()))
+    pair_rows = {"group": [], "id_a": [], "id_b": [], "detector": [], "similarity": []}
+    for kind, a, b, s in found:
+        for x, y, v in zip(a.tolist(), b.tolist(), s.tolist()):
+            pair_rows["group"].append(f"{root[x]:016x}")
+            pair_rows["id_a"].append(id_of.get(x))
+            pair_rows["id_b"].append(id_of.get(y))
+            pair_rows["detector"].append(kind)
+            pair_rows["similarity"].append(float(1 - v / 64) if kind == "perceptual" else float(v))
+    pairs_table = pa.table({"group": pa.array(pair_rows["group"], pa.string()),
+                            "id_a": pa.array(pair_rows["id_a"], pa.string()),
+                            "id_b": pa.array(pair_rows["id_b"], pa.string()),
+                            "detector": pa.array(pair_rows["detector"], pa.string()),
+                            "similarity": pa.array(pair_rows["similarity"], pa.float32())})
+    report.update({"groups": int(len(set(roots.tolist()))), "members": int(len(members)),
+                   "removed": int(sum(r is not None for r in decisions["_nd_reason"].to_pylist())) if decisions else 0,
+                   "taxonomy_conflicts": int(len({g for g, f in zip(decisions["_nd_group"].to_pylist(),
+                                                                    decisions["_nd_conflict"].to_pylist()) if f}))
+                   if decisions else 0,
+                   "keep_policy": {"licence_column": licence, "quality_column": quality, "taxon_column": taxon}})
+    if decisions is None:
+        out = narrow.map_batches(snd.apply_decisions, batch_format="pyarrow")
+    else:
+        dec = ray.data.from_arrow(decisions)
+        total = max(1, narrow.count())
+        out = narrow.join(dec, join_type="left_outer", on=("id",),
+                          num_partitions=max(1, min(200, -(-total // 100_000)))).map_batches(
+            snd.apply_decisions, batch_format="pyarrow")
+    return out, report, pairs_table
+
+
+def _members(batch: pa.Table, members, columns: list[str]) -> pa.Table:
+    from pipeline.embedding import resolve_ref
+
+    return snd.member_rows(batch, resolve_ref(members), columns)

@@ -1,0 +1,82 @@
+"""Spherical k-means (cosine) on L2-normalized embeddings: pure torch, no Ray, one process,
+deterministic for a seed (fixed init draws, fixed reduction order on the CPU).
+
+Used by near-duplicate removal (partition the embedding space, then compare pairs inside
+each partition, as SemDeDup does) and by diversity sampling (hierarchical levels)."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+
+def normalize(x: np.ndarray | torch.Tensor) -> torch.Tensor:
+    t = torch.as_tensor(x, dtype=torch.float32)
+    return t / t.norm(dim=1, keepdim=True).clamp_min(1e-12)
+
+
+def _best(x: torch.Tensor, c: torch.Tensor, chunk: int = 65536) -> tuple[torch.Tensor, torch.Tensor]:
+    """Nearest centroid (max cosine) per row, and its similarity."""
+    idx = torch.empty(len(x), dtype=torch.int64)
+    sim = torch.empty(len(x), dtype=torch.float32)
+    for i in range(0, len(x), chunk):
+        s, j = (x[i : i + chunk] @ c.T).max(dim=1)
+        idx[i : i + chunk], sim[i : i + chunk] = j, s
+    return idx, sim
+
+
+def kmeans_pp(x: torch.Tensor, k: int, gen: torch.Generator, candidates: int = 2) -> torch.Tensor:
+    """Greedy k-means++ seeding on cosine distance: each new centroid is the best of
+    ``candidates`` draws proportional to the distance to the nearest chosen centroid."""
+    n = len(x)
+    first = int(torch.randint(n, (1,), generator=gen))
+    chosen = [first]
+    dist = (1.0 - x @ x[first]).clamp_min(0)
+    for _ in range(1, k):
+        total = float(dist.sum())
+        if total <= 0:  # fewer distinct points than k: repeat (empty clusters stay empty)
+            chosen.append(int(torch.randint(n, (1,), generator=gen)))
+            continue
+        picks = torch.multinomial(dist / total, candidates, replacement=True, generator=gen)
+        new = (1.0 - x @ x[picks].T).clamp_min(0)  # (n, candidates)
+        pot = torch.minimum(new, dist[:, None]).sum(dim=0)
+        best = int(pot.argmin())
+        chosen.append(int(picks[best]))
+        dist = torch.minimum(dist, new[:, best])
+    return x[chosen].clone()
+
+
+def fit(x: np.ndarray, k: int, iters: int = 20, seed: int = 0, init_sample: int = 50) -> tuple[np.ndarray, float]:
+    """Spherical k-means: ``k`` unit centroids of the rows of ``x`` and the mean cosine
+    distance of the rows to their centroid. k-means++ seeding on at most ``init_sample * k``
+    rows (drawn with the seed); Lloyd iterations on all rows."""
+    xt = normalize(x)
+    n = len(xt)
+    k = max(1, min(k, n))
+    gen = torch.Generator().manual_seed(seed)
+    sub = xt if n <= init_sample * k else xt[torch.randperm(n, generator=gen)[: init_sample * k]]
+    c = kmeans_pp(sub, k, gen)
+    for _ in range(iters):
+        idx, _ = _best(xt, c)
+        sums = torch.zeros_like(c).index_add_(0, idx, xt)
+        counts = torch.bincount(idx, minlength=k)
+        empty = counts == 0
+        new = torch.where(empty[:, None], c, sums)
+        new = normalize(new)
+        if torch.equal(new, c):
+            break
+        c = new
+    _, sim = _best(xt, c)
+    return c.numpy(), float((1.0 - sim).mean())
+
+
+def top_m(x: np.ndarray, centroids: np.ndarray, m: int, chunk: int = 65536) -> tuple[np.ndarray, np.ndarray]:
+    """The ``m`` most similar centroids of each (normalized) row, and the similarities."""
+    xt, c = normalize(x), torch.as_tensor(centroids, dtype=torch.float32)
+    m = min(m, len(c))
+    idx = np.empty((len(xt), m), dtype=np.int64)
+    sim = np.empty((len(xt), m), dtype=np.float32)
+    for i in range(0, len(xt), chunk):
+        s, j = torch.topk(xt[i : i + chunk] @ c.T, m, dim=1)
+        idx[i : i + chunk], sim[i : i + chunk] = j.numpy(), s.numpy()
+    return idx, sim

@@ -1,0 +1,302 @@
+"""Near-duplicate detection kernels: pure numpy/torch, no Ray.
+
+Two detectors, both exact in their final test, approximate only in which pairs they test:
+
+* **perceptual** -- 64-bit pHash within a Hamming radius. Candidates share a band key:
+  ``tables`` random subsets of ``bits`` hash bits (bit-sampling LSH for Hamming distance);
+  a pair at distance h collides in one table with probability C(64-h, bits) / C(64, bits),
+  so ``tables`` is chosen for the recall target at the radius.
+* **semantic** -- cosine similarity of centred, L2-normalized embeddings of a copy-detection
+  model above a threshold. Candidates share a partition: spherical k-means on a sample, each
+  row assigned to its ``m`` nearest centroids (a pair split by a partition boundary is still
+  found when one of the pair is also assigned across it); all pairs inside a partition are
+  compared by matrix products. A partition larger than ``max_block`` rows is cut into blocks
+  and compared block pair by block pair, so no worker ever holds more than two blocks.
+
+Pairs become groups with :func:`connected_components` (union-find by hooking and pointer
+jumping, vectorized); :func:`keep_order` ranks a group's members for the keep policy.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+
+import numpy as np
+import torch
+
+from stages.kernels.phash import hamming64
+
+# --------------------------------------------------------------------------- ids and groups
+
+
+def id_keys(ids: list[str]) -> np.ndarray:
+    """A uint64 key per id (blake2b): compact node names for the pair graph."""
+    return np.array([int.from_bytes(hashlib.blake2b(i.encode(), digest_size=8).digest(), "little") for i in ids],
+                    dtype=np.uint64)
+
+
+def connected_components(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Union-find over the edges ``a[i] -- b[i]`` (any integer node names).
+
+    Returns ``(nodes, root)``: the sorted distinct nodes and, for each, the smallest node of
+    its component (a stable group name). Roots are hooked smaller-under-larger and paths
+    compressed by pointer jumping until no edge joins two roots."""
+    nodes, inv = np.unique(np.concatenate([np.asarray(a), np.asarray(b)]), return_inverse=True)
+    if len(nodes) == 0:
+        return nodes, nodes
+    ea, eb = inv[: len(a)], inv[len(a):]
+    parent = np.arange(len(nodes))
+    while True:
+        ra, rb = parent[ea], parent[eb]
+        diff = ra != rb
+        if not diff.any():
+            break
+        lo, hi = np.minimum(ra[diff], rb[diff]), np.maximum(ra[diff], rb[diff])
+        np.minimum.at(parent, hi, lo)
+        while True:  # pointer jumping: every node points at its root
+            up = parent[parent]
+            if np.array_equal(up, parent):
+                break
+            parent = up
+    return nodes, nodes[parent]
+
+
+# --------------------------------------------------------------------------- perceptual
+
+def band_collision(h: int, bits: int) -> float:
+    """Probability that two 64-bit hashes at Hamming distance h agree on ``bits`` random
+    distinct positions."""
+    if bits > 64 - h:
+        return 0.0
+    return math.comb(64 - h, bits) / math.comb(64, bits)
+
+
+def tables_for(p_one: float, recall: float, cap: int = 512) -> int:
+    """Tables needed so that 1 - (1 - p_one)^tables >= recall."""
+    if p_one >= 1.0:
+        return 1
+    if p_one <= 0.0:
+        return cap
+    return int(min(cap, max(1, math.ceil(math.log(1 - recall) / math.log(1 - p_one)))))
+
+
+def perceptual_params(max_hamming: int, recall: float, bits: int) -> dict:
+    p = band_collision(max_hamming, bits)
+    tables = tables_for(p, recall)
+    return {"max_hamming": max_hamming, "bits": bits, "tables": tables, "p_one_table": p,
+            "recall_at_radius": 1 - (1 - p) ** tables}
+
+
+def band_positions(tables: int, bits: int, seed: int) -> np.ndarray:
+    """(tables, bits) distinct bit positions per table, a function of the seed."""
+    rng = np.random.default_rng(seed)
+    return np.stack([np.sort(rng.choice(64, bits, replace=False)) for _ in range(tables)]).astype(np.uint64)
+
+
+def band_keys(phash: np.ndarray, positions: np.ndarray) -> np.ndarray:
+    """(n, tables) uint64 bucket keys: the table number in the high bits, the sampled bits below."""
+    h = np.asarray(phash, dtype=np.uint64)[:, None, None]
+    bits = (h >> positions[None]) & np.uint64(1)  # (n, tables, bits)
+    weights = np.uint64(1) << np.arange(positions.shape[1], dtype=np.uint64)
+    packed = (bits * weights).sum(axis=2, dtype=np.uint64)
+    return packed | (np.arange(positions.shape[0], dtype=np.uint64) << np.uint64(40))[None, :]
+
+
+def hamming_pairs(bucket: np.ndarray, phash: np.ndarray, node: np.ndarray, max_hamming: int,
+                  max_block: int = 4096) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Pairs ``(node_a, node_b, hamming)`` with distance <= ``max_hamming`` among rows that
+    share a bucket. Rows with the same hash in a bucket are chained to its first row (a
+    star, not all pairs: thousands of copies of one picture stay linear); distinct hashes
+    in a bucket are compared all against all, ``max_block`` at a time."""
+    order = np.lexsort((node, phash, bucket))
+    bucket, phash, node = bucket[order], phash[order], node[order]
+    out_a, out_b, out_h = [], [], []
+    # identical (bucket, hash): star edges to the run's first row
+    same = np.flatnonzero((bucket[1:] == bucket[:-1]) & (phash[1:] == phash[:-1])) + 1
+    if len(same):
+        starts = np.flatnonzero(np.r_[True, (bucket[1:] != bucket[:-1]) | (phash[1:] != phash[:-1])])
+        first = starts[np.searchsorted(starts, same, side="right") - 1]
+        out_a.append(node[first])
+        out_b.append(node[same])
+        out_h.append(np.zeros(len(same), np.int64))
+    # distinct hashes sharing a bucket
+    uniq = np.r_[True, (bucket[1:] != bucket[:-1]) | (phash[1:] != phash[:-1])]
+    ub, uh, un = bucket[uniq], phash[uniq], node[uniq]
+    edges = np.flatnonzero(np.r_[True, ub[1:] != ub[:-1], True])
+    sizes = np.diff(edges)
+    pair2 = edges[:-1][sizes == 2]  # the common case, vectorized
+    if len(pair2):
+        d = hamming64(uh[pair2], uh[pair2 + 1])
+        ok = d <= max_hamming
+        out_a.append(un[pair2][ok])
+        out_b.append(un[pair2 + 1][ok])
+        out_h.append(d[ok].astype(np.int64))
+    for s, size in zip(edges[:-1][sizes > 2], sizes[sizes > 2]):
+        hs, ns = uh[s : s + size], un[s : s + size]
+        for i in range(0, size, max_block):
+            for j in range(i, size, max_block):
+                d = hamming64(np.repeat(hs[i : i + max_block], len(hs[j : j + max_block])),
+                              np.tile(hs[j : j + max_block], len(hs[i : i + max_block])))
+                d = d.reshape(len(hs[i : i + max_block]), -1)
+                ii, jj = np.nonzero(d <= max_hamming)
+                keep = (i + ii) < (j + jj)
+                out_a.append(ns[i + ii[keep]])
+                out_b.append(ns[j + jj[keep]])
+                out_h.append(d[ii[keep], jj[keep]].astype(np.int64))
+    if not out_a:
+        e = np.zeros(0, np.uint64)
+        return e, e, np.zeros(0, np.int64)
+    return unique_pairs(np.concatenate(out_a), np.concatenate(out_b), np.concatenate(out_h))
+
+
+def unique_pairs(a: np.ndarray, b: np.ndarray, score: np.ndarray, keep_max: bool = False):
+    """Pairs ordered (min, max), self-pairs dropped, one row per pair (the smallest score,
+    or the largest with ``keep_max``)."""
+    lo, hi = np.minimum(a, b), np.maximum(a, b)
+    ok = lo != hi
+    lo, hi, score = lo[ok], hi[ok], score[ok]
+    order = np.lexsort((-score if keep_max else score, hi, lo))
+    lo, hi, score = lo[order], hi[order], score[order]
+    first = np.r_[True, (lo[1:] != lo[:-1]) | (hi[1:] != hi[:-1])]
+    return lo[first], hi[first], score[first]
+
+
+# --------------------------------------------------------------------------- semantic
+
+def center_normalize(x: np.ndarray, mean: np.ndarray | None) -> np.ndarray:
+    """Subtract the corpus mean (when given), then L2-normalize; float32."""
+    x = np.asarray(x, dtype=np.float32)
+    if mean is not None:
+        x = x - np.asarray(mean, dtype=np.float32)[None, :]
+    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+
+
+def collision_hyperplanes(cos: float, planes: int, tables: int) -> float:
+    """Probability that random-hyperplane LSH with ``tables`` x ``planes`` puts a pair at
+    cosine ``cos`` in a common bucket (for comparison with the reference's 4 x 18)."""
+    p = 1.0 - math.acos(max(-1.0, min(1.0, cos))) / math.pi
+    return 1.0 - (1.0 - p ** planes) ** tables
+
+
+def n_blocks(size: int, max_block: int) -> int:
+    return max(1, -(-size // max_block))
+
+
+def block_of(keys: np.ndarray, blocks: np.ndarray) -> np.ndarray:
+    """Block of each row inside its partition: its key modulo the partition's block count."""
+    return (np.asarray(keys, dtype=np.uint64) % np.asarray(blocks, dtype=np.uint64)).astype(np.int64)
+
+
+def block_pair_ids(block: int, blocks: int) -> list[tuple[int, int]]:
+    """The block pairs a row of ``block`` takes part in (each unordered pair once)."""
+    return [(min(block, o), max(block, o)) for o in range(blocks)]
+
+
+def cosine_pairs(xa: np.ndarray, ka: np.ndarray, xb: np.ndarray | None, kb: np.ndarray | None,
+                 threshold: float, chunk: int = 4096) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Pairs ``(key_a, key_b, cosine)`` with cosine >= ``threshold`` between the rows of
+    ``xa`` and ``xb`` (normalized), or among the rows of ``xa`` when ``xb`` is None."""
+    same = xb is None
+    ta = torch.as_tensor(np.asarray(xa, dtype=np.float32))
+    tb = ta if same else torch.as_tensor(np.asarray(xb, dtype=np.float32))
+    kb = ka if same else kb
+    out_a, out_b, out_s = [], [], []
+    for i in range(0, len(ta), chunk):
+        lo = i if same else 0  # among one set: the upper triangle only
+        s = ta[i : i + chunk] @ tb[lo:].T
+        if same:
+            s[torch.arange(len(s))[:, None] >= torch.arange(s.shape[1])[None, :]] = -2.0
+        ii, jj = torch.nonzero(s >= threshold, as_tuple=True)
+        if len(ii):
+            out_a.append(ka[i + ii.numpy()])
+            out_b.append(kb[lo + jj.numpy()])
+            out_s.append(s[ii, jj].numpy())
+    if not out_a:
+        return np.zeros(0, np.uint64), np.zeros(0, np.uint64), np.zeros(0, np.float32)
+    return np.concatenate(out_a), np.concatenate(out_b), np.concatenate(out_s)
+
+
+def semantic_pairs_local(x: np.ndarray, keys: np.ndarray, centroids: np.ndarray, m: int, threshold: float,
+                         max_block: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The distributed semantic path in one process (same kernels, same partitions and
+    blocks): for tests and benchmarks against exhaustive search."""
+    from stages.kernels.kmeans import top_m
+
+    idx, _ = top_m(x, centroids, m)
+    sizes = np.bincount(idx.ravel(), minlength=len(centroids))
+    groups: dict[tuple[int, int, int], tuple[list[int], list[int]]] = {}
+    for col in range(idx.shape[1]):
+        part = idx[:, col]
+        nb = np.array([n_blocks(int(sizes[p]), max_block) for p in part])
+        blk = block_of(keys, nb)
+        for r in range(len(x)):
+            for pair in block_pair_ids(int(blk[r]), int(nb[r])):
+                rows, bl = groups.setdefault((int(part[r]), *pair), ([], []))
+                rows.append(r)
+                bl.append(int(blk[r]))
+    out = []
+    for (_, b1, b2), (rows, bl) in groups.items():
+        r = np.array(rows)
+        out.append(pairs_in_group(x[r], keys[r], (b1, b2), threshold, np.array(bl)))
+    return merge_pairs(out)
+
+
+def pairs_in_group(x: np.ndarray, keys: np.ndarray, blocks: tuple[int, int], threshold: float,
+                   block: np.ndarray | None = None):
+    """All pairs at cosine >= threshold in one group: a whole partition (one block), or the
+    cross pairs of two blocks of it (rows told apart by ``block``)."""
+    b1, b2 = blocks
+    if b1 == b2:
+        return cosine_pairs(x, keys, None, None, threshold)
+    if block is None:
+        raise ValueError("two-block group needs each row's block")
+    a, b = block == b1, block == b2
+    return cosine_pairs(x[a], keys[a], x[b], keys[b], threshold)
+
+
+def merge_pairs(parts: list[tuple[np.ndarray, np.ndarray, np.ndarray]]):
+    parts = [p for p in parts if len(p[0])]
+    if not parts:
+        return np.zeros(0, np.uint64), np.zeros(0, np.uint64), np.zeros(0, np.float32)
+    a, b, s = (np.concatenate(c) for c in zip(*parts))
+    return unique_pairs(a, b, s, keep_max=True)
+
+
+def calibrate_assign(x: np.ndarray, centroids: np.ndarray, threshold: float, recall: float, max_assign: int,
+                     seed: int = 0, n_pairs: int = 4000) -> tuple[int, dict]:
+    """How many partitions each row must join so that a pair *at* the threshold shares one
+    with probability >= ``recall``: partners of sample rows are planted at exactly the
+    threshold in random directions (the worst case of the accepted pairs), and the fraction
+    of pairs whose top-m partition sets intersect is measured for m = 1..max_assign.
+    Returns the smallest m reaching ``recall`` (else ``max_assign``) and the curve."""
+    from stages.kernels.kmeans import top_m
+
+    rng = np.random.default_rng(seed)
+    a = center_normalize(x[rng.choice(len(x), min(n_pairs, len(x)), replace=False)], None)
+    u = rng.standard_normal(a.shape).astype(np.float32)
+    u -= (u * a).sum(axis=1, keepdims=True) * a
+    u /= np.maximum(np.linalg.norm(u, axis=1, keepdims=True), 1e-12)
+    t = max(-1.0, min(1.0, threshold))
+    b = t * a + math.sqrt(1 - t * t) * u
+    ia, _ = top_m(a, centroids, max_assign)
+    ib, _ = top_m(b, centroids, max_assign)
+    curve = {}
+    chosen = ia.shape[1]
+    for m in range(1, ia.shape[1] + 1):
+        hit = np.array([bool(set(ia[i, :m]) & set(ib[i, :m])) for i in range(len(a))])
+        curve[m] = float(hit.mean())
+        if curve[m] >= recall:
+            chosen = m
+            break
+    return chosen, curve
+
+
+# --------------------------------------------------------------------------- keep policy
+
+def keep_order(permissive: np.ndarray, quality: np.ndarray, pixels: np.ndarray, rank: np.ndarray) -> np.ndarray:
+    """Indices of a group's members, best first: a permissive licence first (when known),
+    then the highest quality score, then the largest resolution, then hash(seed, id)."""
+    q = np.nan_to_num(np.asarray(quality, dtype=np.float64), nan=-np.inf)
+    return np.lexsort((np.asarray(rank, dtype=np.uint64), -np.asarray(pixels, dtype=np.float64), -q,
+                       ~np.asarray(permissive, dtype=bool)))
