@@ -91,10 +91,11 @@ def semantic_pairs(cfg: PipelineConfig, rows: ray.data.Dataset, n: int, model: s
     mean = x.mean(axis=0) if c.center else None
     xs = kn.center_normalize(x, mean)
     k = int(max(1, min(len(xs) // 4 or 1, math.ceil(n / c.partition_size))))
-    centroids, inertia = kmeans.fit(xs, k, iters=c.kmeans_iters, seed=cfg.run.seed)
-    m, curve = kn.calibrate_assign(xs, centroids, threshold, c.recall, min(c.max_assign, k), seed=cfg.run.seed)
+    partition, inertia = kmeans.Partition.fit(xs, k, iters=c.kmeans_iters, seed=cfg.run.seed)
+    k = partition.k
+    m, curve = kn.calibrate_assign(xs, partition, threshold, c.recall, min(c.max_assign, k), seed=cfg.run.seed)
     assigned = rows.map_batches(snd.assign_rows, batch_format="pyarrow",
-                                fn_kwargs={"mean": mean, "centroids": centroids, "m": m}).materialize()
+                                fn_kwargs={"mean": mean, "partition": partition, "m": m}).materialize()
     counts = np.zeros(k, np.int64)
     for r in assigned.map_batches(snd.part_counts, batch_format="pyarrow", fn_kwargs={"k": k}).take_all():
         counts += np.asarray(r["counts"], dtype=np.int64)
@@ -106,6 +107,7 @@ def semantic_pairs(cfg: PipelineConfig, rows: ray.data.Dataset, n: int, model: s
     a, b, s = _take_pairs(pairs)
     a, b, s = kn.unique_pairs(a, b, s, keep_max=True)
     report = {"model": model, "threshold": threshold, "centred": c.center, "sample": len(xs), "partitions": k,
+              "coarse_cells": len(partition.coarse),
               "kmeans_mean_cosine_distance": round(inertia, 5), "assign": m,
               "boundary_recall_at_threshold": {str(i): round(v, 4) for i, v in curve.items()},
               "largest_partition": int(counts.max()), "blocked_partitions": int((blocks > 1).sum()),

@@ -68,14 +68,15 @@ def sample_rows(batch: pa.Table, seed: int, cutoff: int) -> pa.Table:
     return batch.filter(pa.array(keep)).select(["id", "embedding"])
 
 
-def assign_rows(batch: pa.Table, mean: np.ndarray | None, centroids: np.ndarray, m: int) -> pa.Table:
+def assign_rows(batch: pa.Table, mean: np.ndarray | None, partition, m: int) -> pa.Table:
     """Centred, normalized float16 vector and the ``m`` partitions of every row with an embedding."""
-    from stages.kernels.kmeans import top_m
-
     x, valid = embedding_matrix(batch["embedding"])
     x = kn.center_normalize(x[valid], mean)
-    idx, _ = top_m(x, centroids, m)
-    dim = x.shape[1] if len(x) else centroids.shape[1]
+    dim = x.shape[1] if len(x) else partition.fine.shape[1]
+    if len(x) == 0:
+        idx = np.zeros((0, m), np.int64)
+    else:
+        idx, _ = partition.assign(x, m)
     return pa.table({
         "node": batch["_key"].filter(pa.array(valid)),
         "parts": pa.FixedSizeListArray.from_arrays(pa.array(idx.ravel().astype(np.int64)), idx.shape[1]),

@@ -112,12 +112,13 @@ def test_semantic_recall_against_exhaustive_search():
     threshold = 0.75
     plant_pairs(x, rng, threshold, 2000)
     keys = np.arange(len(x), dtype=np.uint64)
-    ta, tb, _ = kn.cosine_pairs(x, keys, None, None, threshold)
+    ta, tb, _ = kn.cosine_pairs(x, keys, None, None, threshold, screen=False)  # plain float32
     truth = set(zip(ta.tolist(), tb.tolist()))
     sample = x[np.sort(rng.choice(len(x), 10_000, replace=False))]
-    centroids, _ = kmeans.fit(sample, 25, iters=10, seed=0)  # partition_size 2000
-    m, curve = kn.calibrate_assign(sample, centroids, threshold, 0.99, 6)
-    a, b, s = kn.semantic_pairs_local(x, keys, centroids, m, threshold, max_block=1500)
+    partition, _ = kmeans.Partition.fit(sample, 50, iters=10, seed=0)  # partition_size 1000
+    assert len(partition.coarse) == 8  # two levels
+    m, curve = kn.calibrate_assign(sample, partition, threshold, 0.99, 6)
+    a, b, s = kn.semantic_pairs_local(x, keys, partition, m, threshold, max_block=1500)
     got = set(zip(a.tolist(), b.tolist()))
     recall = len(got & truth) / len(truth)
     print(f"\nsemantic: {len(truth)} true pairs, assign m={m} (calibration {curve}), recall {recall:.4f}")
@@ -190,3 +191,24 @@ def test_pipeline_removes_edited_copies_of_real_photos(tmp_path, ray_local, phot
     pairs = plan.RunDir(cfg).read(str(out / "stages" / "near_dedup_pairs")).take_all()
     assert {p["detector"] for p in pairs} == {"perceptual", "semantic"}
     assert all(p["similarity"] >= nd["semantic"]["threshold"] for p in pairs if p["detector"] == "semantic")
+
+
+def test_bf16_screen_then_float32_check_is_exact():
+    """The bf16 screen never loses a pair: the screened result equals plain float32 up to
+    pairs within float32 rounding of the threshold."""
+    x, rng = _clustered(6000, 128, 20, seed=3)
+    plant_pairs(x, rng, 0.6, 300)
+    keys = np.arange(len(x), dtype=np.uint64)
+    x64 = x.astype(np.float64)
+
+    def same(fast, slow):
+        f, s = set(zip(fast[0].tolist(), fast[1].tolist())), set(zip(slow[0].tolist(), slow[1].tolist()))
+        return all(abs(x64[i] @ x64[j] - t) < 1e-5 for i, j in f ^ s), len(f)
+
+    for t in (0.6, 0.9):
+        ok, n = same(kn.cosine_pairs(x, keys, None, None, t, chunk=1000),
+                     kn.cosine_pairs(x, keys, None, None, t, chunk=1000, screen=False))
+        assert ok and n > 50
+        ok, n = same(kn.cosine_pairs(x[:3000], keys[:3000], x[3000:], keys[3000:], t),
+                     kn.cosine_pairs(x[:3000], keys[:3000], x[3000:], keys[3000:], t, screen=False))
+        assert ok and n > 10
