@@ -138,7 +138,8 @@ def near_dedup_dataset(cfg: PipelineConfig, narrow: ray.data.Dataset, embeddings
         found.append(("perceptual", a, b, h))
     if c.semantic and model and n > 1 and embeddings is not None:
         rows = alive.select_columns(["id", "_key"]).join(
-            embeddings, join_type="inner", on=("id",), num_partitions=max(1, min(200, -(-n // 100_000))))
+            embeddings, join_type="inner", on=("id",),
+            num_partitions=max(1, min(200, -(-n // 100_000)))).materialize()  # read twice below
         (a, b, s), report["semantic"] = semantic_pairs(cfg, rows, n, model)
         found.append(("semantic", a, b, s))
     all_a = np.concatenate([f[1] for f in found]) if found else np.zeros(0, np.uint64)
@@ -198,9 +199,8 @@ def near_dedup_dataset(cfg: PipelineConfig, narrow: ray.data.Dataset, embeddings
         out = narrow.map_batches(snd.apply_decisions, batch_format="pyarrow")
     else:
         dec = ray.data.from_arrow(decisions)
-        total = max(1, narrow.count())
         out = narrow.join(dec, join_type="left_outer", on=("id",),
-                          num_partitions=max(1, min(200, -(-total // 100_000)))).map_batches(
+                          num_partitions=max(1, min(200, -(-n // 100_000)))).map_batches(
             snd.apply_decisions, batch_format="pyarrow")
     return out, report, pairs_table
 

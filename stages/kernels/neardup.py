@@ -156,6 +156,8 @@ def unique_pairs(a: np.ndarray, b: np.ndarray, score: np.ndarray, keep_max: bool
     lo, hi = np.minimum(a, b), np.maximum(a, b)
     ok = lo != hi
     lo, hi, score = lo[ok], hi[ok], score[ok]
+    if len(lo) == 0:
+        return lo, hi, score
     order = np.lexsort((-score if keep_max else score, hi, lo))
     lo, hi, score = lo[order], hi[order], score[order]
     first = np.r_[True, (lo[1:] != lo[:-1]) | (hi[1:] != hi[:-1])]
