@@ -62,6 +62,7 @@ class Reason(StrEnum):
     # near-duplicates (duplicate_of names the kept id)
     PERCEPTUAL_DUPLICATE = "perceptual_duplicate"  # pHash within near_dedup.max_hamming of a kept image
     SEMANTIC_DUPLICATE = "semantic_duplicate"  # copy-detection embedding above near_dedup.threshold
+    DUPLICATE_OF_REFERENCE = "duplicate_of_reference"  # a near-copy of an image of a reference set (detail names it)
 
 
 # Columns every row carries from ingest on.

@@ -111,6 +111,14 @@ class ExactDedupConfig(_Section):
     )
 
 
+class ReferenceSet(_Section):
+    """Images the corpus must not duplicate (a previous curated set, evaluation splits)."""
+
+    name: str = Field(..., min_length=1, description="Named in the rejects' detail.")
+    path: str = Field(..., description="A previous run directory (its curated/ manifest and embeddings), an image "
+                      "folder, or a table with a uri column (local or s3://).")
+
+
 class NearDedupConfig(_Section):
     """Near-duplicates among the rows that passed the filters: perceptual (pHash) and
     semantic (embeddings of embed.roles.dedup), one kept per group."""
@@ -143,6 +151,9 @@ class NearDedupConfig(_Section):
     quality_column: str = Field("auto", description="Score kept highest ('auto': aesthetic if scored, else q_blur).")
     taxon_column: str | None = Field(
         "auto", description="Taxon label to flag conflicts inside a group ('auto': species/scientific_name/taxon).")
+    references: list[ReferenceSet] = Field(
+        [], description="Reference sets: a corpus image that duplicates one of their images is rejected "
+        "'duplicate_of_reference', naming the set.")
 
 
 class QualityConfig(_Section):

@@ -88,17 +88,25 @@ def listing_hash(rows: pa.Table) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
-def embed_bank(cfg: PipelineConfig, rows: pa.Table, plan: emb.ModelPlan, device: str) -> tuple[dict, dict]:
-    """Category -> (n, dim) float32 embeddings of the bank; and counts: examples that failed
-    to load or validate (left out), embeddings computed, embeddings read from the cache.
+def embed_listed(cfg: PipelineConfig, rows: pa.Table, plan: emb.ModelPlan | None, device: str,
+                 columns: list[str]) -> tuple[list[dict], dict]:
+    """Fetch, validate and (with ``plan``) embed a small listed image set (``id, uri`` +
+    ``columns``) through the corpus' decode and actors. Returns the rows that validated,
+    each with ``columns``, ``sha256``, ``phash`` and ``embedding`` (None without a plan),
+    and counts: rows rejected, embeddings computed, embeddings read from the cache.
 
-    The bank shares the corpus' embedding cache (same keys: sha256, model id, preprocessing,
-    dtype): a rerun, a refresh or a changed threshold embeds no example twice."""
+    The set shares the corpus' embedding cache (same keys: sha256, model id,
+    preprocessing, dtype): a rerun, a refresh or a changed threshold embeds nothing twice."""
     ds = ray.data.from_arrow(rows).map_batches(ingest.fetch_batch, batch_format="pyarrow",
                                                fn_kwargs={"storage": cfg.storage})
+    if plan is None:
+        ds = ds.map_batches(embedding.ValidateForModels(cfg, [], {}), batch_format="pyarrow")
+        got = ds.select_columns([*columns, "reason", "sha256", "phash"]).take_all()
+        alive = [{**r, "embedding": None} for r in got if r["reason"] is None]
+        return alive, {"rejected": len(got) - len(alive), "computed": 0, "cached": 0}
     known = embedding.known_sets(cfg, [plan]) if cfg.embed.cache else {}
     ds = embedding.embed_in_pass(cfg, ds, [plan], device, known)
-    got = ds.select_columns(["category", "reason", "sha256", plan.column]).take_all()
+    got = ds.select_columns([*columns, "reason", "sha256", "phash", plan.column]).take_all()
     alive = [r for r in got if r["reason"] is None]
     computed = {r["sha256"]: r[plan.column] for r in alive if r[plan.column] is not None}
     missing = sorted({r["sha256"] for r in alive if r[plan.column] is None} - set(computed))
@@ -114,13 +122,21 @@ def embed_bank(cfg: PipelineConfig, rows: pa.Table, plan: emb.ModelPlan, device:
             found.setdefault(r["sha256"], r["embedding"])
         lost = [h for h in missing if h not in found]
         if lost:
-            raise RuntimeError(f"embedding cache of {plan.model_id} lost {len(lost)} example embeddings; run again")
+            raise RuntimeError(f"embedding cache of {plan.model_id} lost {len(lost)} embeddings; run again")
+    out = [{**{k: r[k] for k in (*columns, "sha256", "phash")},
+            "embedding": r[plan.column] if r[plan.column] is not None else found[r["sha256"]]} for r in alive]
+    return out, {"rejected": len(got) - len(alive), "computed": len(computed), "cached": len(missing)}
+
+
+def embed_bank(cfg: PipelineConfig, rows: pa.Table, plan: emb.ModelPlan, device: str) -> tuple[dict, dict]:
+    """Category -> (n, dim) float32 embeddings of the bank; and counts: examples that failed
+    to load or validate (left out), embeddings computed, embeddings read from the cache."""
+    got, counts = embed_listed(cfg, rows, plan, device, ["category"])
     bank: dict[str, list] = {}
-    for r in alive:
-        vec = r[plan.column] if r[plan.column] is not None else found[r["sha256"]]
-        bank.setdefault(r["category"], []).append(np.asarray(vec, dtype=np.float32))
-    counts = {"examples_rejected": len(got) - len(alive), "computed": len(computed), "cached": len(missing)}
-    return {c: np.stack(v) for c, v in sorted(bank.items())}, counts
+    for r in got:
+        bank.setdefault(r["category"], []).append(np.asarray(r["embedding"], dtype=np.float32))
+    return ({c: np.stack(v) for c, v in sorted(bank.items())},
+            {"examples_rejected": counts["rejected"], "computed": counts["computed"], "cached": counts["cached"]})
 
 
 def fit(cfg: PipelineConfig, bank: dict[str, np.ndarray]) -> tuple[dict, dict]:

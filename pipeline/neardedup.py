@@ -22,6 +22,7 @@ import math
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import ray
 
 from pipeline.config import ConfigError, PipelineConfig
@@ -29,28 +30,7 @@ from stages import neardup as snd
 from stages.kernels import kmeans
 from stages.kernels import neardup as kn
 
-# Default semantic thresholds (cosine of centred, L2-normalized embeddings) per model.
-DEFAULT_THRESHOLDS = {
-    # SSCD authors' operating point for copy detection (~90% precision on DISC21). The
-    # reference walkthrough used cosine distance 0.04 (0.96), which keeps crops and overlays.
-    "resnet_v1_50_c1_sscd": 0.75,
-    # Measured here on real photos (tests/test_neardup.py): edited copies (JPEG q30, 50%
-    # resize, 85% crop, brightness, 5 degree rotation, flip, caption) >= 0.74, distinct
-    # photos <= 0.12.
-    "mobilenet_v2_imagenet": 0.6,
-}
-
 ROWS_PER_PARTITION = 2_000_000  # shuffle partitions of the perceptual band rows
-
-
-def threshold_for(cfg: PipelineConfig, model: str) -> float:
-    t = cfg.near_dedup.threshold
-    if t is None:
-        t = DEFAULT_THRESHOLDS.get(model)
-    if t is None:
-        raise ConfigError(f"near_dedup.threshold: no default for dedup model {model!r} (a species-level model puts "
-                          "different photos of one species close together); set it, or near_dedup.semantic: false")
-    return float(t)
 
 
 def _take_pairs(ds: ray.data.Dataset) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -79,7 +59,7 @@ def perceptual_pairs(cfg: PipelineConfig, alive: ray.data.Dataset, n: int) -> tu
 def semantic_pairs(cfg: PipelineConfig, rows: ray.data.Dataset, n: int, model: str) -> tuple[tuple, dict]:
     """``rows``: alive rows with ``_key`` and the dedup model's ``embedding``."""
     c = cfg.near_dedup
-    threshold = threshold_for(cfg, model)
+    threshold, _ = snd.semantic_threshold(cfg)
     cutoff = min(2**64 - 1, int(c.sample_size / max(1, n) * 2**64))
     got = rows.map_batches(snd.sample_rows, batch_format="pyarrow",
                            fn_kwargs={"seed": cfg.run.seed, "cutoff": cutoff}).take_all()
@@ -115,6 +95,99 @@ def semantic_pairs(cfg: PipelineConfig, rows: ray.data.Dataset, n: int, model: s
     return (a, b, s), report
 
 
+def reference_sets(cfg: PipelineConfig, plan, device: str) -> tuple[pa.Table | None, dict, dict]:
+    """The reference images as rows ``id, _key, phash, embedding`` (ids ``<set>:<id>``), a
+    map node -> (set name, reference id), and a report per set.
+
+    A previous run directory contributes its curated manifest's pHashes, and its
+    embeddings when they come from the same model and preprocessing (else the set is
+    matched perceptually only, and the report says so); an image folder or a uri table is
+    fetched, validated and embedded like the corpus (through the embedding cache)."""
+    from manifests import io as mio
+    from pipeline.examples import embed_listed, is_table, read_small_table
+    from stages import ingest
+    from stages.kernels.hashing import stable_id
+
+    parts, refmap, report = [], {}, {}
+    dtype = plan.arrow_type() if plan else None
+    for ref in cfg.near_dedup.references:
+        fs, root = mio.filesystem(ref.path, cfg.storage)
+        ids, phash, embs, note = [], [], [], None
+        if mio.is_committed(fs, mio.join(root, "curated")):
+            cur = mio.read_committed_table(mio.to_uri(fs, mio.join(root, "curated")), cfg.storage)
+            if len(cur):
+                cur = cur.select(["id", "phash"])
+            ids, phash = cur["id"].to_pylist() if len(cur) else [], cur["phash"].to_pylist() if len(cur) else []
+            vec = {}
+            if plan is not None:
+                from pipeline.plan import embed_stage
+
+                stage = mio.join(root, "stages", embed_stage(plan))
+                marker = (mio.read_marker(fs, stage) or {}).get("counts") or {}
+                if marker.get("model_id") == plan.model_id and marker.get("prep") == plan.prep:
+                    t = mio.read_committed_table(mio.to_uri(fs, stage), cfg.storage).select(["id", "embedding"])
+                    wanted = set(ids)
+                    vec = {i: e for i, e in zip(t["id"].to_pylist(), t["embedding"].to_pylist()) if i in wanted}
+                else:
+                    note = (f"no embeddings of {plan.model_id} (prep {plan.prep}) in {ref.path}: matched "
+                            "perceptually only")
+            embs = [vec.get(i) for i in ids]
+            kind = "run"
+        else:
+            try:
+                if is_table(ref.path):
+                    t = read_small_table(ref.path, cfg, "near_dedup.references")
+                    uris = [str(u) for u in t["uri"].to_pylist() if u]
+                else:
+                    uris = ingest.list_prefix(ref.path, cfg.storage, cfg.input.extensions)
+            except (OSError, KeyError, ValueError) as e:
+                raise ConfigError(f"near_dedup.references: cannot list {ref.path}: {e}") from None
+            rows = pa.table({"id": [stable_id(u) for u in uris], "uri": uris})
+            got, counts = embed_listed(cfg, rows, plan, device, ["id"]) if uris else ([], {})
+            ids = [r["id"] for r in got]
+            phash = [r["phash"] for r in got]
+            embs = [r["embedding"] for r in got]
+            kind = "images"
+            report[ref.name] = {"embedding_counts": counts}
+        names = [f"{ref.name}:{i}" for i in ids]
+        keys = kn.id_keys(names)
+        for k, i in zip(keys.tolist(), ids):
+            refmap[k] = (ref.name, i)
+        cols = {"id": pa.array(names, pa.string()), "_key": pa.array(keys, pa.uint64()),
+                "phash": pa.array(phash, pa.uint64())}
+        if dtype is not None:
+            cols["embedding"] = pa.array(embs, dtype)
+        parts.append(pa.table(cols))
+        report.setdefault(ref.name, {}).update({"kind": kind, "images": len(ids),
+                                                "with_embedding": sum(e is not None for e in embs), "note": note})
+    return (pa.concat_tables(parts) if parts else None), refmap, report
+
+
+def references_fingerprint(cfg: PipelineConfig) -> str:
+    """What the reference sets hold right now (a run's manifest marker, or the listing),
+    so that --resume reruns near_dedup when a reference set changes."""
+    import hashlib
+    import json
+
+    from manifests import io as mio
+    from pipeline.examples import is_table
+    from stages import ingest
+
+    parts = []
+    for ref in cfg.near_dedup.references:
+        fs, root = mio.filesystem(ref.path, cfg.storage)
+        if mio.is_committed(fs, mio.join(root, "curated")):
+            parts.append(json.dumps(mio.read_marker(fs, mio.join(root, "curated")), sort_keys=True))
+        elif is_table(ref.path):
+            parts.append(str(fs.info(root).get("size")) + str(fs.info(root).get("mtime", "")))
+        else:
+            try:
+                parts.append("\n".join(ingest.list_prefix(ref.path, cfg.storage, cfg.input.extensions)))
+            except (OSError, ValueError) as e:
+                raise ConfigError(f"near_dedup.references: cannot list {ref.path}: {e}") from None
+    return hashlib.sha256("\0".join(parts).encode()).hexdigest()[:16] if parts else ""
+
+
 def _auto(names: list[str], setting: str | None, candidates: tuple[str, ...]) -> str | None:
     if setting is None:
         return None
@@ -126,21 +199,36 @@ def _auto(names: list[str], setting: str | None, candidates: tuple[str, ...]) ->
 
 
 def near_dedup_dataset(cfg: PipelineConfig, narrow: ray.data.Dataset, embeddings: ray.data.Dataset | None,
-                       model: str | None) -> tuple[ray.data.Dataset, dict, pa.Table]:
-    """The narrow table with near-duplicates rejected; the report; the pairs table."""
+                       plan=None, device: str = "cpu") -> tuple[ray.data.Dataset, dict, pa.Table]:
+    """The narrow table with near-duplicates rejected; the report; the pairs table.
+    ``plan``: the dedup model (``embeddings`` its table: id, embedding), None: perceptual only."""
     c = cfg.near_dedup
+    model = plan.name if plan is not None and c.semantic and embeddings is not None else None
+    report: dict = {}
+    if model:
+        threshold, note = snd.semantic_threshold(cfg)
+        if threshold is None:
+            model, report["semantic_skipped"] = None, note
     alive = narrow.map_batches(snd.alive_keyed, batch_format="pyarrow").materialize()
     n = alive.count()
-    report: dict = {"alive": n}
+    report["alive"] = n
+    refs, refmap, report["references"] = reference_sets(cfg, plan if model else None, device)
+    n_ref = len(refs) if refs is not None else 0
     found = []
-    if c.perceptual and n > 1:
-        (a, b, h), report["perceptual"] = perceptual_pairs(cfg, alive, n)
+    if c.perceptual and n + n_ref > 1:
+        hashed = alive.select_columns(["_key", "phash"])
+        if n_ref:
+            hashed = hashed.union(ray.data.from_arrow(refs.select(["_key", "phash"])))
+        (a, b, h), report["perceptual"] = perceptual_pairs(cfg, hashed, n + n_ref)
         found.append(("perceptual", a, b, h))
-    if c.semantic and model and n > 1 and embeddings is not None:
+    if model and n + n_ref > 1:
         rows = alive.select_columns(["id", "_key"]).join(
-            embeddings, join_type="inner", on=("id",),
-            num_partitions=max(1, min(200, -(-n // 100_000)))).materialize()  # read twice below
-        (a, b, s), report["semantic"] = semantic_pairs(cfg, rows, n, model)
+            embeddings, join_type="inner", on=("id",), num_partitions=max(1, min(200, -(-n // 100_000))))
+        if n_ref:
+            with_vec = refs.filter(pc.is_valid(refs["embedding"])).select(["id", "_key", "embedding"])
+            rows = rows.union(ray.data.from_arrow(with_vec))
+        rows = rows.materialize()  # read twice below
+        (a, b, s), report["semantic"] = semantic_pairs(cfg, rows, n + n_ref, model)
         found.append(("semantic", a, b, s))
     all_a = np.concatenate([f[1] for f in found]) if found else np.zeros(0, np.uint64)
     all_b = np.concatenate([f[2] for f in found]) if found else np.zeros(0, np.uint64)
@@ -168,14 +256,18 @@ def near_dedup_dataset(cfg: PipelineConfig, narrow: ray.data.Dataset, embeddings
         rows = pa.concat_tables([t for t in alive.map_batches(
             _members, batch_format="pyarrow", fn_kwargs={"members": ref, "columns": columns}).iter_batches(
             batch_format="pyarrow", batch_size=None)])
+        ref_groups: dict = {}
+        for k, (name, rid) in refmap.items():
+            if k in root:
+                ref_groups.setdefault(root[k], (name, rid))
         decisions = snd.decide_groups(rows, root, {k: tuple(v) for k, v in edges.items()}, cfg.run.seed, quality,
-                                      licence, c.permissive, taxon)
+                                      licence, c.permissive, taxon, ref_groups)
     else:
         decisions = None
-    id_of = {}
+    id_of = {k: f"{name}:{rid}" for k, (name, rid) in refmap.items()}
     if decisions is not None:
         keys = kn.id_keys(decisions["id"].to_pylist())
-        id_of = dict(zip(keys.tolist(), decisions["id"].to_pylist()))
+        id_of.update(zip(keys.tolist(), decisions["id"].to_pylist()))
     pair_rows = {"group": [], "id_a": [], "id_b": [], "detector": [], "similarity": []}
     for kind, a, b, s in found:
         for x, y, v in zip(a.tolist(), b.tolist(), s.tolist()):

@@ -83,7 +83,7 @@ def _models_section(plans: list) -> list[dict]:
 
 
 def stage_fingerprints(cfg: PipelineConfig, until: str, kind: str = "folder",
-                       plans: list | None = None, examples_fp: str = "") -> dict[str, str]:
+                       plans: list | None = None, examples_fp: str = "", references_fp: str = "") -> dict[str, str]:
     """Fingerprint of each stage the run will execute, in order. ``plans``: the resolved
     embedding models (``embedding.model_plans``) when the embed stage runs."""
     validating = STAGES.index(until) >= STAGES.index("validate")
@@ -128,7 +128,7 @@ def stage_fingerprints(cfg: PipelineConfig, until: str, kind: str = "folder",
         dedup_model = cfg.embed.model_for("dedup") if plans else None
         embed_fp = next((fps[embed_stage(p)] for p in plans or [] if p.name == dedup_model), "")
         fps["near_dedup"] = fingerprint({"near_dedup": cfg.section("near_dedup"), "seed": cfg.run.seed,
-                                         "model": dedup_model},
+                                         "model": dedup_model, "references": references_fp},
                                         code_hash(stages.neardup, stages.kernels.neardup, stages.kernels.kmeans,
                                                   neardedup),
                                         fps.get("filter", fps.get("exact_dedup", narrow_fp)) + embed_fp)
@@ -478,7 +478,9 @@ def run(cfg: PipelineConfig, until: str = STAGES[-1], resume: bool = False) -> d
     bank_rows = bank_examples.bank_rows(cfg) if filtering_examples else None
     examples_fp = bank_examples.listing_hash(bank_rows) if filtering_examples else ""
     scoring_aesthetic = (STAGES.index(until) >= STAGES.index("filter")) and embedding.aesthetic_active(cfg, plans)
-    fps = stage_fingerprints(cfg, until, kind, plans, examples_fp + f"|aesthetic={scoring_aesthetic}")
+    refs_fp = (neardedup.references_fingerprint(cfg)
+               if cfg.near_dedup.enabled and STAGES.index(until) >= STAGES.index("near_dedup") else "")
+    fps = stage_fingerprints(cfg, until, kind, plans, examples_fp + f"|aesthetic={scoring_aesthetic}", refs_fp)
     by_stage = {embed_stage(p): p for p in plans}
     timings, reused = {}, []
 
@@ -527,11 +529,11 @@ def run(cfg: PipelineConfig, until: str = STAGES[-1], resume: bool = False) -> d
                                "min_score": cfg.aesthetic.min_score})
         elif name == "near_dedup":
             model = cfg.embed.model_for("dedup") if plans else None
+            dplan = next((p for p in plans if p.name == model), None)
             embs = None
-            if model and cfg.near_dedup.semantic:
-                p = next(p for p in plans if p.name == model)
-                embs = rd.read(rd.path("stages", embed_stage(p))).select_columns(["id", "embedding"])
-            ds, stage_counts, pairs = neardedup.near_dedup_dataset(cfg, rd.read(upstream), embs, model)
+            if dplan is not None and cfg.near_dedup.semantic:
+                embs = rd.read(rd.path("stages", embed_stage(dplan))).select_columns(["id", "embedding"])
+            ds, stage_counts, pairs = neardedup.near_dedup_dataset(cfg, rd.read(upstream), embs, dplan, device)
             rd.write(ray.data.from_arrow(pairs), rd.path("stages", "near_dedup_pairs"), {"fingerprint": fp})
         else:  # pragma: no cover - guarded by stage_fingerprints
             raise AssertionError(name)

@@ -69,6 +69,10 @@ def check_inputs(cfg: PipelineConfig) -> None:
         from pipeline.embedding import aesthetic_active, model_plans
 
         aesthetic_active(cfg, model_plans(cfg))
+        if cfg.near_dedup.enabled and cfg.near_dedup.semantic:
+            from stages.neardup import semantic_threshold
+
+            semantic_threshold(cfg)  # an explicit dedup model needs a threshold
 
 
 def failure_line(e: BaseException) -> str:

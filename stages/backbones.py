@@ -17,6 +17,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import importlib.util
+import logging
 import os
 import posixpath
 from dataclasses import dataclass
@@ -24,6 +25,10 @@ from pathlib import Path
 from typing import Literal
 
 import torch
+
+# Birder imports torch.utils.cpp_extension, which warns on every CPU-only machine ("No CUDA
+# runtime is found"): noise on stderr next to our one-line errors.
+logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
 
 CLIP_STATS = ((0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711))
 IMAGENET_STATS = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))

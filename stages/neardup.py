@@ -16,6 +16,36 @@ from stages.filters import embedding_matrix
 from stages.kernels import neardup as kn
 from stages.kernels.hashing import seeded_rank
 
+# Default semantic thresholds (cosine of centred, L2-normalized embeddings) per model.
+DEFAULT_THRESHOLDS = {
+    # SSCD authors' operating point for copy detection (~90% precision on DISC21). The
+    # reference walkthrough used cosine distance 0.04 (0.96), which keeps crops and overlays.
+    "resnet_v1_50_c1_sscd": 0.75,
+    # Measured here on real photos (tests/test_neardup.py): edited copies (JPEG q30, 50%
+    # resize, 85% crop, brightness, 5 degree rotation, mirror, caption) >= 0.74, distinct
+    # photos <= 0.12.
+    "mobilenet_v2_imagenet": 0.6,
+}
+
+
+def semantic_threshold(cfg) -> tuple[float | None, str | None]:
+    """The cosine threshold of the dedup model: ``near_dedup.threshold``, else the model's
+    default. A model without one is a config error when ``embed.roles.dedup`` names it; when
+    it is only the default first model, semantic matching is skipped (and said why)."""
+    model = cfg.embed.model_for("dedup")
+    if cfg.near_dedup.threshold is not None:
+        return float(cfg.near_dedup.threshold), None
+    if model in DEFAULT_THRESHOLDS:
+        return DEFAULT_THRESHOLDS[model], None
+    why = (f"no semantic threshold for dedup model {model!r} (a species-level model puts different photos of one "
+           "species close together): set near_dedup.threshold")
+    if "dedup" in cfg.embed.roles:
+        from pipeline.config import ConfigError
+
+        raise ConfigError(f"near_dedup.threshold: {why.split(': set')[0]}; set it, or near_dedup.semantic: false")
+    return None, why + " to match by embedding; perceptual matching only"
+
+
 PAIR_SCHEMA = pa.schema([("a", pa.uint64()), ("b", pa.uint64()), ("score", pa.float32())])
 
 
@@ -133,9 +163,12 @@ def member_rows(batch: pa.Table, members: np.ndarray, columns: list[str]) -> pa.
 
 
 def decide_groups(rows: pa.Table, root: dict, edges: dict, seed: int, quality: str | None, licence: str | None,
-                  permissive: str, taxon: str | None) -> pa.Table:
+                  permissive: str, taxon: str | None, ref_groups: dict | None = None) -> pa.Table:
     """Keep one row per group (permissive licence, quality, pixels, hash(seed, id)); the
-    others become rejects naming the kept id. One row per member."""
+    others become rejects naming the kept id. A group holding an image of a reference set
+    (``ref_groups``: group -> (set name, reference id)) keeps none of its corpus rows. One
+    row per member (corpus rows only)."""
+    ref_groups = ref_groups or {}
     n = len(rows)
     ids = rows["id"].to_pylist()
     keys = rows["_key"].to_numpy().astype(np.uint64)
@@ -161,11 +194,21 @@ def decide_groups(rows: pa.Table, root: dict, edges: dict, seed: int, quality: s
         gname = f"{int(group[kept]):016x}"
         labels = {str(taxa[i]) for i in members if taxa[i] is not None}
         conflict = len(labels) > 1
+        ref = ref_groups.get(int(group[kept]))
         for i in members:
             best_h, best_cos = edges.get(int(keys[i]), (None, None))
             out["id"].append(ids[i])
             out["near_dup_group"].append(gname)
             out["taxonomy_conflict"].append(conflict)
+            how = f"pHash Hamming {best_h}" if best_h is not None else f"cosine {best_cos:.4f}"
+            sim = float(best_cos) if best_cos is not None else float(1 - best_h / 64)
+            if ref is not None:
+                out["duplicate_of"].append(ref[1])
+                out["reason"].append(Reason.DUPLICATE_OF_REFERENCE.value)
+                out["detail"].append(f"near-duplicate of {ref[1]} in reference set '{ref[0]}' (closest pair: {how})")
+                out["near_dup_similarity"].append(sim)
+                out["near_dup_ids"].append(None)
+                continue
             if i == kept:
                 out["duplicate_of"].append(None)
                 out["reason"].append(None)
@@ -176,11 +219,9 @@ def decide_groups(rows: pa.Table, root: dict, edges: dict, seed: int, quality: s
             perceptual = best_h is not None
             out["duplicate_of"].append(ids[kept])
             out["reason"].append((Reason.PERCEPTUAL_DUPLICATE if perceptual else Reason.SEMANTIC_DUPLICATE).value)
-            how = (f"pHash Hamming {best_h}" if perceptual else f"cosine {best_cos:.4f}")
             out["detail"].append(f"near-duplicate of {ids[kept]} (group of {len(members)}; closest pair: {how}"
                                  + ("; taxonomy conflict in the group" if conflict else "") + ")")
-            out["near_dup_similarity"].append(float(best_cos) if best_cos is not None else
-                                              float(1 - best_h / 64))
+            out["near_dup_similarity"].append(sim)
             out["near_dup_ids"].append(None)
     return pa.table({
         "id": pa.array(out["id"], pa.string()), "_nd_group": pa.array(out["near_dup_group"], pa.string()),

@@ -102,6 +102,8 @@ def test_pipeline_aesthetic_score_and_threshold(tmp_path, ray_local, photos):
     out = tmp_path / "run"
     summary = plan.run(load_config(None, {**base, "output": str(out), "aesthetic.min_score": None}))
     assert summary["aesthetic"]["scored"]
+    # the only model has no semantic dedup threshold: near-duplicates by pHash only, said so
+    assert "'clip_like'" in summary["near_dedup"]["semantic_skipped"] and "semantic" not in summary["near_dedup"]
     curated, _ = check_invariant(out, [str(src / f"{n}.jpg") for n in names])
     table = {r["id"]: np.asarray(r["embedding"], np.float32)
              for r in read_committed_table(f"{out}/stages/embed_clip_like").to_pylist()}

@@ -65,7 +65,7 @@ def test_pipeline_embeddings_equal_direct_model_calls(tmp_path, ray_local, photo
                          {"name": "tiny_vit", "network": "vit_t16", "size": 96, "dim": 192,
                           "weights": str(tmp_path / "tiny_vit.pt")}],
         "embed.dtype": "float32", "embed.batch_size": 3})
-    summary = plan.run(cfg)
+    summary = plan.run(cfg, until="filter")  # (the png/webp copies are near-duplicates of the jpegs)
     curated, _ = check_invariant(out, [str(tmp_path / "in" / f) for f in files])
     assert summary["embed"]["mobilenet_v2_imagenet"]["computed"] == len(files) == len(curated)
     assert summary["embed"]["tiny_vit"]["computed"] == len(files)
@@ -165,7 +165,11 @@ def test_cli_errors_for_weights_dimension_and_cuda(tmp_path, photos):
         "embed: {models: [{name: vit_l14_pn_bioclip-v2}], models_dir: %s}" % (tmp_path / "models"):
             ["weights for backbone vit_l14_pn_bioclip-v2 not found", "vit_l14_pn_bioclip-v2.pt", "load_pretrained_model"],
         "embed: {models: [{name: mobilenet_v2_imagenet, dim: 768}]}": ["dim 768 in the config", "1280-d"],
+        # a species-level model named for dedup, with no threshold: said before Ray starts
+        "embed: {models: [{name: mobilenet_v2_imagenet}, {name: tiny, network: vit_t16, size: 96, dim: 192, "
+        "weights: %s}], roles: {dedup: tiny}}" % (tmp_path / "tiny.pt"): ["near_dedup.threshold", "'tiny'"],
     }
+    tiny_vit(tmp_path / "tiny.pt")
     for text, wanted in cases.items():
         (tmp_path / "c.yaml").write_text(text + "\n")
         line = one_line_error(cli(*base, str(tmp_path / "c.yaml"))[0])

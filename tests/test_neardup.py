@@ -141,6 +141,7 @@ def test_pipeline_removes_edited_copies_of_real_photos(tmp_path, ray_local, phot
 
     from pipeline import plan
     from pipeline.config import load_config
+    from stages.kernels.hashing import stable_id
     from tests.test_pipeline import check_invariant
 
     corpus = tmp_path / "in"
@@ -157,9 +158,14 @@ def test_pipeline_removes_edited_copies_of_real_photos(tmp_path, ray_local, phot
         for edit, im in samples.edited_copies(a).items():
             (corpus / f"{name}_{edit}.jpg").write_bytes(samples.encode(im, "JPEG", quality=90))
             expect[f"{name}_{edit}.jpg"] = name
+    # an evaluation split that must not leak into training: it holds the rocket photo
+    evaluation = tmp_path / "eval"
+    evaluation.mkdir()
+    (evaluation / "rocket_test.png").write_bytes(samples.encode(Image.fromarray(photos["rocket"]), "PNG"))
     out = tmp_path / "run"
     cfg = load_config(None, {"input.path": str(corpus), "output": str(out),
-                             "embed.models": [{"name": "mobilenet_v2_imagenet"}], "quality.min_entropy": None})
+                             "embed.models": [{"name": "mobilenet_v2_imagenet"}], "quality.min_entropy": None,
+                             "near_dedup.references": [{"name": "eval", "path": str(evaluation)}]})
     summary = plan.run(cfg)
     curated, rejected = check_invariant(out, [str(corpus / f) for f in expect])
     rows = {u.rsplit("/", 1)[1]: r for u, r in {**curated, **rejected}.items()}
@@ -167,8 +173,13 @@ def test_pipeline_removes_edited_copies_of_real_photos(tmp_path, ray_local, phot
     nd = summary["near_dedup"]
     print("\nnear_dedup:", json.dumps(nd))
     kept = {n for n in rows if rows[n].get("reason") is None}
+    # the evaluation image's whole family is rejected, naming the set
+    for f in [f for f, src in expect.items() if src == "rocket"]:
+        r = rows[f]
+        assert r["reason"] == "duplicate_of_reference" and "reference set 'eval'" in r["detail"], (f, r)
+        assert r["duplicate_of"] == stable_id(str(evaluation / "rocket_test.png"))
     # one image kept per original: every edited copy and the original share a group
-    for name in originals:
+    for name in ("astronaut", "coffee", "china"):
         family = [f for f, src in expect.items() if src == name]
         groups = {rows[f]["near_dup_group"] for f in family}
         assert len(groups) == 1 and None not in groups, (name, {f: rows[f].get("near_dup_group") for f in family})
@@ -186,7 +197,8 @@ def test_pipeline_removes_edited_copies_of_real_photos(tmp_path, ray_local, phot
     # no two distinct photos merged
     for name in distinct:
         assert rows[f"{name}.jpg"].get("near_dup_group") is None and f"{name}.jpg" in kept
-    assert nd["removed"] == 4 * 7 and nd["groups"] == 4
+    assert nd["removed"] == 3 * 7 + 8 and nd["groups"] == 4
+    assert nd["references"]["eval"]["images"] == 1 and nd["references"]["eval"]["kind"] == "images"
     assert summary["rejected_by_stage"]["near_dedup"]["perceptual_duplicate"] >= 4 * 3  # q30, half, bright
     pairs = plan.RunDir(cfg).read(str(out / "stages" / "near_dedup_pairs")).take_all()
     assert {p["detector"] for p in pairs} == {"perceptual", "semantic"}
