@@ -150,7 +150,7 @@ def main() -> None:
 
     from pipeline.config import load_config
 
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, object_store_memory=10 * 2**30,
              runtime_env={"env_vars": {"PYTHONPATH": str(Path(__file__).resolve().parent.parent)}})
     ray.data.DataContext.get_current().enable_progress_bars = False
     cfg = load_config(None, {"input.path": "/tmp", "output": "/tmp/bench-dedup",

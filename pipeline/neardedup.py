@@ -70,10 +70,18 @@ def semantic_pairs(cfg: PipelineConfig, rows: ray.data.Dataset, n: int, model: s
     x = np.asarray([r["embedding"] for r in got], dtype=np.float32)
     mean = x.mean(axis=0) if c.center else None
     xs = kn.center_normalize(x, mean)
+    # Partitions hold about partition_size rows *after* each row joins m of them: fit,
+    # calibrate m, and refit once with m times more partitions when m > 1.
     k = int(max(1, min(len(xs) // 4 or 1, math.ceil(n / c.partition_size))))
-    partition, inertia = kmeans.Partition.fit(xs, k, iters=c.kmeans_iters, seed=cfg.run.seed)
+    for _ in range(2):
+        partition, inertia = kmeans.Partition.fit(xs, k, iters=c.kmeans_iters, seed=cfg.run.seed)
+        m, curve = kn.calibrate_assign(xs, partition, threshold, c.recall, min(c.max_assign, partition.k),
+                                       seed=cfg.run.seed)
+        wanted = int(max(1, min(len(xs) // 4 or 1, math.ceil(m * n / c.partition_size))))
+        if wanted <= k * 1.2:
+            break
+        k = wanted
     k = partition.k
-    m, curve = kn.calibrate_assign(xs, partition, threshold, c.recall, min(c.max_assign, k), seed=cfg.run.seed)
     assigned = rows.map_batches(snd.assign_rows, batch_format="pyarrow",
                                 fn_kwargs={"mean": mean, "partition": partition, "m": m}).materialize()
     counts = np.zeros(k, np.int64)

@@ -204,6 +204,27 @@ def test_pipeline_removes_edited_copies_of_real_photos(tmp_path, ray_local, phot
     assert {p["detector"] for p in pairs} == {"perceptual", "semantic"}
     assert all(p["similarity"] >= nd["semantic"]["threshold"] for p in pairs if p["detector"] == "semantic")
 
+    # This run as the reference of the next one (its curated manifest and embeddings): a
+    # mirrored copy of a kept photo is caught by embedding, a new photo is kept.
+    v2 = tmp_path / "v2"
+    v2.mkdir()
+    coffee = samples.edited_copies(originals["coffee"])["flip"]
+    (v2 / "coffee_mirror.jpg").write_bytes(samples.encode(coffee, "JPEG", quality=85))
+    (v2 / "hubble.jpg").write_bytes(samples.encode(Image.fromarray(sd.hubble_deep_field()), "JPEG"))
+    out2 = tmp_path / "run2"
+    cfg2 = load_config(None, {"input.path": str(v2), "output": str(out2),
+                              "embed.models": [{"name": "mobilenet_v2_imagenet"}],
+                              "near_dedup.references": [{"name": "v1", "path": str(out)}]})
+    s2 = plan.run(cfg2)
+    cur2, rej2 = check_invariant(out2, [str(v2 / "coffee_mirror.jpg"), str(v2 / "hubble.jpg")])
+    r = rej2[str(v2 / "coffee_mirror.jpg")]
+    kept_coffee = next(rows[f]["id"] for f in kept if expect[f] == "coffee")
+    assert r["reason"] == "duplicate_of_reference" and r["duplicate_of"] == kept_coffee, r
+    assert "reference set 'v1'" in r["detail"] and "cosine" in r["detail"]
+    assert str(v2 / "hubble.jpg") in cur2
+    ref = s2["near_dedup"]["references"]["v1"]
+    assert ref["kind"] == "run" and ref["images"] == len(kept) and ref["with_embedding"] == len(kept)
+
 
 def test_bf16_screen_then_float32_check_is_exact():
     """The bf16 screen never loses a pair: the screened result equals plain float32 up to
@@ -224,3 +245,37 @@ def test_bf16_screen_then_float32_check_is_exact():
         ok, n = same(kn.cosine_pairs(x[:3000], keys[:3000], x[3000:], keys[3000:], t),
                      kn.cosine_pairs(x[:3000], keys[:3000], x[3000:], keys[3000:], t, screen=False))
         assert ok and n > 10
+
+
+def test_decide_groups_licence_quality_taxonomy_and_reference():
+    """The keep policy on one table: a permissive licence beats a higher quality score; a
+    group labelled with two species is flagged; a group holding a reference image keeps
+    none of its corpus rows."""
+    import pyarrow as pa
+
+    from stages.neardup import decide_groups
+
+    ids = ["a", "b", "c", "d", "e"]
+    keys = kn.id_keys(ids)
+    rows = pa.table({"id": ids, "_key": pa.array(keys, pa.uint64()),
+                     "width": [100, 100, 100, 50, 50], "height": [100, 100, 100, 50, 50],
+                     "q_blur": [900.0, 10.0, 50.0, 1.0, 2.0],
+                     "license": ["CC BY-NC 4.0", "CC BY 4.0", "cc0", None, None],
+                     "species": ["Vulpes vulpes", "Vulpes vulpes", "Vulpes lagopus", "Bufo bufo", "Bufo bufo"]})
+    g1, g2 = int(keys[0]), int(keys[3])
+    root = {int(keys[i]): g1 for i in range(3)} | {int(keys[3]): g2, int(keys[4]): g2}
+    edges = {int(keys[0]): (3, None), int(keys[1]): (3, None), int(keys[2]): (None, 0.91),
+             int(keys[3]): (None, 0.8), int(keys[4]): (None, 0.8)}
+    out = {r["id"]: r for r in decide_groups(rows, root, edges, 0, "q_blur", "license",
+                                             r"^\s*(cc0|cc[- ]?by(?![- a-z]*(nc|nd)))", "species").to_pylist()}
+    # among the permissive b (CC BY) and c (CC0), c has the higher quality; a (NC) is not first
+    assert out["c"]["_nd_reason"] is None and sorted(out["c"]["_nd_ids"]) == ["a", "b"]
+    assert out["a"]["_nd_duplicate_of"] == "c" and out["a"]["_nd_reason"] == "perceptual_duplicate"
+    assert out["b"]["_nd_reason"] == "perceptual_duplicate" and "pHash Hamming 3" in out["b"]["_nd_detail"]
+    assert all(out[i]["_nd_conflict"] for i in "abc") and not out["d"]["_nd_conflict"]
+    assert out["e"]["_nd_reason"] is None and out["d"]["_nd_reason"] == "semantic_duplicate"  # q_blur 2 > 1
+    ref = decide_groups(rows, root, edges, 0, "q_blur", "license", r"^cc0", "species", {g2: ("eval", "r1")})
+    ref = {r["id"]: r for r in ref.to_pylist()}
+    for i in "de":
+        assert ref[i]["_nd_reason"] == "duplicate_of_reference" and ref[i]["_nd_duplicate_of"] == "r1"
+        assert "reference set 'eval'" in ref[i]["_nd_detail"]
