@@ -115,7 +115,12 @@ def test_pipeline_aesthetic_score_and_threshold(tmp_path, ray_local, photos):
     out2 = tmp_path / "run2"
     summary = plan.run(load_config(None, {**base, "output": str(out2), "aesthetic.min_score": cut}))
     curated2, rejected2 = check_invariant(out2, [str(src / f"{n}.jpg") for n in names])
-    assert {r["id"] for r in rejected2.values()} == {i for i in ids if got[i] < cut}
+    # The embeddings are recomputed (new output, new cache) in other batches: float16 CPU
+    # results may differ in the last bits, so the rejects follow the run's own scores.
+    scores2 = {r["id"]: r["aesthetic"] for r in [*curated2.values(), *rejected2.values()]}
+    assert all(abs(scores2[i] - got[i]) < 1e-2 for i in ids)
+    assert {r["id"] for r in rejected2.values()} == {i for i in ids if scores2[i] < cut}
+    assert 0 < len(rejected2) < len(ids)
     assert all(r["reason"] == "low_aesthetic" and f"< min_score {cut:g}" in r["detail"] for r in rejected2.values())
     # a model that is not 768-d, or weights that are not there: one-line errors
     wrong = load_config(None, {**base, "output": "o", "embed.models": [{"name": "mobilenet_v2_imagenet"}]})
