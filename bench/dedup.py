@@ -118,7 +118,7 @@ def run_one(n: int, dim: int, threshold: float, seed: int, cfg) -> dict:
     del table
     with PeakRSS() as mem:
         t0 = time.time()
-        (a, b, s), report = semantic_pairs(cfg, ds, n, "bench")
+        (a, b, s), report = semantic_pairs(cfg, ds, n, "bench", threshold)
         seconds = time.time() - t0
     found = set(zip(a.tolist(), b.tolist()))
     rng = np.random.default_rng(seed + 2)

@@ -56,10 +56,10 @@ def perceptual_pairs(cfg: PipelineConfig, alive: ray.data.Dataset, n: int) -> tu
     return (a, b, h), params
 
 
-def semantic_pairs(cfg: PipelineConfig, rows: ray.data.Dataset, n: int, model: str) -> tuple[tuple, dict]:
+def semantic_pairs(cfg: PipelineConfig, rows: ray.data.Dataset, n: int, model: str,
+                   threshold: float) -> tuple[tuple, dict]:
     """``rows``: alive rows with ``_key`` and the dedup model's ``embedding``."""
     c = cfg.near_dedup
-    threshold, _ = snd.semantic_threshold(cfg)
     cutoff = min(2**64 - 1, int(c.sample_size / max(1, n) * 2**64))
     got = rows.map_batches(snd.sample_rows, batch_format="pyarrow",
                            fn_kwargs={"seed": cfg.run.seed, "cutoff": cutoff}).take_all()
@@ -236,7 +236,7 @@ def near_dedup_dataset(cfg: PipelineConfig, narrow: ray.data.Dataset, embeddings
             with_vec = refs.filter(pc.is_valid(refs["embedding"])).select(["id", "_key", "embedding"])
             rows = rows.union(ray.data.from_arrow(with_vec))
         rows = rows.materialize()  # read twice below
-        (a, b, s), report["semantic"] = semantic_pairs(cfg, rows, n + n_ref, model)
+        (a, b, s), report["semantic"] = semantic_pairs(cfg, rows, n + n_ref, model, threshold)
         found.append(("semantic", a, b, s))
     all_a = np.concatenate([f[1] for f in found]) if found else np.zeros(0, np.uint64)
     all_b = np.concatenate([f[2] for f in found]) if found else np.zeros(0, np.uint64)
@@ -261,21 +261,20 @@ def near_dedup_dataset(cfg: PipelineConfig, narrow: ray.data.Dataset, embeddings
     members = np.asarray(nodes, dtype=np.uint64)
     if len(members):
         ref = ray.put(members)
-        rows = pa.concat_tables([t for t in alive.map_batches(
+        member_table = pa.concat_tables([t for t in alive.map_batches(
             _members, batch_format="pyarrow", fn_kwargs={"members": ref, "columns": columns}).iter_batches(
             batch_format="pyarrow", batch_size=None)])
         ref_groups: dict = {}
         for k, (name, rid) in refmap.items():
             if k in root:
                 ref_groups.setdefault(root[k], (name, rid))
-        decisions = snd.decide_groups(rows, root, {k: tuple(v) for k, v in edges.items()}, cfg.run.seed, quality,
+        decisions = snd.decide_groups(member_table, root, {k: tuple(v) for k, v in edges.items()}, cfg.run.seed, quality,
                                       licence, c.permissive, taxon, ref_groups)
     else:
         decisions = None
     id_of = {k: f"{name}:{rid}" for k, (name, rid) in refmap.items()}
     if decisions is not None:
-        keys = kn.id_keys(decisions["id"].to_pylist())
-        id_of.update(zip(keys.tolist(), decisions["id"].to_pylist()))
+        id_of.update(zip(member_table["_key"].to_pylist(), member_table["id"].to_pylist()))
     pair_rows = {"group": [], "id_a": [], "id_b": [], "detector": [], "similarity": []}
     for kind, a, b, s in found:
         for x, y, v in zip(a.tolist(), b.tolist(), s.tolist()):

@@ -124,23 +124,10 @@ def group_rows(batch: pa.Table, blocks: np.ndarray) -> pa.Table:
     a larger one is cut into ``blocks[p]`` blocks by node, and a row of block b joins the
     groups (p, min(b, o), max(b, o)) for every block o of its partition."""
     parts = batch["parts"].combine_chunks().flatten().to_numpy().reshape(len(batch), -1)
-    node = batch["node"].to_numpy().astype(np.uint64)
-    gids, rows, blks = [], [], []
-    for col in range(parts.shape[1]):
-        p = parts[:, col].astype(np.int64)
-        nb = blocks[p].astype(np.int64)
-        b = kn.block_of(node, nb)
-        r = np.repeat(np.arange(len(batch)), nb)
-        other = np.arange(int(nb.sum())) - np.repeat(np.cumsum(nb) - nb, nb)
-        lo, hi = np.minimum(b[r], other), np.maximum(b[r], other)
-        gids.append((p[r] << 32) | (lo << 16) | hi)
-        rows.append(r)
-        blks.append(b[r])
-    take = pa.array(np.concatenate(rows) if rows else np.zeros(0, np.int64))
-    return pa.table({"group": pa.array(np.concatenate(gids) if gids else np.zeros(0, np.int64), pa.int64()),
-                     "node": batch["node"].take(take),
-                     "block": pa.array((np.concatenate(blks) if blks else np.zeros(0)).astype(np.int32)),
-                     "x": batch["x"].take(take)})
+    gid, rows, blk = kn.expand_groups(parts, batch["node"].to_numpy().astype(np.uint64), blocks)
+    take = pa.array(rows)
+    return pa.table({"group": pa.array(gid, pa.int64()), "node": batch["node"].take(take),
+                     "block": pa.array(blk.astype(np.int32)), "x": batch["x"].take(take)})
 
 
 def cosine_group(group: pa.Table, threshold: float) -> pa.Table:

@@ -190,9 +190,27 @@ def block_of(keys: np.ndarray, blocks: np.ndarray) -> np.ndarray:
     return (np.asarray(keys, dtype=np.uint64) % np.asarray(blocks, dtype=np.uint64)).astype(np.int64)
 
 
-def block_pair_ids(block: int, blocks: int) -> list[tuple[int, int]]:
-    """The block pairs a row of ``block`` takes part in (each unordered pair once)."""
-    return [(min(block, o), max(block, o)) for o in range(blocks)]
+def expand_groups(parts: np.ndarray, node: np.ndarray, blocks: np.ndarray) -> tuple[np.ndarray, ...]:
+    """The groups each row joins: for each of its partitions p (``parts``: (n, m)), the
+    partition when it is one block, else every block pair (p, min(b, o), max(b, o)) with b
+    the row's block and o any block of p. Returns ``(group id, row index, row's block)``;
+    group id = p << 32 | b1 << 16 | b2."""
+    node = np.asarray(node, dtype=np.uint64)
+    gids, rows, blks = [], [], []
+    for col in range(parts.shape[1]):
+        p = parts[:, col].astype(np.int64)
+        nb = np.asarray(blocks, dtype=np.int64)[p]
+        b = block_of(node, nb)
+        r = np.repeat(np.arange(len(node)), nb)
+        other = np.arange(int(nb.sum())) - np.repeat(np.cumsum(nb) - nb, nb)
+        lo, hi = np.minimum(b[r], other), np.maximum(b[r], other)
+        gids.append((p[r] << 32) | (lo << 16) | hi)
+        rows.append(r)
+        blks.append(b[r])
+    if not gids:
+        e = np.zeros(0, np.int64)
+        return e, e, e
+    return np.concatenate(gids), np.concatenate(rows), np.concatenate(blks)
 
 
 SCREEN_MARGIN = 0.02  # bf16 products are within ~0.004 of fp32 for unit vectors: 5x that
@@ -238,20 +256,16 @@ def semantic_pairs_local(x: np.ndarray, keys: np.ndarray, partition, m: int, thr
     blocks): for tests and benchmarks against exhaustive search."""
     idx, _ = partition.assign(x, m)
     sizes = np.bincount(idx.ravel(), minlength=partition.k)
-    groups: dict[tuple[int, int, int], tuple[list[int], list[int]]] = {}
-    for col in range(idx.shape[1]):
-        part = idx[:, col]
-        nb = np.array([n_blocks(int(sizes[p]), max_block) for p in part])
-        blk = block_of(keys, nb)
-        for r in range(len(x)):
-            for pair in block_pair_ids(int(blk[r]), int(nb[r])):
-                rows, bl = groups.setdefault((int(part[r]), *pair), ([], []))
-                rows.append(r)
-                bl.append(int(blk[r]))
+    blocks = np.array([n_blocks(int(s), max_block) for s in sizes], dtype=np.int64)
+    gid, rows, blk = expand_groups(idx, keys, blocks)
+    order = np.argsort(gid, kind="stable")
+    gid, rows, blk = gid[order], rows[order], blk[order]
     out = []
-    for (_, b1, b2), (rows, bl) in groups.items():
-        r = np.array(rows)
-        out.append(pairs_in_group(x[r], keys[r], (b1, b2), threshold, np.array(bl)))
+    bounds = np.flatnonzero(np.r_[True, gid[1:] != gid[:-1], True])
+    for s, e in zip(bounds[:-1], bounds[1:]):
+        g = int(gid[s])
+        r = rows[s:e]
+        out.append(pairs_in_group(x[r], keys[r], ((g >> 16) & 0xFFFF, g & 0xFFFF), threshold, blk[s:e]))
     return merge_pairs(out)
 
 
