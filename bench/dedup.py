@@ -8,8 +8,10 @@ Data: clustered synthetic embeddings (1,000 clusters, Zipf sizes, in-cluster cos
 [threshold, 1] in random directions. Recall is against exact search at the same
 threshold: exhaustive at 100k, and at 1M for 2,000 query rows drawn at random against all
 rows (the pairs found for those queries / the pairs exact search finds for them). Peak
-memory is the largest sum of RSS over this process and Ray's worker processes, sampled
-every 0.2 s.
+memory (``peak_rss_gb``) is the largest sum of PSS -- resident memory with each shared page
+split between the processes mapping it -- over this process and Ray's processes, sampled
+every 0.2 s (``peak_rss_sum_gb``: the plain RSS sum, which counts Ray's shared object store
+once per worker).
 
     python bench/dedup.py                 # 100k and 1M (about 15 min on 2 cores)
     python bench/dedup.py --sizes 20000   # a quick look
@@ -59,11 +61,14 @@ def plant(x: np.ndarray, threshold: float, fraction: float, seed: int) -> None:
     x[dst] = s[:, None] * x[src] + np.sqrt(1 - s**2)[:, None] * u
 
 
-def _rss_of_run() -> int:
-    """Sum of RSS (bytes) over this process and Ray's processes (from /proc)."""
+def _memory_of_run() -> tuple[int, int]:
+    """(sum of PSS, sum of RSS) in bytes over this process and Ray's processes (from /proc).
+    PSS splits a shared page (Ray's object store is mapped by every worker) between the
+    processes mapping it, so its sum is the memory the run really holds; RSS counts a shared
+    page once per process."""
     import os
 
-    total = 0
+    pss = rss = 0
     for pid in os.listdir("/proc"):
         if not pid.isdigit():
             continue
@@ -72,23 +77,29 @@ def _rss_of_run() -> int:
                 cmd = f.read().replace(b"\0", b" ")
             if int(pid) != os.getpid() and b"ray" not in cmd:
                 continue
-            with open(f"/proc/{pid}/statm") as f:
-                total += int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+            with open(f"/proc/{pid}/smaps_rollup") as f:
+                for line in f:
+                    if line.startswith("Rss:"):
+                        rss += int(line.split()[1]) * 1024
+                    elif line.startswith("Pss:"):
+                        pss += int(line.split()[1]) * 1024
         except (OSError, ValueError, IndexError):
             continue
-    return total
+    return pss, rss
 
 
 class PeakRSS:
-    """Largest total RSS of this process and Ray's processes, sampled every 0.2 s."""
+    """Largest total PSS (and RSS) of this process and Ray's processes, sampled every 0.2 s."""
 
     def __init__(self):
-        self.peak, self._stop = 0, threading.Event()
+        self.peak = self.peak_rss_sum = 0
+        self._stop = threading.Event()
         self.thread = threading.Thread(target=self._run, daemon=True)
 
     def _run(self):
         while not self._stop.is_set():
-            self.peak = max(self.peak, _rss_of_run())
+            pss, rss = _memory_of_run()
+            self.peak, self.peak_rss_sum = max(self.peak, pss), max(self.peak_rss_sum, rss)
             time.sleep(0.2)
 
     def __enter__(self):
@@ -134,6 +145,7 @@ def run_one(n: int, dim: int, threshold: float, seed: int, cfg) -> dict:
         hit = len(truth & found)
     recall = hit / len(truth) if truth else 1.0
     out = {"n": n, "seconds": round(seconds, 1), "peak_rss_gb": round(mem.peak / 2**30, 2),
+           "peak_rss_sum_gb": round(mem.peak_rss_sum / 2**30, 2),
            "true_pairs": len(truth), "recall": round(recall, 4), "pairs_found": len(found), "report": report}
     print(json.dumps(out), flush=True)
     return out

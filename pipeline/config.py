@@ -141,8 +141,10 @@ class NearDedupConfig(_Section):
     max_assign: int = Field(6, ge=1, le=32, description="Most partitions one row joins (calibrated up to this).")
     sample_size: int = Field(50_000, ge=100, description="Rows drawn by hash(seed, id) to fit the partitions.")
     kmeans_iters: int = Field(10, ge=1, description="k-means iterations for the partitions.")
-    max_block: int = Field(4096, ge=16, description="A partition above this many rows is compared block pair by "
-                           "block pair (memory per worker bounded by two blocks).")
+    max_block: int = Field(4096, ge=16, description="A partition above this many rows is cut into blocks that may "
+                           "be stored in different buckets and compared bucket pair by bucket pair.")
+    bucket_rows: int = Field(65_536, ge=16, description="Rows (embedding copies) stored together for comparison: a "
+                             "worker holds at most two buckets (about 2 x bucket_rows x dim x 2 bytes).")
     licence_column: str | None = Field(
         "auto", description="Licence column for the keep policy ('auto': license/licence if present; null: none).")
     permissive: str = Field(

@@ -25,6 +25,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import ray
 
+from manifests import io as mio
 from pipeline.config import ConfigError, PipelineConfig
 from stages import neardup as snd
 from stages.kernels import kmeans
@@ -87,19 +88,33 @@ def semantic_pairs(cfg: PipelineConfig, rows: ray.data.Dataset, n: int, model: s
     counts = np.zeros(k, np.int64)
     for r in assigned.map_batches(snd.part_counts, batch_format="pyarrow", fn_kwargs={"k": k}).take_all():
         counts += np.asarray(r["counts"], dtype=np.int64)
-    blocks = np.array([kn.n_blocks(int(s), c.max_block) for s in counts], dtype=np.int64)
-    groups = assigned.map_batches(snd.group_rows, batch_format="pyarrow", fn_kwargs={"blocks": blocks})
-    n_groups = int(sum(b * (b + 1) // 2 for b in blocks))
-    pairs = groups.groupby("group", num_partitions=max(1, min(200, n_groups))).map_groups(
-        snd.cosine_group, batch_format="pyarrow", fn_kwargs={"threshold": threshold})
-    a, b, s = _take_pairs(pairs)
+    packing = kn.pack_cells(counts, c.max_block, c.bucket_rows)
+    # Copies are written once, grouped by bucket (a shuffle through the run's storage: one
+    # copy on disk, bounded memory); each task then reads its one or two buckets.
+    fs, root = mio.filesystem(cfg.output, cfg.storage)
+    scratch = mio.join(root, "stages", "near_dedup_scratch")
+    if fs.exists(scratch):
+        fs.rm(scratch, recursive=True)
+    fs.makedirs(scratch, exist_ok=True)
+    try:
+        assigned.map_batches(snd.cell_rows, batch_format="pyarrow", batch_size=4096,
+                             fn_kwargs={"packing": packing}).write_parquet(
+            scratch, partition_cols=["bucket"], filesystem=mio.arrow_filesystem(fs), compression="none")
+        del assigned
+        tasks = packing["tasks"]
+        pairs = ray.data.from_items([{"u": u, "v": v} for u, v in tasks], override_num_blocks=len(tasks)).map_batches(
+            snd.compare_buckets, batch_format="pyarrow", batch_size=1,
+            fn_kwargs={"root": mio.to_uri(fs, scratch), "storage": cfg.storage, "threshold": threshold})
+        a, b, s = _take_pairs(pairs)
+    finally:
+        fs.rm(scratch, recursive=True)
     a, b, s = kn.unique_pairs(a, b, s, keep_max=True)
     report = {"model": model, "threshold": threshold, "centred": c.center, "sample": len(xs), "partitions": k,
               "coarse_cells": len(partition.coarse),
               "kmeans_mean_cosine_distance": round(inertia, 5), "assign": m,
               "boundary_recall_at_threshold": {str(i): round(v, 4) for i, v in curve.items()},
-              "largest_partition": int(counts.max()), "blocked_partitions": int((blocks > 1).sum()),
-              "groups_compared": n_groups, "pairs": int(len(a))}
+              "largest_partition": int(counts.max()), "blocked_partitions": int((packing["blocks"] > 1).sum()),
+              "buckets": int(packing["bucket"].max()) + 1, "tasks": len(packing["tasks"]), "pairs": int(len(a))}
     return (a, b, s), report
 
 
@@ -111,7 +126,6 @@ def reference_sets(cfg: PipelineConfig, plan, device: str) -> tuple[pa.Table | N
     embeddings when they come from the same model and preprocessing (else the set is
     matched perceptually only, and the report says so); an image folder or a uri table is
     fetched, validated and embedded like the corpus (through the embedding cache)."""
-    from manifests import io as mio
     from pipeline.examples import embed_listed, is_table, read_small_table
     from stages import ingest
     from stages.kernels.hashing import stable_id
@@ -177,7 +191,6 @@ def references_fingerprint(cfg: PipelineConfig) -> str:
     import hashlib
     import json
 
-    from manifests import io as mio
     from pipeline.examples import is_table
     from stages import ingest
 

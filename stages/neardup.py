@@ -119,27 +119,44 @@ def part_counts(batch: pa.Table, k: int) -> pa.Table:
     return pa.table({"counts": [np.bincount(idx, minlength=k).tolist()]})
 
 
-def group_rows(batch: pa.Table, blocks: np.ndarray) -> pa.Table:
-    """One row per (row, partition, block pair): a partition small enough is one group;
-    a larger one is cut into ``blocks[p]`` blocks by node, and a row of block b joins the
-    groups (p, min(b, o), max(b, o)) for every block o of its partition."""
+def cell_rows(batch: pa.Table, packing: dict) -> pa.Table:
+    """One row per (row, partition) copy with the bucket it is stored in (``kn.pack_cells``)."""
     parts = batch["parts"].combine_chunks().flatten().to_numpy().reshape(len(batch), -1)
-    gid, rows, blk = kn.expand_groups(parts, batch["node"].to_numpy().astype(np.uint64), blocks)
-    take = pa.array(rows)
-    return pa.table({"group": pa.array(gid, pa.int64()), "node": batch["node"].take(take),
-                     "block": pa.array(blk.astype(np.int32)), "x": batch["x"].take(take)})
+    node = batch["node"].to_numpy().astype(np.uint64)
+    take = pa.array(np.repeat(np.arange(len(batch)), parts.shape[1]))
+    return pa.table({"bucket": pa.array(kn.bucket_of(parts, node, packing).ravel().astype(np.int32)),
+                     "part": pa.array(parts.ravel().astype(np.int32)), "node": batch["node"].take(take),
+                     "x": batch["x"].take(take)})
 
 
-def cosine_group(group: pa.Table, threshold: float) -> pa.Table:
-    """All pairs at cosine >= ``threshold`` in one group (a partition, or two blocks of one)."""
-    if len(group) < 2:
-        return PAIR_SCHEMA.empty_table()
-    g = int(group["group"][0].as_py())
-    b1, b2 = (g >> 16) & 0xFFFF, g & 0xFFFF
-    x, _ = embedding_matrix(group["x"])
-    a, b, s = kn.pairs_in_group(x, group["node"].to_numpy().astype(np.uint64), (b1, b2), threshold,
-                                group["block"].to_numpy())
-    return _pairs(a, b, s)
+def _read_bucket(fs, root: str, bucket: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    import pyarrow.parquet as pq
+
+    from manifests import io as mio
+
+    folder = mio.join(root, f"bucket={bucket}")
+    files = sorted(f for f in fs.find(folder) if f.endswith(".parquet")) if fs.exists(folder) else []
+    tables = []
+    for f in files:
+        with fs.open(f, "rb") as fh:
+            tables.append(pq.read_table(fh, columns=["part", "node", "x"]))
+    if not tables:
+        return np.zeros(0, np.int32), np.zeros(0, np.uint64), np.zeros((0, 1), np.float32)
+    t = pa.concat_tables(tables)
+    x, _ = embedding_matrix(t["x"])
+    return t["part"].to_numpy(), t["node"].to_numpy().astype(np.uint64), x
+
+
+def compare_buckets(tasks: pa.Table, root: str, storage, threshold: float) -> pa.Table:
+    """The pairs of comparison tasks (u, v) over buckets written under ``root``."""
+    from manifests import io as mio
+
+    fs, path = mio.filesystem(root, storage)
+    out = []
+    for u, v in zip(tasks["u"].to_pylist(), tasks["v"].to_pylist()):
+        bu = _read_bucket(fs, path, u)
+        out.append(kn.bucket_pairs(bu, None if u == v else _read_bucket(fs, path, v), threshold))
+    return _pairs(*kn.merge_pairs(out))
 
 
 # --------------------------------------------------------------------------- members

@@ -118,7 +118,7 @@ def test_semantic_recall_against_exhaustive_search():
     partition, _ = kmeans.Partition.fit(sample, 50, iters=10, seed=0)  # partition_size 1000
     assert len(partition.coarse) == 8  # two levels
     m, curve = kn.calibrate_assign(sample, partition, threshold, 0.99, 6)
-    a, b, s = kn.semantic_pairs_local(x, keys, partition, m, threshold, max_block=1500)
+    a, b, s = kn.semantic_pairs_local(x, keys, partition, m, threshold, max_block=1500, bucket_rows=6000)
     got = set(zip(a.tolist(), b.tolist()))
     recall = len(got & truth) / len(truth)
     print(f"\nsemantic: {len(truth)} true pairs, assign m={m} (calibration {curve}), recall {recall:.4f}")
@@ -279,3 +279,32 @@ def test_decide_groups_licence_quality_taxonomy_and_reference():
     for i in "de":
         assert ref[i]["_nd_reason"] == "duplicate_of_reference" and ref[i]["_nd_duplicate_of"] == "r1"
         assert "reference set 'eval'" in ref[i]["_nd_detail"]
+
+
+def test_pack_cells_covers_every_pair_of_a_partition_once():
+    """Partitions (some larger than max_block, so cut into blocks over several buckets)
+    packed into buckets: every pair of copies of one partition is compared in exactly one
+    task, and no bucket holds more than bucket_rows + max_block copies."""
+    rng = np.random.default_rng(3)
+    sizes = np.array([5, 0, 300, 40, 1, 120, 75, 0, 260])
+    max_block, bucket_rows = 60, 150
+    part = np.repeat(np.arange(len(sizes)), sizes)
+    keys = rng.permutation(10**6)[: len(part)].astype(np.uint64)
+    packing = kn.pack_cells(sizes, max_block, bucket_rows)
+    bucket = kn.bucket_of(part[:, None], keys, packing).ravel()
+    assert np.bincount(bucket).max() <= bucket_rows + max_block
+    assert packing["blocks"].tolist() == [1, 1, 5, 1, 1, 2, 2, 1, 5]
+    seen = {}
+    for u, v in packing["tasks"]:
+        for p in range(len(sizes)):
+            a = np.flatnonzero((part == p) & (bucket == u))
+            b = a if u == v else np.flatnonzero((part == p) & (bucket == v))
+            for i in a:
+                for j in b:
+                    if (u == v and i < j) or u != v:
+                        pair = (min(i, j), max(i, j))
+                        seen[pair] = seen.get(pair, 0) + 1
+    expected = sum(s * (s - 1) // 2 for s in sizes)
+    assert len(seen) == expected and set(seen.values()) == {1}
+    assert len({u for u, _ in packing["tasks"]} | {v for _, v in packing["tasks"]}) > 3  # spread over buckets
+    assert any(u != v for u, v in packing["tasks"])

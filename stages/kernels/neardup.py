@@ -10,8 +10,9 @@ Two detectors, both exact in their final test, approximate only in which pairs t
   model above a threshold. Candidates share a partition: spherical k-means on a sample, each
   row assigned to its ``m`` nearest centroids (a pair split by a partition boundary is still
   found when one of the pair is also assigned across it); all pairs inside a partition are
-  compared by matrix products. A partition larger than ``max_block`` rows is cut into blocks
-  and compared block pair by block pair, so no worker ever holds more than two blocks.
+  compared by matrix products. Partitions are packed into buckets (:func:`pack_cells`); one
+  larger than ``max_block`` rows is cut into blocks that may lie in several buckets, and
+  compared bucket pair by bucket pair, so no worker ever holds more than two buckets.
 
 Pairs become groups with :func:`connected_components` (union-find by hooking and pointer
 jumping, vectorized); :func:`keep_order` ranks a group's members for the keep policy.
@@ -190,34 +191,65 @@ def block_of(keys: np.ndarray, blocks: np.ndarray) -> np.ndarray:
     return (np.asarray(keys, dtype=np.uint64) % np.asarray(blocks, dtype=np.uint64)).astype(np.int64)
 
 
-def expand_groups(parts: np.ndarray, node: np.ndarray, blocks: np.ndarray) -> tuple[np.ndarray, ...]:
-    """The groups each row joins: for each of its partitions p (``parts``: (n, m)), the
-    partition when it is one block, else every block pair (p, min(b, o), max(b, o)) with b
-    the row's block and o any block of p. Returns ``(group id, row index, row's block)``;
-    group id = p << 32 | b1 << 16 | b2."""
-    node = np.asarray(node, dtype=np.uint64)
-    gids, rows, blks = [], [], []
-    for col in range(parts.shape[1]):
-        p = parts[:, col].astype(np.int64)
-        nb = np.asarray(blocks, dtype=np.int64)[p]
-        b = block_of(node, nb)
-        r = np.repeat(np.arange(len(node)), nb)
-        other = np.arange(int(nb.sum())) - np.repeat(np.cumsum(nb) - nb, nb)
-        lo, hi = np.minimum(b[r], other), np.maximum(b[r], other)
-        gids.append((p[r] << 32) | (lo << 16) | hi)
-        rows.append(r)
-        blks.append(b[r])
-    if not gids:
-        e = np.zeros(0, np.int64)
-        return e, e, e
-    return np.concatenate(gids), np.concatenate(rows), np.concatenate(blks)
+def pack_cells(sizes: np.ndarray, max_block: int, bucket_rows: int) -> dict:
+    """Where each partition's rows are stored for comparison.
+
+    A partition of ``sizes[p]`` rows is cut into ``blocks[p]`` cells of at most about
+    ``max_block`` rows (by :func:`block_of`); cells, in partition order, fill buckets of
+    about ``bucket_rows`` rows (a bucket holds at most ``bucket_rows + max_block``). The
+    comparisons are *tasks* (u, v): u == v, all pairs inside each partition among the rows
+    of bucket u; u < v, the pairs of each partition between its rows in u and in v (only
+    for partitions spread over both). Every pair of rows of a partition is in exactly one
+    task, and a task holds at most two buckets.
+
+    Returns ``blocks`` (per partition), ``cell_start`` (index of a partition's first cell),
+    ``bucket`` (per cell) and ``tasks`` (sorted (u, v) pairs)."""
+    sizes = np.asarray(sizes, dtype=np.int64)
+    blocks = np.maximum(1, -(-sizes // max_block))
+    cell_start = np.concatenate([[0], np.cumsum(blocks)[:-1]]).astype(np.int64)
+    cell_size = np.repeat(-(-sizes // blocks), blocks)
+    before = np.concatenate([[0], np.cumsum(cell_size)[:-1]])
+    bucket = (before // max(1, bucket_rows)).astype(np.int64)
+    tasks = {(int(u), int(u)) for u in np.unique(bucket)}
+    for p in np.flatnonzero(blocks > 1):
+        held = np.unique(bucket[cell_start[p] : cell_start[p] + blocks[p]])
+        tasks.update((int(u), int(v)) for i, u in enumerate(held) for v in held[i + 1 :])
+    return {"blocks": blocks, "cell_start": cell_start, "bucket": bucket, "tasks": sorted(tasks)}
+
+
+def bucket_of(parts: np.ndarray, keys: np.ndarray, packing: dict) -> np.ndarray:
+    """Bucket of each (row, partition) copy: ``parts`` (n, m) partition ids, ``keys`` (n,)."""
+    p = np.asarray(parts, dtype=np.int64)
+    k = np.repeat(np.asarray(keys, dtype=np.uint64), p.shape[1]).reshape(p.shape)
+    return packing["bucket"][packing["cell_start"][p] + block_of(k, packing["blocks"][p])]
+
+
+def bucket_pairs(u: tuple, v: tuple | None, threshold: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The pairs at cosine >= ``threshold`` of one task. ``u``, ``v``: a bucket's copies as
+    (partition, key, x); ``v`` None: all pairs inside each partition of ``u``; else the
+    pairs of each partition between its rows in ``u`` and in ``v``."""
+    pu, ku, xu = u
+    out = []
+    if v is None:
+        order = np.argsort(pu, kind="stable")
+        bounds = np.flatnonzero(np.r_[True, pu[order][1:] != pu[order][:-1], True]) if len(pu) else [0]
+        for s, e in zip(bounds[:-1], bounds[1:]):
+            r = order[s:e]
+            if len(r) > 1:
+                out.append(cosine_pairs(xu[r], ku[r], None, None, threshold))
+    else:
+        pv, kv, xv = v
+        for p in np.intersect1d(pu, pv):
+            a, b = pu == p, pv == p
+            out.append(cosine_pairs(xu[a], ku[a], xv[b], kv[b], threshold))
+    return merge_pairs(out)
 
 
 SCREEN_MARGIN = 0.02  # bf16 products are within ~0.004 of fp32 for unit vectors: 5x that
 
 
 def cosine_pairs(xa: np.ndarray, ka: np.ndarray, xb: np.ndarray | None, kb: np.ndarray | None,
-                 threshold: float, chunk: int = 4096, screen: bool = True) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+                 threshold: float, chunk: int | None = None, screen: bool = True) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Pairs ``(key_a, key_b, cosine)`` with cosine >= ``threshold`` between the rows of
     ``xa`` and ``xb`` (normalized), or among the rows of ``xa`` when ``xb`` is None.
 
@@ -231,6 +263,7 @@ def cosine_pairs(xa: np.ndarray, ka: np.ndarray, xb: np.ndarray | None, kb: np.n
     fast_a = ta.to(torch.bfloat16) if screen else ta
     fast_b = fast_a if same else (tb.to(torch.bfloat16) if screen else tb)
     cut = threshold - SCREEN_MARGIN if screen else threshold
+    chunk = chunk or max(64, min(4096, 2**24 // max(1, len(tb))))  # a product block <= 64 MB
     out_a, out_b, out_s = [], [], []
     for i in range(0, len(ta), chunk):
         lo = i if same else 0  # among one set: the upper triangle only
@@ -251,35 +284,21 @@ def cosine_pairs(xa: np.ndarray, ka: np.ndarray, xb: np.ndarray | None, kb: np.n
 
 
 def semantic_pairs_local(x: np.ndarray, keys: np.ndarray, partition, m: int, threshold: float,
-                         max_block: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """The distributed semantic path in one process (same kernels, same partitions and
-    blocks): for tests and benchmarks against exhaustive search."""
+                         max_block: int, bucket_rows: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The distributed semantic path in one process (same assignment, packing and tasks):
+    for tests and benchmarks against exhaustive search."""
     idx, _ = partition.assign(x, m)
-    sizes = np.bincount(idx.ravel(), minlength=partition.k)
-    blocks = np.array([n_blocks(int(s), max_block) for s in sizes], dtype=np.int64)
-    gid, rows, blk = expand_groups(idx, keys, blocks)
-    order = np.argsort(gid, kind="stable")
-    gid, rows, blk = gid[order], rows[order], blk[order]
-    out = []
-    bounds = np.flatnonzero(np.r_[True, gid[1:] != gid[:-1], True])
-    for s, e in zip(bounds[:-1], bounds[1:]):
-        g = int(gid[s])
-        r = rows[s:e]
-        out.append(pairs_in_group(x[r], keys[r], ((g >> 16) & 0xFFFF, g & 0xFFFF), threshold, blk[s:e]))
-    return merge_pairs(out)
+    packing = pack_cells(np.bincount(idx.ravel(), minlength=partition.k), max_block, bucket_rows)
+    bucket = bucket_of(idx, keys, packing).ravel()
+    row = np.repeat(np.arange(len(x)), idx.shape[1])
+    part = idx.ravel()
 
+    def copies(b):
+        sel = bucket == b
+        return part[sel], keys[row[sel]], x[row[sel]]
 
-def pairs_in_group(x: np.ndarray, keys: np.ndarray, blocks: tuple[int, int], threshold: float,
-                   block: np.ndarray | None = None):
-    """All pairs at cosine >= threshold in one group: a whole partition (one block), or the
-    cross pairs of two blocks of it (rows told apart by ``block``)."""
-    b1, b2 = blocks
-    if b1 == b2:
-        return cosine_pairs(x, keys, None, None, threshold)
-    if block is None:
-        raise ValueError("two-block group needs each row's block")
-    a, b = block == b1, block == b2
-    return cosine_pairs(x[a], keys[a], x[b], keys[b], threshold)
+    return merge_pairs([bucket_pairs(copies(u), None if u == v else copies(v), threshold)
+                        for u, v in packing["tasks"]])
 
 
 def merge_pairs(parts: list[tuple[np.ndarray, np.ndarray, np.ndarray]]):
