@@ -1,17 +1,17 @@
 """Semantic near-duplicate search at 100k and 1M x 768 float16 embeddings, through the
 pipeline's distributed path (``pipeline.neardedup.semantic_pairs`` on local Ray Data):
-two-level k-means partitions fitted on a sample, calibrated multi-assignment, a hash
-shuffle of (partition, block pair) groups, bf16 screen + float32 check inside each group.
+two-level k-means partitions fitted on a sample, calibrated multi-assignment, the copies
+written once grouped by bucket, bf16 screen + float32 check inside each comparison task.
 
-Data: clustered synthetic embeddings (1,000 clusters, Zipf sizes, in-cluster cosine about
-0.5) with 1% of the rows overwritten by partners of other rows at cosines spread evenly over
+Data: clustered synthetic embeddings (2,000 clusters, Zipf sizes, low-rank in-cluster
+variation, in-cluster cosine about 0.5; ``--isotropic``: full-rank, the worst case) with 5%
+of the rows overwritten by partners of other rows at cosines spread evenly over
 [threshold, 1] in random directions. Recall is against exact search at the same
 threshold: exhaustive at 100k, and at 1M for 2,000 query rows drawn at random against all
 rows (the pairs found for those queries / the pairs exact search finds for them). Peak
-memory (``peak_rss_gb``) is the largest sum of PSS -- resident memory with each shared page
-split between the processes mapping it -- over this process and Ray's processes, sampled
-every 0.2 s (``peak_rss_sum_gb``: the plain RSS sum, which counts Ray's shared object store
-once per worker).
+memory (``peak_rss_gb``) is the most memory in use on the machine during the search
+(MemTotal - MemAvailable, sampled every 0.2 s: Ray's processes and object store, and this
+process with its own copy of the data); ``added_gb`` is that less what was in use before.
 
     python bench/dedup.py                 # 100k and 1M (about 15 min on 2 cores)
     python bench/dedup.py --sizes 20000   # a quick look
@@ -35,16 +35,27 @@ import numpy as np  # noqa: E402
 import pyarrow as pa  # noqa: E402
 
 
-def clustered(n: int, dim: int, clusters: int, seed: int) -> np.ndarray:
+def clustered(n: int, dim: int, clusters: int, seed: int, rank: int = 64, isotropic: bool = False) -> np.ndarray:
+    """Unit vectors in ``clusters`` clusters with Zipf sizes (exponent 1.1: the largest
+    holds about 10% of the rows). A row is its cluster's centre plus a variation in a
+    ``rank``-dimensional subspace of the cluster (image embeddings have a low intrinsic
+    dimension) and a little isotropic noise; in-cluster cosine about 0.4. ``isotropic``:
+    full-rank noise instead (the worst case for any partitioning)."""
     rng = np.random.default_rng(seed)
     cent = rng.standard_normal((clusters, dim), dtype=np.float32)
     cent /= np.linalg.norm(cent, axis=1, keepdims=True)
-    label = rng.zipf(1.5, n) % clusters
+    basis = rng.standard_normal((clusters, rank, dim), dtype=np.float32) / np.sqrt(dim)
+    label = (rng.zipf(1.1, n) - 1) % clusters
     x = np.empty((n, dim), np.float32)
-    for i in range(0, n, 100_000):
-        part = cent[label[i : i + 100_000]] + rng.standard_normal((len(label[i : i + 100_000]), dim),
-                                                                    dtype=np.float32) / np.sqrt(dim)
-        x[i : i + 100_000] = part / np.linalg.norm(part, axis=1, keepdims=True)
+    for i in range(0, n, 50_000):
+        lab = label[i : i + 50_000]
+        if isotropic:
+            part = cent[lab] + rng.standard_normal((len(lab), dim), dtype=np.float32) / np.sqrt(dim)
+        else:
+            z = rng.standard_normal((len(lab), rank), dtype=np.float32) * np.sqrt(1.5 / rank)
+            part = cent[lab] + np.einsum("nr,nrd->nd", z, basis[lab])
+            part += 0.15 * rng.standard_normal(part.shape, dtype=np.float32) / np.sqrt(dim)
+        x[i : i + 50_000] = part / np.linalg.norm(part, axis=1, keepdims=True)
     return x
 
 
@@ -61,48 +72,39 @@ def plant(x: np.ndarray, threshold: float, fraction: float, seed: int) -> None:
     x[dst] = s[:, None] * x[src] + np.sqrt(1 - s**2)[:, None] * u
 
 
-def _memory_of_run() -> tuple[int, int]:
-    """(sum of PSS, sum of RSS) in bytes over this process and Ray's processes (from /proc).
-    PSS splits a shared page (Ray's object store is mapped by every worker) between the
-    processes mapping it, so its sum is the memory the run really holds; RSS counts a shared
-    page once per process."""
-    import os
-
-    pss = rss = 0
-    for pid in os.listdir("/proc"):
-        if not pid.isdigit():
-            continue
-        try:
-            with open(f"/proc/{pid}/cmdline", "rb") as f:
-                cmd = f.read().replace(b"\0", b" ")
-            if int(pid) != os.getpid() and b"ray" not in cmd:
-                continue
-            with open(f"/proc/{pid}/smaps_rollup") as f:
-                for line in f:
-                    if line.startswith("Rss:"):
-                        rss += int(line.split()[1]) * 1024
-                    elif line.startswith("Pss:"):
-                        pss += int(line.split()[1]) * 1024
-        except (OSError, ValueError, IndexError):
-            continue
-    return pss, rss
+def _memory_in_use() -> int:
+    """Bytes of memory in use on the machine (MemTotal - MemAvailable): the run's processes,
+    Ray's object store (shared memory) and the bench's own data; reclaimable page cache is
+    not counted. Reading /proc/meminfo costs nothing, unlike summing every process's PSS
+    (walking the page tables of workers that map the object store takes a core)."""
+    info = {}
+    with open("/proc/meminfo") as f:
+        for line in f:
+            key, value = line.split(":", 1)
+            info[key] = int(value.split()[0]) * 1024
+    return info["MemTotal"] - info["MemAvailable"]
 
 
 class PeakRSS:
-    """Largest total PSS (and RSS) of this process and Ray's processes, sampled every 0.2 s."""
+    """Peak memory in use on the machine while the block runs (sampled every 0.2 s), and
+    the same less what was in use when it started (``added``)."""
 
     def __init__(self):
-        self.peak = self.peak_rss_sum = 0
+        self.peak = self.start = 0
         self._stop = threading.Event()
         self.thread = threading.Thread(target=self._run, daemon=True)
 
+    @property
+    def added(self) -> int:
+        return max(0, self.peak - self.start)
+
     def _run(self):
         while not self._stop.is_set():
-            pss, rss = _memory_of_run()
-            self.peak, self.peak_rss_sum = max(self.peak, pss), max(self.peak_rss_sum, rss)
+            self.peak = max(self.peak, _memory_in_use())
             time.sleep(0.2)
 
     def __enter__(self):
+        self.start = self.peak = _memory_in_use()
         self.thread.start()
         return self
 
@@ -111,14 +113,15 @@ class PeakRSS:
         self.thread.join()
 
 
-def run_one(n: int, dim: int, threshold: float, seed: int, cfg) -> dict:
+def run_one(n: int, dim: int, threshold: float, seed: int, cfg, isotropic: bool = False,
+            fraction: float = 0.05) -> dict:
     import ray
 
     from pipeline.neardedup import semantic_pairs
     from stages.kernels import neardup as kn
 
-    x = clustered(n, dim, 1000, seed)
-    plant(x, threshold, 0.01, seed)
+    x = clustered(n, dim, 2000, seed, isotropic=isotropic)
+    plant(x, threshold, fraction, seed)
     x16 = x.astype(np.float16)
     x = x16.astype(np.float32)  # what the pipeline sees
     ids = [f"{seed}-{i:09d}" for i in range(n)]
@@ -145,7 +148,7 @@ def run_one(n: int, dim: int, threshold: float, seed: int, cfg) -> dict:
         hit = len(truth & found)
     recall = hit / len(truth) if truth else 1.0
     out = {"n": n, "seconds": round(seconds, 1), "peak_rss_gb": round(mem.peak / 2**30, 2),
-           "peak_rss_sum_gb": round(mem.peak_rss_sum / 2**30, 2),
+           "added_gb": round(mem.added / 2**30, 2),
            "true_pairs": len(truth), "recall": round(recall, 4), "pairs_found": len(found), "report": report}
     print(json.dumps(out), flush=True)
     return out
@@ -157,6 +160,8 @@ def main() -> None:
     ap.add_argument("--dim", type=int, default=768)
     ap.add_argument("--threshold", type=float, default=0.75, help="cosine (SSCD's default here)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--isotropic", action="store_true", help="full-rank in-cluster noise (worst case)")
+    ap.add_argument("--planted", type=float, default=0.05, help="fraction of rows overwritten by a partner")
     args = ap.parse_args()
     import ray
 
@@ -167,7 +172,8 @@ def main() -> None:
     ray.data.DataContext.get_current().enable_progress_bars = False
     cfg = load_config(None, {"input.path": "/tmp", "output": "/tmp/bench-dedup",
                              "near_dedup.threshold": args.threshold, "near_dedup.center": False})
-    results = {n: run_one(n, args.dim, args.threshold, args.seed, cfg) for n in args.sizes}
+    results = {n: run_one(n, args.dim, args.threshold, args.seed, cfg, args.isotropic, args.planted)
+               for n in args.sizes}
     small, big = results.get(100_000), results.get(1_000_000)
     line = {"recall_100k": small and small["recall"], "recall_1m": big and big["recall"],
             "time_ratio_1m_100k": round(big["seconds"] / small["seconds"], 2) if small and big else None,

@@ -25,6 +25,7 @@ class Stage(StrEnum):
     EXACT_DEDUP = "exact_dedup"
     FILTER = "filter"
     NEAR_DEDUP = "near_dedup"
+    SAMPLE = "sample"
 
 
 class Reason(StrEnum):
@@ -63,6 +64,8 @@ class Reason(StrEnum):
     PERCEPTUAL_DUPLICATE = "perceptual_duplicate"  # pHash within near_dedup.max_hamming of a kept image
     SEMANTIC_DUPLICATE = "semantic_duplicate"  # copy-detection embedding above near_dedup.threshold
     DUPLICATE_OF_REFERENCE = "duplicate_of_reference"  # a near-copy of an image of a reference set (detail names it)
+    # diversity sampling
+    NOT_SAMPLED = "not_sampled"  # a valid image the balanced sample did not choose (a later run may)
 
 
 # Columns every row carries from ingest on.

@@ -158,6 +158,49 @@ class NearDedupConfig(_Section):
         "'duplicate_of_reference', naming the set.")
 
 
+class SampleConfig(_Section):
+    """Diversity sampling (after near_dedup): hierarchical spherical k-means on the
+    embeddings of embed.roles.sample, then a balanced sample of ``target`` rows. Rows not
+    chosen are rejected 'not_sampled' (valid images; a later run may choose them)."""
+
+    target: int | None = Field(None, ge=1, description="Curated rows wanted. Null (and fraction null): no sampling.")
+    fraction: float | None = Field(None, gt=0, le=1, description="Or: this fraction of the rows alive before sampling.")
+    levels: list[int] | None = Field(
+        None, description="Clusters per level, finest first, decreasing (the reference run on 5.6M images: "
+        "[60000, 1200, 120]). Null: rows/100, rows/5000, rows/50000 (levels under 2 clusters dropped).")
+    method: Literal["resampled", "centers"] = Field(
+        "resampled", description="resampled: each level re-fitted on the points closest to each centroid (Vo et al. "
+        "2024); centers: plain hierarchical k-means.")
+    resample_points: list[int] | None = Field(
+        None, description="Points per cluster re-fitted on, per level (the reference: [10, 5, 3]). Null: 10, 5, 3, 3...")
+    resample_steps: int = Field(10, ge=0, description="Resampling steps per level.")
+    iters: int = Field(20, ge=1, description="k-means iterations per fit (the reference: 50).")
+    sample_size: int = Field(200_000, ge=100, description="Rows drawn by hash(seed, id) to fit level 1 (one process: "
+                             "deterministic); every row is then assigned in map_batches.")
+    pick: Literal["random", "closest"] = Field(
+        "random", description="Inside a leaf cluster: by hash(seed, id), or the rows closest to the centroid first.")
+    taxon_column: str | None = Field(
+        "auto", description="Taxon for caps and minimums ('auto': species/scientific_name/taxon if present).")
+    max_per_taxon: int | None = Field(None, ge=1, description="At most this many rows per taxon (spread over its clusters).")
+    min_per_taxon: int | None = Field(None, ge=1, description="At least this many rows per taxon when it has them.")
+    batch_size: int = Field(8192, ge=1, description="Rows per assignment batch.")
+
+    @model_validator(mode="after")
+    def _one_size(self) -> "SampleConfig":
+        if self.target is not None and self.fraction is not None:
+            raise ValueError("give sample.target or sample.fraction, not both")
+        if self.levels is not None and (not self.levels or any(a <= b for a, b in zip(self.levels, self.levels[1:]))
+                                        or min(self.levels) < 1):
+            raise ValueError(f"sample.levels must be positive and decreasing, finest first, got {self.levels}")
+        if (self.min_per_taxon and self.max_per_taxon and self.min_per_taxon > self.max_per_taxon):
+            raise ValueError("sample.min_per_taxon is above sample.max_per_taxon")
+        return self
+
+    @property
+    def active(self) -> bool:
+        return self.target is not None or self.fraction is not None
+
+
 class QualityConfig(_Section):
     """Technical quality thresholds (the filter stage). The scores are always computed in the
     decode pass (columns q_*); a threshold set to null is not applied."""
@@ -343,7 +386,7 @@ class EmbedConfig(_Section):
         return self.roles.get(role) or (self.models[0].name if self.models else None)
 
 
-STAGES = ("ingest", "validate", "embed", "exact_dedup", "filter", "near_dedup")
+STAGES = ("ingest", "validate", "embed", "exact_dedup", "filter", "near_dedup", "sample")
 
 
 class PipelineConfig(_Section):
@@ -357,6 +400,7 @@ class PipelineConfig(_Section):
     quality: QualityConfig = QualityConfig()
     examples: ExamplesConfig = ExamplesConfig()
     near_dedup: NearDedupConfig = NearDedupConfig()
+    sample: SampleConfig = SampleConfig()
     aesthetic: AestheticConfig = AestheticConfig()
     catalog: CatalogConfig = CatalogConfig()
     select: SelectConfig = SelectConfig()
@@ -371,6 +415,8 @@ class PipelineConfig(_Section):
             raise ValueError("examples.path needs an embedding model (embed.models; roles.filter picks which)")
         if self.aesthetic.head != "off" and not self.embed.models:
             raise ValueError("aesthetic.head needs the CLIP L/14 model in embed.models (roles.aesthetic picks it)")
+        if self.sample.active and not self.embed.models:
+            raise ValueError("sample.target/fraction needs an embedding model (embed.models; roles.sample picks which)")
         return self
 
     def section(self, name: str) -> dict[str, Any]:

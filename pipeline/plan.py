@@ -38,6 +38,8 @@ import stages.kernels.exact
 import stages.kernels.kmeans
 import stages.kernels.neardup
 import stages.neardup
+import stages.sample
+import stages.kernels.sampling
 import stages.kernels.hashing
 import stages.kernels.phash
 import stages.kernels.select
@@ -46,7 +48,7 @@ import stages.validate
 from manifests import io as mio
 from pipeline import __version__, catalog, embedding
 from pipeline import examples as bank_examples
-from pipeline import neardedup
+from pipeline import neardedup, sampling
 from pipeline.config import STAGES, PipelineConfig
 from stages.kernels.bloom import bloom_contains
 from stages.validate import ValidateStage
@@ -132,6 +134,13 @@ def stage_fingerprints(cfg: PipelineConfig, until: str, kind: str = "folder",
                                         code_hash(stages.neardup, stages.kernels.neardup, stages.kernels.kmeans,
                                                   neardedup),
                                         fps.get("filter", fps.get("exact_dedup", narrow_fp)) + embed_fp)
+    if STAGES.index(until) >= STAGES.index("sample") and cfg.sample.active and plans:
+        sample_model = cfg.embed.model_for("sample")
+        embed_fp = next((fps[embed_stage(p)] for p in plans if p.name == sample_model), "")
+        fps["sample"] = fingerprint({"sample": cfg.section("sample"), "seed": cfg.run.seed, "model": sample_model},
+                                    code_hash(stages.sample, stages.kernels.sampling, stages.kernels.kmeans, sampling),
+                                    fps.get("near_dedup", fps.get("filter", fps.get("exact_dedup", narrow_fp)))
+                                    + embed_fp)
     return fps
 
 
@@ -461,6 +470,11 @@ def describe(cfg: PipelineConfig, kind: str, until: str, plans: list | None = No
         nd = cfg.near_dedup
         lines.append(f"  near_dedup  perceptual={nd.perceptual} (Hamming <= {nd.max_hamming}), semantic={nd.semantic} "
                      f"(model {cfg.embed.model_for('dedup') if plans else None}), union-find  writes stages/near_dedup")
+    if STAGES.index(until) >= STAGES.index("sample") and cfg.sample.active and plans:
+        sc = cfg.sample
+        lines.append(f"  sample      hierarchical k-means {sc.levels or 'auto levels'} ({sc.method}) on "
+                     f"{cfg.embed.model_for('sample')}, target {sc.target or sc.fraction}, pick {sc.pick}  "
+                     "writes stages/sample")
     lines.append("  manifest    curated/ + rejected/ + summary.json, committed with _SUCCESS")
     return "\n".join(lines)
 
@@ -535,6 +549,12 @@ def run(cfg: PipelineConfig, until: str = STAGES[-1], resume: bool = False) -> d
                 embs = rd.read(rd.path("stages", embed_stage(dplan))).select_columns(["id", "embedding"])
             ds, stage_counts, pairs = neardedup.near_dedup_dataset(cfg, rd.read(upstream), embs, dplan, device)
             rd.write(ray.data.from_arrow(pairs), rd.path("stages", "near_dedup_pairs"), {"fingerprint": fp})
+        elif name == "sample":
+            splan = next(p for p in plans if p.name == cfg.embed.model_for("sample"))
+            embs = rd.read(rd.path("stages", embed_stage(splan))).select_columns(["id", "embedding"])
+            ds, stage_counts, centroids = sampling.sample_dataset(cfg, rd.read(upstream), embs, splan.name, device)
+            if centroids is not None:
+                rd.write(ray.data.from_arrow(centroids), rd.path("stages", "sample_centroids"), {"fingerprint": fp})
         else:  # pragma: no cover - guarded by stage_fingerprints
             raise AssertionError(name)
         rd.write(ds, final, {"fingerprint": fp, "stage": name, "counts": stage_counts})
@@ -575,6 +595,8 @@ def run(cfg: PipelineConfig, until: str = STAGES[-1], resume: bool = False) -> d
                      if filtering_examples else None),
         "near_dedup": ((mio.read_marker(rd.fs, rd.path("stages", "near_dedup")) or {}).get("counts") or None
                        if "near_dedup" in fps else None),
+        "sample": ((mio.read_marker(rd.fs, rd.path("stages", "sample")) or {}).get("counts") or None
+                   if "sample" in fps else None),
         "aesthetic": {"head": cfg.aesthetic.head, "scored": scoring_aesthetic,
                       "min_score": cfg.aesthetic.min_score if scoring_aesthetic else None},
         "input_kind": kind,

@@ -16,11 +16,13 @@ def normalize(x: np.ndarray | torch.Tensor) -> torch.Tensor:
 
 
 def _best(x: torch.Tensor, c: torch.Tensor, chunk: int = 65536) -> tuple[torch.Tensor, torch.Tensor]:
-    """Nearest centroid (max cosine) per row, and its similarity."""
-    idx = torch.empty(len(x), dtype=torch.int64)
-    sim = torch.empty(len(x), dtype=torch.float32)
+    """Nearest centroid (max cosine) per row, and its similarity (in ``x``'s dtype: a
+    bfloat16 ``x`` makes the products several times faster, for Lloyd steps)."""
+    idx = torch.empty(len(x), dtype=torch.int64, device=x.device)
+    sim = torch.empty(len(x), dtype=torch.float32, device=x.device)
+    c = c.to(x.dtype)
     for i in range(0, len(x), chunk):
-        s, j = (x[i : i + chunk] @ c.T).max(dim=1)
+        s, j = (x[i : i + chunk] @ c.T).float().max(dim=1)
         idx[i : i + chunk], sim[i : i + chunk] = j, s
     return idx, sim
 
@@ -46,18 +48,28 @@ def kmeans_pp(x: torch.Tensor, k: int, gen: torch.Generator, candidates: int = 2
     return x[chosen].clone()
 
 
-def fit(x: np.ndarray, k: int, iters: int = 20, seed: int = 0, init_sample: int = 50) -> tuple[np.ndarray, float]:
+def fit(x: np.ndarray, k: int, iters: int = 20, seed: int = 0, init_sample: int = 50,
+        init: np.ndarray | None = None, fast: bool = False, device: str | None = None) -> tuple[np.ndarray, float]:
     """Spherical k-means: ``k`` unit centroids of the rows of ``x`` and the mean cosine
     distance of the rows to their centroid. k-means++ seeding on at most ``init_sample * k``
-    rows (drawn with the seed); Lloyd iterations on all rows."""
+    rows (drawn with the seed), or ``init`` centroids; Lloyd iterations on all rows (with
+    ``fast``, assignments from bfloat16 products; centroid sums in float32) on ``device``
+    (seeding on the CPU)."""
     xt = normalize(x)
     n = len(xt)
-    k = max(1, min(k, n))
     gen = torch.Generator().manual_seed(seed)
-    sub = xt if n <= init_sample * k else xt[torch.randperm(n, generator=gen)[: init_sample * k]]
-    c = kmeans_pp(sub, k, gen)
+    if init is not None:
+        c = normalize(init)
+        k = len(c)
+    else:
+        k = max(1, min(k, n))
+        sub = xt if n <= init_sample * k else xt[torch.randperm(n, generator=gen)[: init_sample * k]]
+        c = kmeans_pp(sub, k, gen)
+    if device is not None:
+        xt, c = xt.to(device), c.to(device)
+    xl = xt.to(torch.bfloat16) if fast else xt
     for _ in range(iters):
-        idx, _ = _best(xt, c)
+        idx, _ = _best(xl, c)
         sums = torch.zeros_like(c).index_add_(0, idx, xt)
         counts = torch.bincount(idx, minlength=k)
         empty = counts == 0
@@ -67,7 +79,7 @@ def fit(x: np.ndarray, k: int, iters: int = 20, seed: int = 0, init_sample: int 
             break
         c = new
     _, sim = _best(xt, c)
-    return c.numpy(), float((1.0 - sim).mean())
+    return c.cpu().numpy(), float((1.0 - sim).mean())
 
 
 def top_m(x: np.ndarray, centroids: np.ndarray, m: int, chunk: int = 65536) -> tuple[np.ndarray, np.ndarray]:
@@ -86,10 +98,14 @@ class Partition:
     """Two-level spherical k-means for partitioning many rows: ``coarse`` centroids, and
     ``fine`` centroids fitted inside each coarse cell (``parent`` names the cell). A row is
     compared with the coarse centroids, then with the children of its ``probe`` nearest
-    cells only: about 2 * sqrt(k) dot products per row instead of k."""
+    cells only (a quarter of the cells, at least 3): about sqrt(k) + k / 4 dot products per
+    row instead of k. Fewer probes lose neighbours across coarse boundaries: with 3 of 55
+    cells, a pair at cosine 0.75 shared one of its 8 nearest partitions 94% of the time on
+    clustered 768-d data, against 99.9% with every cell (bench/dedup.py data)."""
 
     def __init__(self, coarse: np.ndarray, fine: np.ndarray, parent: np.ndarray):
         self.coarse, self.fine, self.parent = coarse, fine, np.asarray(parent, dtype=np.int64)
+        self.probe = max(3, -(-len(coarse) // 4))
         self.children = [np.flatnonzero(self.parent == c) for c in range(len(coarse))]
 
     @property
@@ -119,27 +135,26 @@ class Partition:
             dist += inertia * share[c]
         return cls(coarse, np.concatenate(fine), np.array(parent)), dist / len(xt)
 
-    def assign(self, x: np.ndarray, m: int, probe: int = 3) -> tuple[np.ndarray, np.ndarray]:
+    def assign(self, x: np.ndarray, m: int, probe: int | None = None,
+               chunk: int = 4096) -> tuple[np.ndarray, np.ndarray]:
         """The ``m`` nearest fine centroids of each row among the children of its ``probe``
         nearest coarse cells (all centroids when there is one level)."""
         xt = normalize(x)
         if len(self.coarse) == len(self.fine) and np.array_equal(self.parent, np.arange(len(self.fine))):
             return top_m(xt, self.fine, m)
-        cells, _ = top_m(xt, self.coarse, min(probe, len(self.coarse)))
+        cells, _ = top_m(xt, self.coarse, min(probe or self.probe, len(self.coarse)))
         f = torch.as_tensor(self.fine, dtype=torch.float32)
-        rows, cand, sims = [], [], []
-        for c in range(len(self.coarse)):
-            r = np.flatnonzero((cells == c).any(axis=1))
-            kids = self.children[c]
-            if len(r) and len(kids):
-                rows.append(np.repeat(r, len(kids)))
-                cand.append(np.tile(kids, len(r)))
-                sims.append((xt[torch.as_tensor(r)] @ f[torch.as_tensor(kids)].T).numpy().ravel())
-        rows, cand, sim = np.concatenate(rows), np.concatenate(cand), np.concatenate(sims)
-        order = np.lexsort((-sim, rows))
-        rows, cand, sim = rows[order], cand[order], sim[order]
-        start = np.searchsorted(rows, np.arange(len(xt)))
-        count = np.diff(np.r_[start, len(rows)])
-        m_eff = int(min(m, count.min()))
-        take = start[:, None] + np.arange(m_eff)[None, :]
-        return cand[take], sim[take]
+        m = min(m, len(self.fine))
+        idx = np.empty((len(xt), m), dtype=np.int64)
+        sim = np.empty((len(xt), m), dtype=np.float32)
+        for i in range(0, len(xt), chunk):  # a dense (rows, k) block, -inf outside the probed cells
+            part, probed = xt[i : i + chunk], cells[i : i + chunk]
+            dense = torch.full((len(part), len(self.fine)), -torch.inf)
+            for c in np.unique(probed):
+                r = torch.as_tensor(np.flatnonzero((probed == c).any(axis=1)))
+                kids = torch.as_tensor(self.children[c])
+                if len(kids):
+                    dense[r[:, None], kids[None, :]] = part[r] @ f[kids].T
+            s_top, j_top = torch.topk(dense, m, dim=1)
+            idx[i : i + chunk], sim[i : i + chunk] = j_top.numpy(), s_top.numpy()
+        return idx, sim
