@@ -46,16 +46,20 @@ def clustered(n: int, dim: int, clusters: int, seed: int, rank: int = 64, isotro
     cent /= np.linalg.norm(cent, axis=1, keepdims=True)
     basis = rng.standard_normal((clusters, rank, dim), dtype=np.float32) / np.sqrt(dim)
     label = (rng.zipf(1.1, n) - 1) % clusters
-    x = np.empty((n, dim), np.float32)
-    for i in range(0, n, 50_000):
-        lab = label[i : i + 50_000]
-        if isotropic:
-            part = cent[lab] + rng.standard_normal((len(lab), dim), dtype=np.float32) / np.sqrt(dim)
-        else:
-            z = rng.standard_normal((len(lab), rank), dtype=np.float32) * np.sqrt(1.5 / rank)
-            part = cent[lab] + np.einsum("nr,nrd->nd", z, basis[lab])
-            part += 0.15 * rng.standard_normal(part.shape, dtype=np.float32) / np.sqrt(dim)
-        x[i : i + 50_000] = part / np.linalg.norm(part, axis=1, keepdims=True)
+    x = cent[label]
+    if isotropic:
+        for i in range(0, n, 50_000):
+            x[i : i + 50_000] += rng.standard_normal((len(x[i : i + 50_000]), dim), dtype=np.float32) / np.sqrt(dim)
+    else:
+        order = np.argsort(label, kind="stable")
+        bounds = np.searchsorted(label[order], np.arange(clusters + 1))
+        for c in range(clusters):  # one cluster at a time: its rows' variation in its subspace
+            rows = order[bounds[c] : bounds[c + 1]]
+            z = rng.standard_normal((len(rows), rank), dtype=np.float32) * np.float32(np.sqrt(1.5 / rank))
+            x[rows] += z @ basis[c]
+        for i in range(0, n, 50_000):
+            x[i : i + 50_000] += 0.15 * rng.standard_normal((len(x[i : i + 50_000]), dim), dtype=np.float32) / np.sqrt(dim)
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
     return x
 
 

@@ -175,6 +175,7 @@ class SampleConfig(_Section):
         None, description="Points per cluster re-fitted on, per level (the reference: [10, 5, 3]). Null: 10, 5, 3, 3...")
     resample_steps: int = Field(10, ge=0, description="Resampling steps per level.")
     iters: int = Field(20, ge=1, description="k-means iterations per fit (the reference: 50).")
+    n_init: int = Field(1, ge=1, description="k-means++ seedings tried per level; the lowest inertia is kept.")
     sample_size: int = Field(200_000, ge=100, description="Rows drawn by hash(seed, id) to fit level 1 (one process: "
                              "deterministic); every row is then assigned in map_batches.")
     pick: Literal["random", "closest"] = Field(

@@ -59,7 +59,8 @@ def _fit(x: np.ndarray, levels: list[int], cfg_sample, seed: int, device: str, t
     points = cfg_sample.resample_points or [10, 5] + [3] * max(0, len(levels) - 2)
     return ks.fit_levels(x, levels, iters=cfg_sample.iters, seed=seed, method=cfg_sample.method,
                          resample_points=(points + [points[-1]] * len(levels))[: len(levels)],
-                         resample_steps=cfg_sample.resample_steps, device=device if device == "cuda" else None)
+                         resample_steps=cfg_sample.resample_steps, device=device if device == "cuda" else None,
+                         n_init=cfg_sample.n_init)
 
 
 def node_cpus(cap: int = 16) -> int:

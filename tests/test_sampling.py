@@ -71,7 +71,7 @@ def test_hierarchical_allocation_sums_to_target_and_respects_sizes():
 def test_kmeans_levels_recover_planted_clusters_and_assignment_is_batch_independent():
     x, label = _classes(6000, 64, 12, seed=2, zipf=0.0, spread=0.5)
     fitted = ks.fit_levels(x, [12, 3], iters=20, seed=0, method="resampled", resample_points=[20, 3],
-                           resample_steps=3)
+                           resample_steps=3, n_init=3)
     leaf, sim = ks.assign(x, fitted[0]["centroids"])
     # every found cluster is (almost) one planted class, and every class is found
     purity = sum(np.bincount(label[leaf == c]).max() for c in np.unique(leaf)) / len(x)
@@ -84,7 +84,7 @@ def test_kmeans_levels_recover_planted_clusters_and_assignment_is_batch_independ
     assert np.array_equal(leaf2, leaf[perm]) and np.array_equal(sim2, sim[perm])
     # deterministic for a seed
     again = ks.fit_levels(x, [12, 3], iters=20, seed=0, method="resampled", resample_points=[20, 3],
-                          resample_steps=3)
+                          resample_steps=3, n_init=3)
     assert np.array_equal(again[0]["centroids"], fitted[0]["centroids"])
 
 
@@ -134,8 +134,8 @@ def test_balanced_sample_has_higher_label_entropy_than_random_and_caps_hold():
     n_target = 2000
     chosen = _sample_indices(x, label, n_target, [400, 40, 8])
     random = np.random.default_rng(5).choice(len(x), n_target, replace=False)
-    h_bal, h_rand = ks.label_entropy(label[chosen]), ks.label_entropy(label[random])
-    h_all = ks.label_entropy(label)
+    h_bal, h_rand = ks.label_entropy(label[chosen], 100), ks.label_entropy(label[random], 100)
+    h_all = ks.label_entropy(label, 100)
     print(f"\nnormalized label entropy: corpus {h_all:.3f}, random {h_rand:.3f}, balanced {h_bal:.3f}; classes "
           f"present: random {len(np.unique(label[random]))}, balanced {len(np.unique(label[chosen]))}")
     assert len(chosen) == n_target
@@ -152,6 +152,7 @@ def test_label_entropy():
     assert ks.label_entropy(np.array([1, 1, 2, 2])) == pytest.approx(1.0)
     assert ks.label_entropy(np.array([1, 1, 1])) == 0.0
     assert 0 < ks.label_entropy(np.array([1, 1, 1, 2])) < 1
+    assert ks.label_entropy(np.array([1, 1, 2, 2]), classes=4) == pytest.approx(0.5)
 
 
 def _crops(photo: np.ndarray, count: int, seed: int) -> list:
@@ -218,8 +219,9 @@ def test_pipeline_balanced_sample_of_long_tailed_real_photos(tmp_path, ray_local
     # more even than random sampling at the same size (averaged over 200 random draws)
     rng = np.random.default_rng(0)
     labels = np.array(species)
-    h_random = np.mean([ks.label_entropy(labels[rng.choice(len(labels), 24, replace=False)]) for _ in range(200)])
-    h_sample = ks.label_entropy(np.array(got))
+    h_random = np.mean([ks.label_entropy(labels[rng.choice(len(labels), 24, replace=False)], len(counts))
+                        for _ in range(200)])
+    h_sample = ks.label_entropy(np.array(got), len(counts))
     print(f"normalized species entropy: sample {h_sample:.3f}, random {h_random:.3f}")
     assert h_sample > h_random + 0.1
     # the same seed and embeddings (the shared cache), other blocks: the same rows

@@ -27,20 +27,23 @@ def _best(x: torch.Tensor, c: torch.Tensor, chunk: int = 65536) -> tuple[torch.T
     return idx, sim
 
 
-def kmeans_pp(x: torch.Tensor, k: int, gen: torch.Generator, candidates: int = 2) -> torch.Tensor:
+def kmeans_pp(x: torch.Tensor, k: int, gen: torch.Generator, candidates: int | None = None) -> torch.Tensor:
     """Greedy k-means++ seeding on cosine distance: each new centroid is the best of
-    ``candidates`` draws proportional to the distance to the nearest chosen centroid."""
+    ``candidates`` draws (default 2 + ln k, as scikit-learn and pt-kmeans) proportional to
+    the distance to the nearest chosen centroid. Distances from bfloat16 products."""
     n = len(x)
+    candidates = candidates or 2 + int(np.log(max(k, 1)))
+    xb = x.to(torch.bfloat16)
     first = int(torch.randint(n, (1,), generator=gen))
     chosen = [first]
-    dist = (1.0 - x @ x[first]).clamp_min(0)
+    dist = (1.0 - (xb @ xb[first]).float()).clamp_min(0)
     for _ in range(1, k):
         total = float(dist.sum())
         if total <= 0:  # fewer distinct points than k: repeat (empty clusters stay empty)
             chosen.append(int(torch.randint(n, (1,), generator=gen)))
             continue
         picks = torch.multinomial(dist / total, candidates, replacement=True, generator=gen)
-        new = (1.0 - x @ x[picks].T).clamp_min(0)  # (n, candidates)
+        new = (1.0 - (xb @ xb[picks].T).float()).clamp_min(0)  # (n, candidates)
         pot = torch.minimum(new, dist[:, None]).sum(dim=0)
         best = int(pot.argmin())
         chosen.append(int(picks[best]))

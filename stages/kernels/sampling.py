@@ -59,17 +59,18 @@ def closest_per_cluster(idx: np.ndarray, sim: np.ndarray, r: int) -> np.ndarray:
 
 def fit_levels(x: np.ndarray, levels: list[int], iters: int = 10, seed: int = 0, method: str = "resampled",
                resample_points: list[int] | None = None, resample_steps: int = 10,
-               device: str | None = None) -> list[dict]:
+               device: str | None = None, n_init: int = 1) -> list[dict]:
     """Hierarchical k-means. Returns one dict per level: ``centroids`` (k_l, d), ``assign``
     (the cluster of each point of that level: rows of ``x`` for level 1, the centroids of
     the level below above it), ``up`` (every level but the top: the next level's cluster of
     each of its clusters) and ``inertia`` (mean cosine distance of the level's points to
-    their centroid)."""
+    their centroid). ``n_init``: seedings tried per level, the lowest inertia kept."""
     data = kmeans.normalize(x).numpy()
     out = []
     for li, k in enumerate(levels):
         k = int(max(1, min(k, len(data))))
-        c, _ = kmeans.fit(data, k, iters=iters, seed=seed + li, fast=True, device=device)
+        c, _ = min((kmeans.fit(data, k, iters=iters, seed=seed + li + 1000 * t, fast=True, device=device)
+                    for t in range(max(1, n_init))), key=lambda r: r[1])
         r = (resample_points or [0] * len(levels))[li] if method == "resampled" else 0
         for step in range(resample_steps if r > 0 else 0):
             idx, sim = assign(data, c, device=device)
@@ -189,10 +190,13 @@ def pick(leaf: np.ndarray, key: np.ndarray, eligible: np.ndarray, reserved: np.n
     return chosen
 
 
-def label_entropy(labels: np.ndarray) -> float:
-    """Normalized entropy (0..1) of a label distribution: 1 when every label is equally common."""
+def label_entropy(labels: np.ndarray, classes: int | None = None) -> float:
+    """Normalized entropy (0..1) of a label distribution over ``classes`` labels (default:
+    the labels present): 1 when every label is equally common. Compare samples with the
+    corpus's class count, so that a sample missing classes is not flattered."""
     _, counts = np.unique(np.asarray(labels), return_counts=True)
-    if len(counts) <= 1:
+    k = classes or len(counts)
+    if k <= 1 or len(counts) == 0:
         return 0.0
     p = counts / counts.sum()
-    return float(-(p * np.log(p)).sum() / np.log(len(counts)))
+    return float(-(p * np.log(p)).sum() / np.log(k))
