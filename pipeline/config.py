@@ -138,7 +138,7 @@ class NearDedupConfig(_Section):
         0.99, gt=0, lt=1, description="Candidate recall aimed at for a pair at the threshold (sets LSH tables and "
         "how many partitions each row joins).")
     partition_size: int = Field(2000, ge=16, description="Rows per k-means partition (partitions = rows / this).")
-    max_assign: int = Field(6, ge=1, le=32, description="Most partitions one row joins (calibrated up to this).")
+    max_assign: int = Field(8, ge=1, le=32, description="Most partitions one row joins (calibrated up to this).")
     sample_size: int = Field(50_000, ge=100, description="Rows drawn by hash(seed, id) to fit the partitions.")
     kmeans_iters: int = Field(10, ge=1, description="k-means iterations for the partitions.")
     max_block: int = Field(4096, ge=16, description="A partition above this many rows is cut into blocks that may "

@@ -72,13 +72,17 @@ def semantic_pairs(cfg: PipelineConfig, rows: ray.data.Dataset, n: int, model: s
     mean = x.mean(axis=0) if c.center else None
     xs = kn.center_normalize(x, mean)
     # Partitions hold about partition_size rows *after* each row joins m of them: fit,
-    # calibrate m, and refit once with m times more partitions when m > 1.
-    k = int(max(1, min(len(xs) // 4 or 1, math.ceil(n / c.partition_size))))
+    # calibrate m, and refit once with m times more partitions when m > 1. Calibration uses
+    # held-out sample rows (every fifth): rows the centroids were fitted on sit closer to
+    # them, which would make m look sufficient when it is not.
+    held = np.arange(len(xs)) % 5 == 4
+    fit_rows, calib_rows = (xs[~held], xs[held]) if held.sum() >= 2 and (~held).sum() >= 2 else (xs, xs)
+    k = int(max(1, min(len(fit_rows) // 4 or 1, math.ceil(n / c.partition_size))))
     for _ in range(2):
-        partition, inertia = kmeans.Partition.fit(xs, k, iters=c.kmeans_iters, seed=cfg.run.seed)
-        m, curve = kn.calibrate_assign(xs, partition, threshold, c.recall, min(c.max_assign, partition.k),
+        partition, inertia = kmeans.Partition.fit(fit_rows, k, iters=c.kmeans_iters, seed=cfg.run.seed)
+        m, curve = kn.calibrate_assign(calib_rows, partition, threshold, c.recall, min(c.max_assign, partition.k),
                                        seed=cfg.run.seed)
-        wanted = int(max(1, min(len(xs) // 4 or 1, math.ceil(m * n / c.partition_size))))
+        wanted = int(max(1, min(len(fit_rows) // 4 or 1, math.ceil(m * n / c.partition_size))))
         if wanted <= k * 1.2:
             break
         k = wanted
