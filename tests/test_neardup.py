@@ -116,7 +116,9 @@ def test_semantic_recall_against_exhaustive_search():
     truth = set(zip(ta.tolist(), tb.tolist()))
     sample = x[np.sort(rng.choice(len(x), 10_000, replace=False))]
     partition, _ = kmeans.Partition.fit(sample, 50, iters=10, seed=0)  # partition_size 1000
-    assert len(partition.coarse) == 8  # two levels
+    assert len(partition.coarse) == len(partition.fine) == 50  # flat below flat_max
+    two, _ = kmeans.Partition.fit(sample, 50, iters=5, seed=0, flat_max=16)
+    assert len(two.coarse) == 8 and two.k >= 40 and two.assign(x[:100], 3)[0].shape == (100, 3)
     m, curve = kn.calibrate_assign(sample, partition, threshold, 0.99, 6)
     a, b, s = kn.semantic_pairs_local(x, keys, partition, m, threshold, max_block=1500, bucket_rows=6000)
     got = set(zip(a.tolist(), b.tolist()))
