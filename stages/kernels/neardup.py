@@ -310,26 +310,39 @@ def merge_pairs(parts: list[tuple[np.ndarray, np.ndarray, np.ndarray]]):
 
 
 def calibrate_assign(x: np.ndarray, partition, threshold: float, recall: float, max_assign: int,
-                     seed: int = 0, n_pairs: int = 4000) -> tuple[int, dict]:
+                     seed: int = 0, n_pairs: int = 4000, neighbours: int = 10) -> tuple[int, dict]:
     """How many partitions each row must join so that a pair *at* the threshold shares one
-    with probability >= ``recall``: partners of sample rows are planted at exactly the
-    threshold in random directions (the worst case of the accepted pairs), and the fraction
-    of pairs whose top-m partition sets intersect is measured for m = 1..max_assign.
-    Returns the smallest m reaching ``recall`` (else ``max_assign``) and the curve."""
+    with probability >= ``recall``. Partners of rows of ``x`` are planted at exactly the
+    threshold (the worst case of the accepted pairs) in two kinds of directions: random
+    ones (an edit moving the embedding anywhere), and towards one of the row's
+    ``neighbours`` nearest rows of ``x`` (a pair along the data's own spread, which k-means
+    boundaries cut across: natural near-duplicates, burst shots). For m = 1..max_assign the
+    fraction of pairs whose top-m partition sets intersect is measured, the lower of the two
+    kinds counting. Returns the smallest m reaching ``recall`` (else ``max_assign``) and the
+    curve."""
     rng = np.random.default_rng(seed)
-    a = center_normalize(x[rng.choice(len(x), min(n_pairs, len(x)), replace=False)], None)
+    pick = rng.choice(len(x), min(n_pairs, len(x)), replace=False)
+    a = center_normalize(x[pick], None)
     u = rng.standard_normal(a.shape).astype(np.float32)
+    if len(x) > 1:  # towards a near row: the neighbours among all of x, by bf16 products
+        xb = torch.as_tensor(center_normalize(x, None)).to(torch.bfloat16)
+        near = torch.topk((torch.as_tensor(a).to(torch.bfloat16) @ xb.T).float(),
+                          min(neighbours + 1, len(x)), dim=1).indices.numpy()[:, 1:]
+        other = near[np.arange(len(a)), rng.integers(0, near.shape[1], len(a))]
+        u = np.concatenate([u, center_normalize(x[other], None)])
+        a = np.concatenate([a, a])
     u -= (u * a).sum(axis=1, keepdims=True) * a
     u /= np.maximum(np.linalg.norm(u, axis=1, keepdims=True), 1e-12)
     t = max(-1.0, min(1.0, threshold))
     b = t * a + math.sqrt(1 - t * t) * u
     ia, _ = partition.assign(a, max_assign)
     ib, _ = partition.assign(b, max_assign)
+    half = len(pick)
     curve = {}
     chosen = ia.shape[1]
     for m in range(1, ia.shape[1] + 1):
-        hit = np.array([bool(set(ia[i, :m]) & set(ib[i, :m])) for i in range(len(a))])
-        curve[m] = float(hit.mean())
+        hit = (ia[:, :m, None] == ib[:, None, :m]).any(axis=(1, 2))
+        curve[m] = float(min(hit[:half].mean(), hit[half:].mean() if len(hit) > half else 1.0))
         if curve[m] >= recall:
             chosen = m
             break
