@@ -16,6 +16,21 @@ class ConfigError(ValueError):
     """A one-line, user-facing configuration error."""
 
 
+TAXON_COLUMNS = ("species", "scientific_name", "taxon", "taxon_name")
+
+
+def resolve_column(names: list[str], setting: str | None, candidates: tuple[str, ...], key: str) -> str | None:
+    """A column option: None (off), 'auto' (the first of ``candidates`` in ``names``), or a
+    name that must be in ``names`` (else a one-line error naming the option ``key``)."""
+    if setting is None:
+        return None
+    if setting != "auto":
+        if setting not in names:
+            raise ConfigError(f"{key}: column {setting!r} is not in the table ({names})")
+        return setting
+    return next((c for c in candidates if c in names), None)
+
+
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 

@@ -26,7 +26,7 @@ import pyarrow.compute as pc
 import ray
 
 from manifests import io as mio
-from pipeline.config import ConfigError, PipelineConfig
+from pipeline.config import TAXON_COLUMNS, ConfigError, PipelineConfig, resolve_column
 from stages import neardup as snd
 from stages.kernels import kmeans
 from stages.kernels import neardup as kn
@@ -213,16 +213,6 @@ def references_fingerprint(cfg: PipelineConfig) -> str:
     return hashlib.sha256("\0".join(parts).encode()).hexdigest()[:16] if parts else ""
 
 
-def _auto(names: list[str], setting: str | None, candidates: tuple[str, ...]) -> str | None:
-    if setting is None:
-        return None
-    if setting != "auto":
-        if setting not in names:
-            raise ConfigError(f"near_dedup: column {setting!r} is not in the table ({names})")
-        return setting
-    return next((c for c in candidates if c in names), None)
-
-
 def near_dedup_dataset(cfg: PipelineConfig, narrow: ray.data.Dataset, embeddings: ray.data.Dataset | None,
                        plan=None, device: str = "cpu") -> tuple[ray.data.Dataset, dict, pa.Table]:
     """The narrow table with near-duplicates rejected; the report; the pairs table.
@@ -272,8 +262,8 @@ def near_dedup_dataset(cfg: PipelineConfig, narrow: ray.data.Dataset, embeddings
     quality = "aesthetic" if c.quality_column == "auto" and "aesthetic" in names else (
         "q_blur" if c.quality_column == "auto" else c.quality_column)
     quality = quality if quality in names else None
-    licence = _auto(names, c.licence_column, ("license", "licence", "License"))
-    taxon = _auto(names, c.taxon_column, ("species", "scientific_name", "taxon", "taxon_name"))
+    licence = resolve_column(names, c.licence_column, ("license", "licence", "License"), "near_dedup.licence_column")
+    taxon = resolve_column(names, c.taxon_column, TAXON_COLUMNS, "near_dedup.taxon_column")
     columns = [col for col in dict.fromkeys(["width", "height", quality, licence, taxon]) if col]
     members = np.asarray(nodes, dtype=np.uint64)
     if len(members):

@@ -22,7 +22,7 @@ import numpy as np
 import pyarrow as pa
 import ray
 
-from pipeline.config import ConfigError, PipelineConfig
+from pipeline.config import TAXON_COLUMNS, PipelineConfig, resolve_column
 from stages import neardup as snd
 from stages import sample as ssa
 from stages.kernels import sampling as ks
@@ -39,17 +39,6 @@ def auto_levels(n: int) -> list[int]:
         if k >= 2 and (not out or k < out[-1]):
             out.append(k)
     return out or [max(1, min(n, 2))]
-
-
-def taxon_column(cfg: PipelineConfig, names: list[str]) -> str | None:
-    setting = cfg.sample.taxon_column
-    if setting is None:
-        return None
-    if setting != "auto":
-        if setting not in names:
-            raise ConfigError(f"sample.taxon_column: {setting!r} is not a column of the table ({names})")
-        return setting
-    return next((c for c in ("species", "scientific_name", "taxon", "taxon_name") if c in names), None)
 
 
 def _fit(x: np.ndarray, levels: list[int], cfg_sample, seed: int, device: str, threads: int) -> list[dict]:
@@ -99,7 +88,7 @@ def sample_dataset(cfg: PipelineConfig, narrow: ray.data.Dataset, embeddings: ra
     report: dict = {"model": model, "alive": n, "target": target}
     if n == 0:
         return narrow.map_batches(ssa.apply_sample, batch_format="pyarrow", fn_kwargs={"levels": 0}), report, None
-    taxon = taxon_column(cfg, alive.schema().names)
+    taxon = resolve_column(alive.schema().names, c.taxon_column, TAXON_COLUMNS, "sample.taxon_column")
     parts = int(min(200, max(1, math.ceil(n / ROWS_PER_PARTITION))))
     keep = ["id"] + ([taxon] if taxon else [])
     rows = alive.select_columns(keep).join(embeddings, join_type="inner", on=("id",),
