@@ -112,6 +112,32 @@ def commit(fs: fsspec.AbstractFileSystem, tmp: str, final: str, marker: dict | N
     write_marker(fs, final, marker or {})
 
 
+def write_bytes_atomic(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> None:
+    """Write one file so that readers see all of it or nothing: on a local disk under a
+    temporary name then renamed; on S3 one PUT (or a multipart upload) is atomic."""
+    if is_remote(to_uri(fs, path)):
+        with fs.open(path, "wb") as f:
+            f.write(data)
+        return
+    parent, name = posixpath.split(path)
+    fs.makedirs(parent, exist_ok=True)
+    tmp = join(parent, f".{name}.tmp-{uuid.uuid4().hex[:12]}")
+    with fs.open(tmp, "wb") as f:
+        f.write(data)
+    fs.mv(tmp, path)
+
+
+def write_table_atomic(fs: fsspec.AbstractFileSystem, path: str, table) -> None:
+    """One parquet file, written whole (see :func:`write_bytes_atomic`)."""
+    import io
+
+    import pyarrow.parquet as pq
+
+    buf = io.BytesIO()
+    pq.write_table(table, buf)
+    write_bytes_atomic(fs, path, buf.getvalue())
+
+
 def write_marker(fs: fsspec.AbstractFileSystem, path: str, marker: dict) -> None:
     fs.makedirs(path, exist_ok=True)
     with fs.open(join(path, SUCCESS), "wb") as f:

@@ -279,6 +279,11 @@ class RunConfig(_Section):
     read_batch_size: int = Field(64, ge=1, description="Rows per batch when fetching objects.")
     concurrency: int | None = Field(None, ge=1, description="Max parallel tasks per per-row stage (default: Ray's).")
     progress_bars: bool = Field(False, description="Show Ray Data progress bars.")
+    max_task_retries: int = Field(
+        3, ge=0, description="Retries of a task (and of an embedding actor's call) whose worker died (node lost, "
+        "OOM kill, preemption); an actor's call is also retried on OSError (its cache write). Other application "
+        "errors are not retried: bad input is already a reject, so one is a bug.")
+    max_restarts: int = Field(3, ge=0, description="Restarts of an embedding actor whose process died.")
 
 
 class Predicate(_Section):
@@ -385,6 +390,8 @@ class EmbedConfig(_Section):
     compile: bool = Field(False, description="torch.compile the models (CUDA; pays off on long runs).")
     cache: bool = Field(True, description="Reuse embeddings keyed by (sha256, model id, preprocessing).")
     cache_path: str | None = Field(None, description="Embedding cache, local or s3:// (default <output>/cache/embeddings).")
+    read_caches: list[str] = Field([], description="More embedding caches to read, never written (e.g. another "
+                                   "run's); --previous adds the previous run's.")
     gpu_timeout_s: float = Field(600.0, gt=0, description="How long to wait for an autoscaled GPU node before failing.")
 
     @model_validator(mode="after")
@@ -400,6 +407,19 @@ class EmbedConfig(_Section):
     def model_for(self, role: str) -> str | None:
         """The model feeding ``role`` (default: the first model), None without models."""
         return self.roles.get(role) or (self.models[0].name if self.models else None)
+
+
+class RefreshConfig(_Section):
+    """A periodic refresh: rerun on a grown source against a previous run (``--previous``)."""
+
+    previous: str | None = Field(
+        None, description="A previous run directory (local or s3://), never modified: images seen there (same "
+        "sha256) keep their validation and embeddings (no decode, no model call), its kept images win their "
+        "near-duplicate groups, and diff/ lists added, removed and unchanged ids.")
+    reuse_validation: bool = Field(True, description="Skip decoding images the previous run validated (same "
+                                   "sha256, same validate settings and code); off: decode everything again.")
+    reuse_centroids: bool = Field(True, description="Assign to the previous run's sampling centroids (cluster ids "
+                                  "stay stable) when its levels and model match, instead of fitting new ones.")
 
 
 STAGES = ("ingest", "validate", "embed", "exact_dedup", "filter", "near_dedup", "sample")
@@ -421,6 +441,7 @@ class PipelineConfig(_Section):
     catalog: CatalogConfig = CatalogConfig()
     select: SelectConfig = SelectConfig()
     embed: EmbedConfig = EmbedConfig()
+    refresh: RefreshConfig = RefreshConfig()
     run: RunConfig = RunConfig()
 
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)

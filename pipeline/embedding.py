@@ -4,7 +4,11 @@ streaming pass, and the step after it that fills in cached embeddings and grows 
 Cache layout (local or S3)::
 
     <embed.cache_path or <output>/cache/embeddings>/<model id>/<prep signature>-<dtype>/
-        part-<uuid>/*.parquet + _SUCCESS        columns sha256, embedding
+        blk-<uuid>.parquet                      columns sha256, embedding: one per actor call,
+                                                written whole before the call returns
+        part-<uuid>/*.parquet + _SUCCESS        (older layout, still read)
+
+``embed.read_caches`` (and ``--previous``) add caches that are read but never written.
 
 The model id is ``<name>@<weights identity>`` (sha256 of the weights file), so swapping a
 weights file never reuses embeddings of the old one; the preprocessing signature hashes
@@ -15,7 +19,6 @@ from __future__ import annotations
 
 import logging
 import posixpath
-import uuid
 from pathlib import Path
 
 import numpy as np
@@ -124,57 +127,79 @@ def cache_root(cfg: PipelineConfig) -> str:
     return cfg.embed.cache_path or mio.join(cfg.output.rstrip("/"), "cache", "embeddings")
 
 
+def cache_roots(cfg: PipelineConfig) -> list[str]:
+    """Where cached embeddings are looked up: this run's cache first (it grows), then the
+    caches of a previous run being refreshed (``--previous``; read only)."""
+    roots = [cache_root(cfg)]
+    for extra in cfg.embed.read_caches:
+        if extra not in roots:
+            roots.append(extra)
+    return roots
+
+
+def _model_dir(root: str, plan: emb.ModelPlan) -> str:
+    return mio.join(root.rstrip("/"), emb.slug(plan.model_id), f"{plan.prep}-{plan.dtype}")
+
+
 def cache_dir(cfg: PipelineConfig, plan: emb.ModelPlan) -> tuple[object, str]:
+    """The folder this run adds ``plan``'s embeddings to."""
     fs, root = mio.filesystem(cache_root(cfg), cfg.storage)
-    return fs, mio.join(root, emb.slug(plan.model_id), f"{plan.prep}-{plan.dtype}")
+    return fs, _model_dir(root, plan)
 
 
-def cache_files(cfg: PipelineConfig, plan: emb.ModelPlan) -> tuple[object, list[str]]:
-    """Parquet files of the committed cache parts of ``plan`` (uncommitted parts ignored)."""
+def cache_uri(cfg: PipelineConfig, plan: emb.ModelPlan) -> str:
     fs, d = cache_dir(cfg, plan)
-    if not cfg.embed.cache or not fs.exists(d):
-        return fs, []
-    files = []
-    for part in sorted(fs.ls(d, detail=False)):
-        name = posixpath.basename(part.rstrip("/"))
-        if name.startswith("part-") and mio.is_committed(fs, part):
-            files += sorted(p for p in fs.find(part) if p.endswith(".parquet"))
-    return fs, files
+    return mio.to_uri(fs, d)
 
 
-def known_sets(cfg: PipelineConfig, plans: list[emb.ModelPlan]) -> dict[str, np.ndarray]:
-    """Per model, the sorted keys of the images its cache already holds (sha256 column only)."""
-    import pyarrow.parquet as pq
-
-    out = {}
-    for p in plans:
-        fs, files = cache_files(cfg, p)
-        shas: list[str] = []
-        for f in files:
-            with fs.open(f, "rb") as fh:
-                shas += pq.read_table(fh, columns=["sha256"]).column("sha256").to_pylist()
-        out[p.name] = emb.known_set(shas)
+def cache_files(cfg: PipelineConfig, plan: emb.ModelPlan) -> list[tuple[object, list[str]]]:
+    """Per cache root (``cache_roots``): its filesystem and the parquet files of ``plan``
+    there -- committed ``part-*`` folders and ``blk-*.parquet`` files (written whole by
+    the embedding actors); temporary and uncommitted ones are ignored."""
+    out = []
+    if not cfg.embed.cache:
+        return out
+    for root in cache_roots(cfg):
+        fs, r = mio.filesystem(root, cfg.storage)
+        d = _model_dir(r, plan)
+        if not fs.exists(d):
+            continue
+        files = []
+        for entry in sorted(fs.ls(d, detail=False)):
+            name = posixpath.basename(entry.rstrip("/"))
+            if name.startswith("blk-") and name.endswith(".parquet"):
+                files.append(entry)
+            elif name.startswith("part-") and mio.is_committed(fs, entry):
+                files += sorted(p for p in fs.find(entry) if p.endswith(".parquet"))
+        if files:
+            out.append((fs, files))
     return out
 
 
-def write_cache_part(cfg: PipelineConfig, plan: emb.ModelPlan, ds: ray.data.Dataset) -> None:
-    """Add the rows of ``ds`` (sha256, embedding) to the cache as one committed part."""
-    fs, d = cache_dir(cfg, plan)
-    final = mio.join(d, f"part-{uuid.uuid4().hex[:16]}")
-    from pipeline.plan import write_parquet_dir
+def known_sets(cfg: PipelineConfig, plans: list[emb.ModelPlan]) -> dict[str, np.ndarray]:
+    """Per model, the sorted keys of the images its caches already hold (sha256 column
+    only, files read in parallel threads)."""
+    import pyarrow.dataset as pads
 
-    tmp = mio.temp_path(fs, final)
-    write_parquet_dir(ds, fs, tmp)
-    mio.commit(fs, tmp, final, {"model_id": plan.model_id, "prep": plan.prep, "dtype": plan.dtype})
+    out = {}
+    for p in plans:
+        shas: list[str] = []
+        for fs, files in cache_files(cfg, p):
+            table = pads.dataset(files, filesystem=mio.arrow_filesystem(fs), format="parquet").to_table(
+                columns=["sha256"])
+            shas += table.column("sha256").to_pylist()
+        out[p.name] = emb.known_set(shas)
+    return out
 
 
 def cache_dataset(cfg: PipelineConfig, plan: emb.ModelPlan, wanted: ray.ObjectRef) -> ray.data.Dataset | None:
     """Cache rows of the sha256 keys in ``wanted`` (an object ref of a sorted key array),
     with a null ``id`` so they can be grouped with run rows."""
-    fs, files = cache_files(cfg, plan)
-    if not files:
+    parts = [ray.data.read_parquet(files, filesystem=mio.arrow_filesystem(fs), columns=["sha256", "embedding"])
+             for fs, files in cache_files(cfg, plan)]
+    if not parts:
         return None
-    ds = ray.data.read_parquet(files, filesystem=mio.arrow_filesystem(fs), columns=["sha256", "embedding"])
+    ds = parts[0].union(*parts[1:]) if len(parts) > 1 else parts[0]
     return ds.map_batches(_cache_rows, batch_format="pyarrow", fn_kwargs={"wanted": wanted, "plan": plan})
 
 
@@ -196,27 +221,30 @@ class ValidateForModels:
     """Validate + model inputs in one CPU task: the decode that validation makes (covering
     the largest model input) is the one the models see."""
 
-    def __init__(self, cfg: PipelineConfig, plans: list[emb.ModelPlan], known_ref):
-        self.cfg, self.plans, self.known_ref = cfg.validate_, plans, known_ref
+    def __init__(self, cfg: PipelineConfig, plans: list[emb.ModelPlan], known_ref, reuse_ref=None):
+        self.cfg, self.plans, self.known_ref, self.reuse_ref = cfg.validate_, plans, known_ref, reuse_ref
         self._known = None  # fetched once per worker, not once per batch
+        self._reuse = None
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         from stages.validate import validate_batch_decodes
 
         if self._known is None:
             self._known = resolve_ref(self.known_ref)
-        out, decodes = validate_batch_decodes(batch, self.cfg, emb.cover_size(self.plans))
+            self._reuse = resolve_ref(self.reuse_ref) if self.reuse_ref is not None else None
+        out, decodes = validate_batch_decodes(batch, self.cfg, emb.cover_size(self.plans), self._reuse)
         return emb.add_model_inputs(out, decodes, self.plans, self._known)
 
 
 def embed_in_pass(cfg: PipelineConfig, ds: ray.data.Dataset, plans: list[emb.ModelPlan], device: str,
-                  known: dict[str, np.ndarray]) -> ray.data.Dataset:
-    """validate -> model inputs (CPU tasks) -> embedding actors, streamed."""
+                  known: dict[str, np.ndarray], reuse=None) -> ray.data.Dataset:
+    """validate -> model inputs (CPU tasks) -> embedding actors, streamed. ``reuse``: an
+    object ref of the sha256 keys not to decode (a refresh, see ``pipeline.refresh``)."""
     from pipeline.plan import _ray_remote_kwargs
 
     e = cfg.embed
     known_ref = ray.put(known)
-    ds = ds.map_batches(ValidateForModels(cfg, plans, known_ref), batch_size=cfg.run.batch_size,
+    ds = ds.map_batches(ValidateForModels(cfg, plans, known_ref, reuse), batch_size=cfg.run.batch_size,
                         batch_format="pyarrow", **_ray_remote_kwargs(cfg))
     resources = {"num_gpus": e.num_gpus, "num_cpus": 1} if device == "cuda" else {"num_cpus": e.num_cpus}
     # Host memory the actor needs (weights, a copy while loading, activations): a real
@@ -228,7 +256,9 @@ def embed_in_pass(cfg: PipelineConfig, ds: ray.data.Dataset, plans: list[emb.Mod
         compute=ray.data.ActorPoolStrategy(size=e.concurrency),
         fn_constructor_kwargs={"plans": plans, "device": device, "batch_size": e.batch_size,
                                "num_threads": max(1, int(e.num_cpus)), "compile": e.compile,
-                               "models_dir": e.models_dir, "storage": cfg.storage},
+                               "models_dir": e.models_dir, "storage": cfg.storage,
+                               "cache_dirs": {p.name: cache_uri(cfg, p) for p in plans} if e.cache else {}},
+        max_restarts=cfg.run.max_restarts, max_task_retries=cfg.run.max_task_retries,
         **resources)
 
 
@@ -275,9 +305,7 @@ def resolve_embeddings(cfg: PipelineConfig, narrow: ray.data.Dataset,
     rows = narrow.map_batches(_run_rows, batch_format="pyarrow", fn_kwargs={"column": plan.column}).materialize()
     computed = rows.map_batches(_computed, batch_format="pyarrow").materialize()
     missing = rows.map_batches(_missing, batch_format="pyarrow").materialize()
-    n_computed, n_missing = computed.count(), missing.count()
-    if cfg.embed.cache and n_computed:
-        write_cache_part(cfg, plan, computed.select_columns(["sha256", "embedding"]))
+    n_computed, n_missing = computed.count(), missing.count()  # computed: the actors cached them already
     table = computed
     if n_missing:
         keys = np.unique(np.array([r["key"] for r in missing.map_batches(_keys, batch_format="pyarrow").take_all()],

@@ -110,11 +110,7 @@ def embed_listed(cfg: PipelineConfig, rows: pa.Table, plan: emb.ModelPlan | None
     alive = [r for r in got if r["reason"] is None]
     computed = {r["sha256"]: r[plan.column] for r in alive if r[plan.column] is not None}
     missing = sorted({r["sha256"] for r in alive if r[plan.column] is None} - set(computed))
-    if cfg.embed.cache and computed:
-        shas = sorted(computed)
-        embedding.write_cache_part(cfg, plan, ray.data.from_arrow(pa.table({
-            "sha256": pa.array(shas, pa.string()),
-            "embedding": pa.array([computed[h] for h in shas], plan.arrow_type())})))
+    # (the embedding actors added the computed ones to the cache already)
     found: dict = {}
     if missing:
         cached = embedding.cache_dataset(cfg, plan, ray.put(np.unique(emb.cache_keys(missing))))

@@ -214,9 +214,12 @@ def references_fingerprint(cfg: PipelineConfig) -> str:
 
 
 def near_dedup_dataset(cfg: PipelineConfig, narrow: ray.data.Dataset, embeddings: ray.data.Dataset | None,
-                       plan=None, device: str = "cpu") -> tuple[ray.data.Dataset, dict, pa.Table]:
+                       plan=None, device: str = "cpu", prior: np.ndarray | None = None,
+                       ) -> tuple[ray.data.Dataset, dict, pa.Table]:
     """The narrow table with near-duplicates rejected; the report; the pairs table.
-    ``plan``: the dedup model (``embeddings`` its table: id, embedding), None: perceptual only."""
+    ``plan``: the dedup model (``embeddings`` its table: id, embedding), None: perceptual only.
+    ``prior`` (a refresh): sorted sha256 keys of images a previous run kept; they come
+    first in their groups."""
     c = cfg.near_dedup
     model = plan.name if plan is not None and c.semantic and embeddings is not None else None
     report: dict = {}
@@ -264,7 +267,7 @@ def near_dedup_dataset(cfg: PipelineConfig, narrow: ray.data.Dataset, embeddings
     quality = quality if quality in names else None
     licence = resolve_column(names, c.licence_column, ("license", "licence", "License"), "near_dedup.licence_column")
     taxon = resolve_column(names, c.taxon_column, TAXON_COLUMNS, "near_dedup.taxon_column")
-    columns = [col for col in dict.fromkeys(["width", "height", quality, licence, taxon]) if col]
+    columns = [col for col in dict.fromkeys(["width", "height", "sha256", quality, licence, taxon]) if col]
     members = np.asarray(nodes, dtype=np.uint64)
     if len(members):
         ref = ray.put(members)
@@ -276,7 +279,7 @@ def near_dedup_dataset(cfg: PipelineConfig, narrow: ray.data.Dataset, embeddings
             if k in root:
                 ref_groups.setdefault(root[k], (name, rid))
         decisions = snd.decide_groups(member_table, root, {k: tuple(v) for k, v in edges.items()}, cfg.run.seed, quality,
-                                      licence, c.permissive, taxon, ref_groups)
+                                      licence, c.permissive, taxon, ref_groups, prior)
     else:
         decisions = None
     id_of = {k: f"{name}:{rid}" for k, (name, rid) in refmap.items()}
@@ -300,7 +303,8 @@ def near_dedup_dataset(cfg: PipelineConfig, narrow: ray.data.Dataset, embeddings
                    "taxonomy_conflicts": int(len({g for g, f in zip(decisions["_nd_group"].to_pylist(),
                                                                     decisions["_nd_conflict"].to_pylist()) if f}))
                    if decisions else 0,
-                   "keep_policy": {"licence_column": licence, "quality_column": quality, "taxon_column": taxon}})
+                   "keep_policy": {"licence_column": licence, "quality_column": quality, "taxon_column": taxon,
+                                   "previous_run_first": prior is not None}})
     if decisions is None:
         out = narrow.map_batches(snd.apply_decisions, batch_format="pyarrow")
     else:

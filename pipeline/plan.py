@@ -48,7 +48,7 @@ import stages.validate
 from manifests import io as mio
 from pipeline import __version__, catalog, embedding
 from pipeline import examples as bank_examples
-from pipeline import neardedup, sampling
+from pipeline import neardedup, refresh, sampling
 from pipeline.config import STAGES, PipelineConfig
 from stages.kernels.bloom import bloom_contains
 from stages.validate import ValidateStage
@@ -84,10 +84,26 @@ def _models_section(plans: list) -> list[dict]:
     return [{"model_id": p.model_id, "prep": p.prep, "dtype": p.dtype} for p in plans]
 
 
+def validate_fingerprint(cfg: PipelineConfig) -> str:
+    """What validation depends on (settings and code): a refresh copies a previous run's
+    validation only when this matches."""
+    return fingerprint(cfg.section("validate"), code_hash(stages.validate, stages.deadline, stages.kernels.phash,
+                                                           stages.kernels.quality))
+
+
+def refresh_fingerprint(cfg: PipelineConfig, prev) -> str:
+    if prev is None:
+        return ""
+    return fingerprint({"refresh": cfg.section("refresh"), "previous": prev.summary.get("fingerprints"),
+                        "finished": (prev.summary.get("timings_s") or {}).get("total")}, "")
+
+
 def stage_fingerprints(cfg: PipelineConfig, until: str, kind: str = "folder",
-                       plans: list | None = None, examples_fp: str = "", references_fp: str = "") -> dict[str, str]:
+                       plans: list | None = None, examples_fp: str = "", references_fp: str = "",
+                       refresh_fp: str = "") -> dict[str, str]:
     """Fingerprint of each stage the run will execute, in order. ``plans``: the resolved
-    embedding models (``embedding.model_plans``) when the embed stage runs."""
+    embedding models (``embedding.model_plans``) when the embed stage runs; ``refresh_fp``:
+    the previous run of a refresh."""
     validating = STAGES.index(until) >= STAGES.index("validate")
     plans = plans if embedding_on(cfg, until) else []
     scan_section = {
@@ -95,6 +111,7 @@ def stage_fingerprints(cfg: PipelineConfig, until: str, kind: str = "folder",
         "on_transient_exhausted": cfg.storage.on_transient_exhausted,
         "validate": cfg.section("validate") if validating else None,
         "models": _models_section(plans or []),
+        "refresh": refresh_fp,
     }
     scan_code = code_hash(ingest, schema, stages.kernels.hashing, sys.modules[__name__],
                           *((stages.validate, stages.deadline, stages.kernels.phash, stages.kernels.quality)
@@ -130,14 +147,16 @@ def stage_fingerprints(cfg: PipelineConfig, until: str, kind: str = "folder",
         dedup_model = cfg.embed.model_for("dedup") if plans else None
         embed_fp = next((fps[embed_stage(p)] for p in plans or [] if p.name == dedup_model), "")
         fps["near_dedup"] = fingerprint({"near_dedup": cfg.section("near_dedup"), "seed": cfg.run.seed,
-                                         "model": dedup_model, "references": references_fp},
+                                         "model": dedup_model, "references": references_fp,
+                                         "refresh": refresh_fp},
                                         code_hash(stages.neardup, stages.kernels.neardup, stages.kernels.kmeans,
                                                   neardedup),
                                         fps.get("filter", fps.get("exact_dedup", narrow_fp)) + embed_fp)
     if STAGES.index(until) >= STAGES.index("sample") and cfg.sample.active and plans:
         sample_model = cfg.embed.model_for("sample")
         embed_fp = next((fps[embed_stage(p)] for p in plans if p.name == sample_model), "")
-        fps["sample"] = fingerprint({"sample": cfg.section("sample"), "seed": cfg.run.seed, "model": sample_model},
+        fps["sample"] = fingerprint({"sample": cfg.section("sample"), "seed": cfg.run.seed, "model": sample_model,
+                                     "refresh": refresh_fp},
                                     code_hash(stages.sample, stages.kernels.sampling, stages.kernels.kmeans, sampling),
                                     fps.get("near_dedup", fps.get("filter", fps.get("exact_dedup", narrow_fp)))
                                     + embed_fp)
@@ -147,10 +166,10 @@ def stage_fingerprints(cfg: PipelineConfig, until: str, kind: str = "folder",
 # --------------------------------------------------------------------------- ray
 
 def init_ray(cfg: PipelineConfig) -> None:
-    if ray.is_initialized():
-        return
     address = cfg.run.address or os.environ.get("RAY_ADDRESS")
-    if address:
+    if ray.is_initialized():
+        pass
+    elif address:
         ray.init(address=address, log_to_driver=True)
     else:
         env = {"PYTHONPATH": os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))}
@@ -164,6 +183,9 @@ def init_ray(cfg: PipelineConfig) -> None:
     # Global steps group narrow rows by key; the plain hash shuffle starts far faster than
     # the default (v2) on small and medium tables and keeps memory bounded per partition.
     ctx.shuffle_strategy = ray.data.context.ShuffleStrategy.HASH_SHUFFLE
+    # An embedding actor's call is idempotent (its output, and the cache file it adds, are
+    # the same when repeated): retry it on I/O errors too, not only when its process died.
+    ctx.actor_task_retry_on_errors = [OSError]
 
 
 def embed_stage(plan) -> str:
@@ -172,7 +194,7 @@ def embed_stage(plan) -> str:
 
 
 def _ray_remote_kwargs(cfg: PipelineConfig) -> dict:
-    kw: dict = {"num_cpus": 1}
+    kw: dict = {"num_cpus": 1, "max_retries": cfg.run.max_task_retries}
     if cfg.run.concurrency:
         kw["concurrency"] = cfg.run.concurrency
     return kw
@@ -285,15 +307,16 @@ def _drop_bytes(batch: pa.Table) -> pa.Table:
 
 
 def scan_dataset(cfg: PipelineConfig, kind: str, until: str, flagged: ray.data.Dataset | None = None,
-                 join_counts: dict | None = None, models: tuple | None = None) -> ray.data.Dataset:
+                 join_counts: dict | None = None, models: tuple | None = None, reuse=None) -> ray.data.Dataset:
     """The streaming pass. Output: the narrow table (never pixels). ``models``:
-    (plans, device, known sets) when the embedding actors run in the pass."""
+    (plans, device, known sets) when the embedding actors run in the pass. ``reuse``: an
+    object ref of sha256 keys not to decode (a refresh; rows get a ``_reused`` flag)."""
     ds = ingest_dataset(cfg, kind, flagged, join_counts)
     if models and models[0]:
-        return embedding.embed_in_pass(cfg, ds, *models)
+        return embedding.embed_in_pass(cfg, ds, *models, reuse=reuse)
     if STAGES.index(until) >= STAGES.index("validate"):
-        return ds.map_batches(ValidateStage(cfg.validate_), batch_size=cfg.run.batch_size, batch_format="pyarrow",
-                              **_ray_remote_kwargs(cfg))
+        return ds.map_batches(ValidateStage(cfg.validate_, reuse=reuse), batch_size=cfg.run.batch_size,
+                              batch_format="pyarrow", **_ray_remote_kwargs(cfg))
     return ds.map_batches(_drop_bytes, batch_format="pyarrow", batch_size=cfg.run.batch_size)
 
 
@@ -483,6 +506,8 @@ def run(cfg: PipelineConfig, until: str = STAGES[-1], resume: bool = False) -> d
     """Execute the plan; returns the summary (also written to ``<output>/summary.json``)."""
     t_start = time.time()
     kind = ingest.detect_kind(cfg.input, cfg.storage)
+    prev = refresh.load_previous(cfg)
+    cfg = refresh.with_previous_cache(cfg, prev)
     plans = embedding.model_plans(cfg) if embedding_on(cfg, until) else []
     init_ray(cfg)
     device = embedding.resolve_device(cfg) if plans else "cpu"
@@ -494,7 +519,11 @@ def run(cfg: PipelineConfig, until: str = STAGES[-1], resume: bool = False) -> d
     scoring_aesthetic = (STAGES.index(until) >= STAGES.index("filter")) and embedding.aesthetic_active(cfg, plans)
     refs_fp = (neardedup.references_fingerprint(cfg)
                if cfg.near_dedup.enabled and STAGES.index(until) >= STAGES.index("near_dedup") else "")
-    fps = stage_fingerprints(cfg, until, kind, plans, examples_fp + f"|aesthetic={scoring_aesthetic}", refs_fp)
+    refresh_fp = refresh_fingerprint(cfg, prev)
+    fps = stage_fingerprints(cfg, until, kind, plans, examples_fp + f"|aesthetic={scoring_aesthetic}", refs_fp,
+                             refresh_fp)
+    validate_fp = validate_fingerprint(cfg)
+    refresh_report: dict = {}
     by_stage = {embed_stage(p): p for p in plans}
     timings, reused = {}, []
 
@@ -520,7 +549,21 @@ def run(cfg: PipelineConfig, until: str = STAGES[-1], resume: bool = False) -> d
         elif name == "scan":
             flagged = rd.read(rd.path("stages", "select")) if "select" in fps else None
             known = embedding.known_sets(cfg, plans) if plans and cfg.embed.cache else {}
-            ds = scan_dataset(cfg, kind, until, flagged, stage_counts, (plans, device, known))
+            reuse = None
+            if prev is not None and STAGES.index(until) >= STAGES.index("validate"):
+                why = ("refresh.reuse_validation is off" if not cfg.refresh.reuse_validation else
+                       "the previous run's validate settings or code differ"
+                       if not refresh.validate_fingerprint_matches(prev, validate_fp) else
+                       "embeddings are off but the previous run's were on" if plans and not cfg.embed.cache else None)
+                if why is None:
+                    reuse = refresh.reuse_plan(prev, known)
+                stage_counts["refresh"] = {"validation_reused": why is None, "why_not": why}
+            ds = scan_dataset(cfg, kind, until, flagged, stage_counts, (plans, device, known),
+                              ray.put(reuse.keys) if reuse is not None else None)
+            if reuse is not None:  # the pass first, then copy the previous validation into its reused rows
+                passed = rd.path("stages", "scan_pass")
+                rd.write(ds, passed, {"fingerprint": fp})
+                ds, stage_counts["refresh"]["rows_not_decoded"] = refresh.fill_reused(rd.read(passed), reuse)
         elif name == "catalog_join":
             narrow = rd.read(upstream)
             key, base = catalog.input_key_column(cfg, kind, narrow.schema().names)
@@ -547,17 +590,26 @@ def run(cfg: PipelineConfig, until: str = STAGES[-1], resume: bool = False) -> d
             embs = None
             if dplan is not None and cfg.near_dedup.semantic:
                 embs = rd.read(rd.path("stages", embed_stage(dplan))).select_columns(["id", "embedding"])
-            ds, stage_counts, pairs = neardedup.near_dedup_dataset(cfg, rd.read(upstream), embs, dplan, device)
+            prior = refresh.prior_keys(prev) if prev is not None else None
+            ds, stage_counts, pairs = neardedup.near_dedup_dataset(cfg, rd.read(upstream), embs, dplan, device,
+                                                                   prior)
             rd.write(ray.data.from_arrow(pairs), rd.path("stages", "near_dedup_pairs"), {"fingerprint": fp})
         elif name == "sample":
             splan = next(p for p in plans if p.name == cfg.embed.model_for("sample"))
             embs = rd.read(rd.path("stages", embed_stage(splan))).select_columns(["id", "embedding"])
-            ds, stage_counts, centroids = sampling.sample_dataset(cfg, rd.read(upstream), embs, splan.name, device)
+            levels, why = refresh.previous_levels(cfg, prev, splan.model_id) if prev is not None else (None, None)
+            ds, stage_counts, centroids = sampling.sample_dataset(cfg, rd.read(upstream), embs, splan.name, device,
+                                                                  levels)
+            if prev is not None:
+                stage_counts["previous_centroids"] = why
             if centroids is not None:
-                rd.write(ray.data.from_arrow(centroids), rd.path("stages", "sample_centroids"), {"fingerprint": fp})
+                rd.write(ray.data.from_arrow(centroids), rd.path("stages", "sample_centroids"),
+                         {"fingerprint": fp, "model_id": splan.model_id})
         else:  # pragma: no cover - guarded by stage_fingerprints
             raise AssertionError(name)
         rd.write(ds, final, {"fingerprint": fp, "stage": name, "counts": stage_counts})
+        if name == "scan" and rd.fs.exists(rd.path("stages", "scan_pass")):
+            rd.fs.rm(rd.path("stages", "scan_pass"), recursive=True)
         timings[name] = round(time.time() - t0, 3)
         if name != "select" and name not in by_stage:
             upstream = final
@@ -574,6 +626,13 @@ def run(cfg: PipelineConfig, until: str = STAGES[-1], resume: bool = False) -> d
     if rd.fs.exists(staging):  # S3 has no empty folders: nothing may be left to remove
         rd.fs.rm(staging, recursive=True)
     timings["manifest"] = round(time.time() - t0, 3)
+    if prev is not None:
+        t0 = time.time()
+        refresh_report = {"previous": prev.uri, "diff": refresh.write_diff(rd, decided, prev),
+                          "previous_version": prev.summary.get("version", 1),
+                          "scan": (mio.read_marker(rd.fs, rd.path("stages", "scan")) or {}).get("counts", {})
+                          .get("refresh")}
+        timings["diff"] = round(time.time() - t0, 3)
 
     n_rejected = sum(sum(v.values()) for v in counts["rejected"].values())
     selection = {}
@@ -601,6 +660,9 @@ def run(cfg: PipelineConfig, until: str = STAGES[-1], resume: bool = False) -> d
                       "min_score": cfg.aesthetic.min_score if scoring_aesthetic else None},
         "input_kind": kind,
         "until": until,
+        "version": prev.summary.get("version", 1) + 1 if prev is not None else 1,
+        "refresh": refresh_report or None,
+        "validate_fingerprint": validate_fp,
         "stages_run": [s for s in fps if s not in reused],
         "stages_reused": reused,
         "fingerprints": fps,
@@ -610,5 +672,13 @@ def run(cfg: PipelineConfig, until: str = STAGES[-1], resume: bool = False) -> d
     }
     with rd.fs.open(rd.path("summary.json"), "wb") as f:
         f.write(json.dumps(summary, indent=2, sort_keys=True).encode())
+    t0 = time.time()
+    try:  # the manifest is complete without it: a report problem is logged, never fatal
+        from pipeline import report
+
+        report.write_report(cfg.output, cfg.storage)
+    except Exception:  # noqa: BLE001
+        log.exception("report.html could not be written")
+    log.info("report.html in %.1f s", time.time() - t0)
     mio.write_marker(rd.fs, rd.root, {"fingerprints": fps})
     return summary

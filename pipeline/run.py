@@ -1,9 +1,12 @@
 """biocurate entry point.
 
     python pipeline/run.py --config my.yaml [--input PATH_OR_URI] [--output DIR] [--resume] [--until STAGE]
+    python pipeline/run.py --config my.yaml --output runs/v2 --previous runs/v1      # a periodic refresh
     ray job submit --working-dir . -- python pipeline/run.py --config my.yaml
     biocurate --input ./images --output ./run      # same entry point, documented defaults
     biocurate examples-report --config my.yaml [--labels labels.csv] [--label-sample 200]
+    biocurate report --output RUN_DIR          # report.html again for a finished run
+    biocurate export --output RUN_DIR [--dest DIR] [--format webp] [--max-pixels 1048576] [--shard-size 1000]
 
 Exit codes: 0 done, 2 bad config or unreachable input (one line on stderr, before Ray
 starts), 1 the run failed.
@@ -35,6 +38,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--output", help="Overrides output: the run directory (local or s3://).")
     p.add_argument("--resume", action="store_true",
                    help="Reuse finished stages whose fingerprint (config section + code + upstream) matches.")
+    p.add_argument("--previous", help="Overrides refresh.previous: refresh against this previous run directory "
+                   "(local or s3://; only read). Writes diff/ next to the new manifest.")
     p.add_argument("--until", choices=STAGES, default=STAGES[-1],
                    help="Stop after this stage; the manifest still accounts for every input.")
     p.add_argument("--address", help="Ray cluster address (default $RAY_ADDRESS, else local Ray).")
@@ -65,6 +70,10 @@ def check_inputs(cfg: PipelineConfig) -> None:
         check_selection(cfg, kind)
     except (ValueError, OSError) as e:
         raise ConfigError(f"input error: {str(e).splitlines()[0]}") from None
+    if cfg.refresh.previous:  # a finished run, not this run's own directory
+        from pipeline.refresh import load_previous
+
+        load_previous(cfg)
     if cfg.embed.models:  # weights present, dimensions right: before any Ray worker starts
         from pipeline.embedding import aesthetic_active, model_plans
 
@@ -92,6 +101,14 @@ def main(argv: list[str] | None = None) -> int:
         from pipeline import examples_report
 
         return examples_report.main(argv[1:])
+    if argv and argv[0] == "report":
+        from pipeline import report
+
+        return report.main(argv[1:])
+    if argv and argv[0] == "export":
+        from pipeline import export
+
+        return export.main(argv[1:])
     args = parse_args(argv)
     if args.print_config:
         print(describe_options())
@@ -103,6 +120,8 @@ def main(argv: list[str] | None = None) -> int:
         overrides["output"] = args.output
     if args.address:
         overrides["run.address"] = args.address
+    if args.previous:
+        overrides["refresh.previous"] = args.previous
     if args.seed is not None:
         overrides["run.seed"] = args.seed
     try:

@@ -78,9 +78,11 @@ def fit_sample(cfg: PipelineConfig, rows: ray.data.Dataset, n: int, device: str)
 
 
 def sample_dataset(cfg: PipelineConfig, narrow: ray.data.Dataset, embeddings: ray.data.Dataset,
-                   model: str, device: str = "cpu") -> tuple[ray.data.Dataset, dict, pa.Table]:
+                   model: str, device: str = "cpu", levels_given: list[dict] | None = None,
+                   ) -> tuple[ray.data.Dataset, dict, pa.Table]:
     """The narrow table with cluster ids per level, ``sampled``, and ``not_sampled`` rejects;
-    the report; the centroids table (level, cluster, parent, centroid)."""
+    the report; the centroids table (level, cluster, parent, centroid). ``levels_given``:
+    fitted levels to assign to instead of fitting (a refresh reusing its previous centroids)."""
     c = cfg.sample
     alive = narrow.map_batches(snd.alive_keyed, batch_format="pyarrow").materialize()
     n = alive.count()
@@ -93,8 +95,12 @@ def sample_dataset(cfg: PipelineConfig, narrow: ray.data.Dataset, embeddings: ra
     keep = ["id"] + ([taxon] if taxon else [])
     rows = alive.select_columns(keep).join(embeddings, join_type="inner", on=("id",),
                                            num_partitions=max(1, min(200, -(-n // 100_000)))).materialize()
-    fitted, fit_report = fit_sample(cfg, rows, n, device)
-    report.update(fit_report)
+    if levels_given is not None:
+        fitted = levels_given
+        report.update({"levels": [len(lv["centroids"]) for lv in fitted], "method": "previous centroids"})
+    else:
+        fitted, fit_report = fit_sample(cfg, rows, n, device)
+        report.update(fit_report)
     levels = len(fitted)
     remote = ({"num_gpus": cfg.embed.num_gpus, "concurrency": cfg.embed.concurrency} if device == "cuda"
               else {"num_cpus": 1, "concurrency": cfg.run.concurrency or cfg.run.num_cpus or 2})

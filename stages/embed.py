@@ -26,6 +26,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+import uuid
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -171,6 +172,7 @@ class EmbedModels:
     models_dir: str | None = None
     storage: object = None
     random_init: bool = False  # tests only: real architectures, seeded random weights
+    cache_dirs: dict[str, str] = field(default_factory=dict)  # model name -> cache folder (local or s3://)
     calls: dict[str, int] = field(default_factory=dict)
 
     def __post_init__(self):
@@ -193,16 +195,24 @@ class EmbedModels:
             self.calls[p.name] = 0
 
     def embed(self, plan: ModelPlan, images: np.ndarray) -> np.ndarray:
-        """(n, size, size, 3) uint8 -> (n, dim) float32, in chunks of ``batch_size``."""
+        """(n, size, size, 3) uint8 -> (n, dim) float32, in model calls of exactly
+        ``batch_size`` images: the last chunk is padded with blank images. Every call has
+        the same shape, so the kernels (and their summation order) are the same whatever
+        rows a block holds: an image's embedding does not depend on its batch mates, and a
+        rerun with other block sizes, concurrency or cache contents gives identical bits."""
         import torch
 
         bb = self.models[plan.name]
         out = []
         for i in range(0, len(images), self.batch_size):
-            x = torch.from_numpy(np.ascontiguousarray(images[i : i + self.batch_size]))
+            chunk = images[i : i + self.batch_size]
+            n = len(chunk)
+            if n < self.batch_size:
+                chunk = np.concatenate([chunk, np.zeros((self.batch_size - n, *chunk.shape[1:]), chunk.dtype)])
+            x = torch.from_numpy(np.ascontiguousarray(chunk))
             if bb.device.type == "cuda":
                 x = x.pin_memory()
-            out.append(bb(x).cpu().numpy())
+            out.append(bb(x)[:n].cpu().numpy())
         self.calls[plan.name] += len(images)
         return np.concatenate(out) if out else np.zeros((0, plan.spec.dim), dtype=np.float32)
 
@@ -211,8 +221,19 @@ class EmbedModels:
             mask = np.asarray(batch.column(need_column(p.name)).to_numpy(zero_copy_only=False), dtype=bool)
             images = pixels(batch.column(pixels_column(p.spec.size)), mask, p.spec.size)
             batch = batch.append_column(p.column, embedding_array(self.embed(p, images), mask, p))
+            if mask.any() and p.name in self.cache_dirs:
+                self.commit_cache(p, batch.filter(pa.array(mask)))
         drop = [c for c in batch.column_names if c.startswith(("_px_", "_need_"))]
         return batch.drop_columns(drop)
+
+    def commit_cache(self, plan: ModelPlan, rows: pa.Table) -> None:
+        """Add this call's new embeddings to the cache before the call returns: the cache
+        is the unit of resume, so a crash loses at most the calls in flight."""
+        from manifests import io as mio
+
+        table = pa.table({"sha256": rows.column("sha256"), "embedding": rows.column(plan.column)})
+        fs, root = mio.filesystem(self.cache_dirs[plan.name], self.storage)
+        mio.write_table_atomic(fs, mio.join(root, f"blk-{uuid.uuid4().hex}.parquet"), table)
 
 
 def without_model_inputs(batch: pa.Table) -> pa.Table:

@@ -170,9 +170,11 @@ def member_rows(batch: pa.Table, members: np.ndarray, columns: list[str]) -> pa.
 
 
 def decide_groups(rows: pa.Table, root: dict, edges: dict, seed: int, quality: str | None, licence: str | None,
-                  permissive: str, taxon: str | None, ref_groups: dict | None = None) -> pa.Table:
-    """Keep one row per group (permissive licence, quality, pixels, hash(seed, id)); the
-    others become rejects naming the kept id. A group holding an image of a reference set
+                  permissive: str, taxon: str | None, ref_groups: dict | None = None,
+                  prior: np.ndarray | None = None) -> pa.Table:
+    """Keep one row per group (kept by a previous run -- ``prior``, sorted sha256 keys --,
+    permissive licence, quality, pixels, hash(seed, id)); the others become rejects naming
+    the kept id. A group holding an image of a reference set
     (``ref_groups``: group -> (set name, reference id)) keeps none of its corpus rows. One
     row per member (corpus rows only)."""
     ref_groups = ref_groups or {}
@@ -189,7 +191,12 @@ def decide_groups(rows: pa.Table, root: dict, edges: dict, seed: int, quality: s
     w = rows["width"].to_numpy(zero_copy_only=False).astype(np.float64)
     h = rows["height"].to_numpy(zero_copy_only=False).astype(np.float64)
     rank = seeded_rank(seed, ids)
-    order = kn.keep_order(permissive_ok, q, np.nan_to_num(w * h), rank)
+    kept_before = None
+    if prior is not None:
+        from stages.embed import is_known
+
+        kept_before = is_known(prior, rows["sha256"].to_pylist())
+    order = kn.keep_order(permissive_ok, q, np.nan_to_num(w * h), rank, kept_before)
     order = order[np.argsort(group[order], kind="stable")]  # by group, best first inside
     taxa = rows[taxon].to_pylist() if taxon else [None] * n
     out = {k: [] for k in ("id", "near_dup_group", "duplicate_of", "reason", "detail", "near_dup_similarity",

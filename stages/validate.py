@@ -260,14 +260,20 @@ def validate_batch(table: pa.Table, cfg: ValidateConfig) -> pa.Table:
     return validate_batch_decodes(table, cfg)[0]
 
 
-def validate_batch_decodes(table: pa.Table, cfg: ValidateConfig,
-                           cover: int = 0) -> tuple[pa.Table, list[np.ndarray | None]]:
+def validate_batch_decodes(table: pa.Table, cfg: ValidateConfig, cover: int = 0,
+                           reuse: np.ndarray | None = None) -> tuple[pa.Table, list[np.ndarray | None]]:
     """:func:`validate_batch`, plus each row's decode covering ``cover`` (None for
-    rejected rows) for the embedding stage."""
+    rejected rows) for the embedding stage.
+
+    ``reuse`` (a refresh): sorted 16-byte sha256 keys of images validated by a previous
+    run. Those rows are not decoded: they get only ``n_bytes`` and ``sha256``, and a
+    ``_reused`` column marks them (the plan copies the rest from the previous run)."""
+    from stages.embed import is_known
     blobs = table.column(BYTES).to_pylist()
     prior_reason = table.column("reason").to_pylist()
     cols: dict[str, list] = {f.name: [] for f in _OUT_SCHEMA}
     decodes: list[np.ndarray | None] = []
+    reused = np.zeros(len(blobs), dtype=bool)
     prior = {k: table.column(k).to_pylist() for k in ("stage", "reason", "detail")}
     for i, data in enumerate(blobs):
         if prior_reason[i] is not None:
@@ -277,7 +283,11 @@ def validate_batch_decodes(table: pa.Table, cfg: ValidateConfig,
                 cols[k].append(prior[k][i])
             decodes.append(None)
             continue
-        info = validate_image(data, cfg, cover)
+        if reuse is not None and data and is_known(reuse, [sha := hashlib.sha256(data).hexdigest()])[0]:
+            info = ImageInfo(n_bytes=len(data), sha256=sha)
+            reused[i] = True
+        else:
+            info = validate_image(data, cfg, cover)
         decodes.append(info.decoded if info.reason is None else None)
         for f in VALIDATE_FIELDS:
             cols[f.name].append(getattr(info, f.name))
@@ -289,6 +299,8 @@ def validate_batch_decodes(table: pa.Table, cfg: ValidateConfig,
         if f.name in out.column_names:
             out = out.drop_columns([f.name])
         out = out.append_column(f, pa.array(cols[f.name], type=f.type))
+    if reuse is not None:
+        out = out.append_column("_reused", pa.array(reused, pa.bool_()))
     return out, decodes
 
 
@@ -301,6 +313,11 @@ class ValidateStage:
     cfg: ValidateConfig
     name: str = Stage.VALIDATE.value
     num_cpus: float = 1.0
+    reuse: object = None  # sorted sha256 keys not to decode (a refresh), or an object ref of them
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        return validate_batch(batch, self.cfg)
+        if self.reuse is not None and not isinstance(self.reuse, np.ndarray):
+            import ray  # an object ref from the plan: fetched once per worker
+
+            self.reuse = ray.get(self.reuse)
+        return validate_batch_decodes(batch, self.cfg, 0, self.reuse)[0]

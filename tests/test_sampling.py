@@ -173,8 +173,8 @@ def _crops(photo: np.ndarray, count: int, seed: int) -> list:
 def test_pipeline_balanced_sample_of_long_tailed_real_photos(tmp_path, ray_local, photos):
     """A manifest of real photo views whose 'species' (the source photo) has Zipf-like
     counts: the sample of 24 rows covers the species more evenly than random sampling,
-    caps and minimums per species hold, every other row is a not_sampled reject, the
-    invariant holds, and a second run with the same seed chooses the same rows."""
+    caps and minimums per species hold, every other row is a not_sampled reject, and the
+    invariant holds."""
     import pyarrow as pa
     import pyarrow.csv as pacsv
 
@@ -224,8 +224,4 @@ def test_pipeline_balanced_sample_of_long_tailed_real_photos(tmp_path, ray_local
     h_sample = ks.label_entropy(np.array(got), len(counts))
     print(f"normalized species entropy: sample {h_sample:.3f}, random {h_random:.3f}")
     assert h_sample > h_random + 0.1
-    # the same seed and embeddings (the shared cache), other blocks: the same rows
-    cfg2 = load_config(None, {**overrides, "output": str(tmp_path / "run2"), "run.batch_size": 7})
-    plan.run(cfg2)
-    curated2, _ = check_invariant(tmp_path / "run2", uris)
-    assert sorted(curated2) == sorted(curated)
+    # (the same rows whatever the blocks and concurrency: tests/test_refresh.py, every stage)

@@ -351,9 +351,12 @@ def calibrate_assign(x: np.ndarray, partition, threshold: float, recall: float, 
 
 # --------------------------------------------------------------------------- keep policy
 
-def keep_order(permissive: np.ndarray, quality: np.ndarray, pixels: np.ndarray, rank: np.ndarray) -> np.ndarray:
-    """Indices of a group's members, best first: a permissive licence first (when known),
-    then the highest quality score, then the largest resolution, then hash(seed, id)."""
+def keep_order(permissive: np.ndarray, quality: np.ndarray, pixels: np.ndarray, rank: np.ndarray,
+               prior: np.ndarray | None = None) -> np.ndarray:
+    """Indices of a group's members, best first: kept by a previous run first (``prior``,
+    a refresh: the kept set stays stable), then a permissive licence (when known), then
+    the highest quality score, then the largest resolution, then hash(seed, id)."""
     q = np.nan_to_num(np.asarray(quality, dtype=np.float64), nan=-np.inf)
+    prior = np.zeros(len(q), dtype=bool) if prior is None else np.asarray(prior, dtype=bool)
     return np.lexsort((np.asarray(rank, dtype=np.uint64), -np.asarray(pixels, dtype=np.float64), -q,
-                       ~np.asarray(permissive, dtype=bool)))
+                       ~np.asarray(permissive, dtype=bool), ~prior))

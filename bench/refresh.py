@@ -1,0 +1,93 @@
+"""A periodic refresh with 10% new images vs a full rerun of the same corpus, in one run.
+
+Corpus: ``--n`` JPEGs of 0.3-1 MP cut from real photographs (``bench/embed.py``'s
+generator). v1 is the first 90%; v2 is all of them (10% new). Every run is the whole
+pipeline (validate, the real MobileNetV2 on CPU, exact dedup, filters, near-dedup,
+sampling to half the corpus), on one local Ray with this machine's 2 CPUs:
+
+1. v1, full (the previous run; not timed);
+2. v2, full: a new output and an empty embedding cache -- what a rerun without refresh costs;
+3. v2, refresh: ``--previous`` the v1 run (its validation and embeddings reused, its kept
+   images first in their near-duplicate groups, its centroids reused, diff/ written).
+
+    python bench/refresh.py                 # 2,000 images
+    python bench/refresh.py --n 500         # a quick look
+
+Ends with one JSON line: {"refresh_vs_full": ..., ...}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+
+
+def main(argv: list[str] | None = None) -> dict:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--n", type=int, default=2000)
+    ap.add_argument("--new", type=float, default=0.10, help="fraction of v2 that is new")
+    ap.add_argument("--workdir", default=None)
+    args = ap.parse_args(argv)
+
+    import pyarrow as pa
+    import pyarrow.csv as pacsv
+    import ray
+
+    from embed import _corpus
+    from pipeline import plan
+    from pipeline.config import load_config
+
+    work = Path(args.workdir or tempfile.mkdtemp(prefix="bench-refresh-"))
+    if work.exists():
+        shutil.rmtree(work)
+    (work / "img").mkdir(parents=True)
+    blobs = _corpus(args.n, seed=0)
+    uris = []
+    for i, b in enumerate(blobs):
+        p = work / "img" / f"{i:06d}.jpg"
+        p.write_bytes(b)
+        uris.append(str(p))
+    n_old = int(round(args.n * (1 - args.new)))
+    pacsv.write_csv(pa.table({"uri": uris[:n_old]}), work / "v1.csv")
+    pacsv.write_csv(pa.table({"uri": uris}), work / "v2.csv")
+
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
+             runtime_env={"env_vars": {"PYTHONPATH": str(ROOT)}})
+    ray.data.DataContext.get_current().enable_progress_bars = False
+
+    def cfg(manifest: str, out: str, **more):
+        return load_config(None, {"input.path": str(work / manifest), "output": str(work / out),
+                                  "embed.models": [{"name": "mobilenet_v2_imagenet"}],
+                                  "embed.cache_path": str(work / out / "cache"),
+                                  "sample.fraction": 0.5, **more})
+
+    timings = {}
+    for name, c in (("v1", cfg("v1.csv", "v1")), ("full", cfg("v2.csv", "full")),
+                    ("refresh", cfg("v2.csv", "refresh", **{"refresh.previous": str(work / "v1")}))):
+        t0 = time.time()
+        s = plan.run(c)
+        timings[name] = {"seconds": round(time.time() - t0, 1), "stages": s["timings_s"],
+                         "embed": {k: {"computed": v["computed"], "cached": v["cached"]} for k, v in s["embed"].items()},
+                         "curated": s["curated"], "refresh": s.get("refresh")}
+        print(json.dumps({name: timings[name]}), flush=True)
+    ray.shutdown()
+    line = {"refresh_vs_full": round(timings["refresh"]["seconds"] / timings["full"]["seconds"], 3),
+            "full_s": timings["full"]["seconds"], "refresh_s": timings["refresh"]["seconds"],
+            "images": args.n, "new": args.n - n_old,
+            "computed_in_refresh": timings["refresh"]["embed"]["mobilenet_v2_imagenet"]["computed"]}
+    print(json.dumps(line))
+    shutil.rmtree(work, ignore_errors=True)
+    return line
+
+
+if __name__ == "__main__":
+    main()
