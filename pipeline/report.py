@@ -164,9 +164,12 @@ def collect(fs, root: str, summary: dict) -> dict:
                 hists[c].add(v)
                 for label, thr in thresholds(cfg, spec):
                     d = v - thr
-                    for i in np.flatnonzero(np.isfinite(d)):
-                        as_rows = as_rows or rows.to_pylist()
-                        near[c].add((label, bool(d[i] >= 0)), abs(d[i]), as_rows[i])
+                    for above in (False, True):
+                        side = np.flatnonzero(np.isfinite(d) & ((d >= 0) if above else (d < 0)))
+                        side = side[np.argsort(np.abs(d[side]), kind="stable")[:NEAR_THRESHOLD]]
+                        for i in side:
+                            as_rows = as_rows or rows.to_pylist()
+                            near[c].add((label, above), abs(d[i]), as_rows[i])
             for i in range(n):
                 if reason[i] is not None:
                     as_rows = as_rows or rows.to_pylist()

@@ -4,6 +4,17 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY="${PYTHON:-python3}"
+# Headless Chromium + its driver for the report's browser test (Debian packages).
+if ! command -v chromium >/dev/null || ! command -v chromedriver >/dev/null; then
+  SUDO=""; [ "$(id -u)" = 0 ] || SUDO="sudo"
+  if command -v apt-get >/dev/null; then
+    { $SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends \
+        chromium chromium-driver; } >/tmp/biocurate-apt.log 2>&1 || { tail -20 /tmp/biocurate-apt.log;
+      echo "bootstrap: could not install chromium chromium-driver (needed by the report's browser test)"; exit 1; }
+  else
+    echo "bootstrap: install Chromium and chromedriver (the report's browser test needs them)"; exit 1
+  fi
+fi
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
 stamp=.venv/.biocurate-install
 want="$(cat pyproject.toml scripts/bootstrap.sh | sha256sum | cut -d' ' -f1)"

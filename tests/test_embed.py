@@ -122,6 +122,29 @@ def test_embed_models_callable_matches_a_direct_call(good):
     assert np.allclose(np.array(got.column(p.column).to_pylist()), direct.numpy(), atol=1e-5)
 
 
+def test_embedding_does_not_depend_on_batch_mates_and_each_call_commits_to_the_cache(good, tmp_path):
+    """Model calls always hold batch_size images (the last chunk padded): an image gives
+    the same bits alone, in a padded chunk or in a full one. Each call writes its new
+    embeddings as one whole blk-*.parquet file before it returns (the unit of resume)."""
+    import pyarrow.parquet as pq
+
+    out, decodes = _validated(good, 6)
+    p = _plan(dtype="float16")
+    batch = emb.add_model_inputs(out, decodes, [p])
+    stage = emb.EmbedModels([p], batch_size=4, cache_dirs={p.name: str(tmp_path / "cache")})
+    whole = stage(batch)  # a full chunk of 4, then 2 padded to 4
+    alone = [stage(batch.slice(i, 1)) for i in range(len(batch))]  # each padded to 4
+    a = np.array(whole.column(p.column).to_pylist(), dtype=np.float16)
+    b = np.array([t.column(p.column)[0].as_py() for t in alone], dtype=np.float16)
+    assert np.array_equal(a.view(np.uint16), b.view(np.uint16))
+    files = sorted((tmp_path / "cache").glob("blk-*.parquet"))
+    assert len(files) == 1 + len(batch) and not list((tmp_path / "cache").glob(".*"))
+    cached = pa.concat_tables([pq.read_table(f) for f in files]).to_pylist()
+    by_sha = {r["sha256"]: np.asarray(r["embedding"], np.float16) for r in cached}
+    for sha, row in zip(out.column("sha256").to_pylist(), a):
+        assert np.array_equal(by_sha[sha], row)
+
+
 def test_custom_birder_network_round_trips_through_a_checkpoint(tmp_path):
     s = resolve_spec("tiny", network="vit_t16", size=64, dim=192)
     torch.manual_seed(0)

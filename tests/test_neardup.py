@@ -135,6 +135,9 @@ def test_keep_order_policy():
     rank = np.array([5, 4, 3, 2, 1], np.uint64)
     assert kn.keep_order(permissive, quality, pixels, rank).tolist() == [3, 2, 1, 4, 0]
     assert kn.keep_order(np.ones(2, bool), np.ones(2), np.ones(2), np.array([7, 3], np.uint64)).tolist() == [1, 0]
+    # a refresh: the image a previous run kept comes first, whatever else holds
+    prior = np.array([False, False, False, False, True])
+    assert kn.keep_order(permissive, quality, pixels, rank, prior).tolist() == [4, 3, 2, 1, 0]
 
 
 @pytest.mark.slow
