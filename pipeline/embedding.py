@@ -291,7 +291,7 @@ def _missing(batch: pa.Table) -> pa.Table:
 
 
 def _keys(batch: pa.Table) -> pa.Table:
-    return pa.table({"key": pa.array(list(emb.cache_keys(batch.column("sha256").to_pylist())), pa.binary(16))})
+    return pa.table({"key": emb.key_array(emb.cache_keys(batch.column("sha256").to_pylist()))})
 
 
 def _narrow_resolved(batch: pa.Table) -> pa.Table:

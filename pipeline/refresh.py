@@ -11,7 +11,7 @@ The previous run directory is only read. What a refresh takes from it:
   stable (``prior_keys``);
 * **sampling**: its centroids, when its levels and model match: cluster ids stay stable
   (``previous_levels``);
-* **diff**: ``diff/{added,removed,changed,unchanged}`` by id, with both decisions (``write_diff``).
+* **diff**: ``diff/change={added,removed,changed,unchanged}/`` by id, with both decisions (``write_diff``).
 """
 
 from __future__ import annotations
@@ -131,14 +131,14 @@ def _kept(batch: pa.Table) -> pa.Table:
     status, reason = batch["status"].to_pylist(), batch["reason"].to_pylist()
     keep = [s == "curated" or r == "not_sampled" for s, r in zip(status, reason)]
     rows = batch.filter(pc.and_(pa.array(keep), pc.is_valid(batch["sha256"])))
-    return pa.table({"key": pa.array(list(emb.cache_keys(rows["sha256"].to_pylist())), pa.binary(16))})
+    return pa.table({"key": emb.key_array(emb.cache_keys(rows["sha256"].to_pylist()))})
 
 
 def _keys(batch: pa.Table, rejected: bool) -> pa.Table:
     """Keys of the previously validated rows that passed validation (or were rejected by it)."""
     was_rejected = pc.is_valid(batch[PREFIX + "reason"])
     rows = batch.filter(was_rejected if rejected else pc.invert(was_rejected))
-    return pa.table({"key": pa.array(list(emb.cache_keys(rows["sha256"].to_pylist())), pa.binary(16))})
+    return pa.table({"key": emb.key_array(emb.cache_keys(rows["sha256"].to_pylist()))})
 
 
 def _unique_keys(ds: ray.data.Dataset) -> np.ndarray:
@@ -267,29 +267,29 @@ def _classify(batch: pa.Table) -> pa.Table:
                      "sha256": batch["sha256"], "previous_sha256": batch["prev_sha256"]})
 
 
-def _only(batch: pa.Table, kind: str) -> pa.Table:
-    return batch.filter(pc.equal(batch["change"], kind)).drop_columns(["change"])
-
-
-def _change_counts(batch: pa.Table) -> pa.Table:
-    kinds = batch["change"].to_pylist()
-    return pa.table({"change": list(set(kinds)), "n": [kinds.count(k) for k in set(kinds)]})
-
-
 def write_diff(rd, decided: ray.data.Dataset, prev: Previous) -> dict:
-    """``diff/<kind>`` parquet (id, uri, status/reason now and before, both sha256) for
-    added, removed, changed (same id, new content) and unchanged ids; returns the counts."""
+    """``diff/change=<kind>/`` parquet (id, uri, status/reason now and before, both
+    sha256) for added, removed, changed (same id, new content) and unchanged ids, written
+    in one pass (partitioned by ``change``); returns the counts."""
     now = decided.map_batches(_status, batch_format="pyarrow")
     before = (previous_rows(prev).map_batches(_status, batch_format="pyarrow")
               .map_batches(_prefixed, batch_format="pyarrow"))
     n = max(1, now.count())
     joined = now.join(before, join_type="full_outer", on=("id",),
                       num_partitions=max(1, min(200, -(-n // 100_000)))).map_batches(
-        _classify, batch_format="pyarrow").materialize()
+        _classify, batch_format="pyarrow")
+    final = rd.path("diff")
+    tmp = mio.temp_path(rd.fs, final)
+    rd.fs.makedirs(tmp, exist_ok=True)
+    joined.write_parquet(tmp, filesystem=rd.afs, partition_cols=["change"])
     counts = {"added": 0, "removed": 0, "changed": 0, "unchanged": 0}
-    for r in joined.map_batches(_change_counts, batch_format="pyarrow").take_all():
-        counts[r["change"]] += r["n"]
-    for kind in counts:
-        rd.write(joined.map_batches(_only, batch_format="pyarrow", fn_kwargs={"kind": kind}),
-                 rd.path("diff", kind), {"rows": counts[kind]})
+    import pyarrow.parquet as pq
+
+    rd.fs.invalidate_cache(tmp)
+    for path in rd.fs.find(tmp):
+        if path.endswith(".parquet"):
+            kind = next(p.split("=", 1)[1] for p in path.split("/") if p.startswith("change="))
+            with rd.fs.open(path, "rb") as f:
+                counts[kind] += pq.ParquetFile(f).metadata.num_rows
+    mio.commit(rd.fs, tmp, final, {"counts": counts})
     return counts

@@ -95,6 +95,13 @@ def cache_keys(sha_hex: list[str | None]) -> np.ndarray:
     return np.array([bytes.fromhex(h[:32]) if h else b"" for h in sha_hex], dtype="S16")
 
 
+def key_array(keys: np.ndarray) -> pa.Array:
+    """``S16`` keys as an Arrow ``binary(16)`` column, from their fixed-width buffer (going
+    through Python bytes would lose trailing NUL bytes: numpy strips them)."""
+    keys = np.ascontiguousarray(keys, dtype="S16")
+    return pa.FixedSizeBinaryArray.from_buffers(pa.binary(16), len(keys), [None, pa.py_buffer(keys.tobytes())])
+
+
 def known_set(sha_hex: list[str]) -> np.ndarray:
     """Sorted unique keys of the images a cache holds (for :func:`is_known`)."""
     return np.unique(cache_keys(sha_hex))

@@ -90,6 +90,11 @@ def test_cache_keys_and_known_sets():
     assert emb.is_known(None, [sha[3]]).tolist() == [False]
     zero_tail = "ab" + "00" * 31  # numpy S16 drops trailing NULs: keys must still compare exactly
     assert emb.is_known(emb.known_set([zero_tail]), ["ab" + "00" * 15 + "11" * 16, "ab" + "00" * 14 + "01" + "00" * 16]).tolist() == [True, False]
+    # as an Arrow column and back: the trailing NUL bytes survive (pa.array of numpy bytes drops them)
+    keys = emb.cache_keys([zero_tail, sha[2]])
+    col = emb.key_array(keys)
+    assert col.type == pa.binary(16) and [len(b) for b in col.to_pylist()] == [16, 16]
+    assert (np.asarray(col.to_pylist(), dtype="S16") == keys).all()
 
 
 def test_resolve_group_fills_from_cache_and_marks_new_entries():

@@ -256,9 +256,10 @@ def test_refresh_embeds_only_new_images_and_catches_copies_of_kept_ones(clean, c
     assert s2["version"] == 2
     diff = s2["refresh"]["diff"]
     assert diff == {"added": 6, "removed": 3, "changed": 0, "unchanged": len(corpus["uris1"]) - 3}
-    removed = read_committed_table(f"{out}/diff/removed").to_pylist()
+    assert (out / "diff" / "_SUCCESS").exists()
+    removed = read_committed_table_file(out / "diff" / "change=removed").to_pylist()
     assert sorted(Path(r["uri"]).stem for r in removed) == sorted(REMOVED)
-    added = read_committed_table(f"{out}/diff/added").to_pylist()
+    added = read_committed_table_file(out / "diff" / "change=added").to_pylist()
     assert all(r["previous_status"] is None and r["status"] in ("curated", "rejected") for r in added)
     # zero re-embedding of v1 images: only the 6 new ones met the model
     emb = s2["embed"]["mobilenet_v2_imagenet"]
