@@ -34,6 +34,7 @@ import pyarrow.compute as pc
 import pyarrow.dataset as pads
 
 from manifests import io as mio
+from manifests.schema import Stage
 from pipeline import thumbs
 from pipeline.config import TAXON_COLUMNS, ConfigError, StorageConfig
 from stages.kernels.hashing import seeded_rank
@@ -305,7 +306,9 @@ def render(summary: dict, got: dict, groups: list[dict], shown: dict[str, str | 
     out.append("<h2 id=funnel>Funnel</h2><table><tr><th>step</th><th>rows</th><th></th></tr>")
     out.append(f"<tr><td>images in</td><td class=n>{inputs}</td><td>{bar(inputs, inputs, '100%')}</td></tr>")
     left = inputs
-    for stage, reasons in (summary.get("rejected_by_stage") or {}).items():
+    order = [st.value for st in Stage]
+    by_stage = summary.get("rejected_by_stage") or {}
+    for stage, reasons in sorted(by_stage.items(), key=lambda kv: order.index(kv[0]) if kv[0] in order else 99):
         lost = sum(reasons.values())
         left -= lost
         out.append(f"<tr><td><b>{esc(stage)}</b></td><td class=n>&minus;{lost}</td>"

@@ -360,3 +360,16 @@ def test_report_renders_in_headless_chromium(refreshed, tmp_path):
     assert (out / "report.png").stat().st_size > 10_000
     for reason in ("not_sampled", "exact_duplicate", "corrupt"):
         assert f"<h3>{reason}</h3>" in page
+
+
+def test_report_command_rewrites_a_finished_runs_report(clean, tmp_path):
+    """`biocurate report --output RUN` (no Ray) writes report.html again; a folder that is
+    not a run is a one-line error."""
+    from tests.test_cli import cli, one_line_error
+
+    out, _ = clean
+    (out / "report.html").unlink()
+    p, _ = cli("report", "--output", str(out))
+    assert p.returncode == 0, p.stderr
+    assert (out / "report.html").stat().st_size > 10_000
+    assert "not a run directory" in one_line_error(cli("report", "--output", str(tmp_path))[0])
