@@ -10,7 +10,7 @@ sampling to half the corpus), on one local Ray with this machine's 2 CPUs:
 3. v2, refresh: ``--previous`` the v1 run (its validation and embeddings reused, its kept
    images first in their near-duplicate groups, its centroids reused, diff/ written).
 
-    python bench/refresh.py                 # 8,000 images (about 20 minutes on 2 cores)
+    python bench/refresh.py                 # 8,000 images (over 30 minutes on 2 cores: see below)
     python bench/refresh.py --n 500         # a quick look
 
 What it shows at this size: the refresh pays for what is new (decode and model calls for
@@ -18,7 +18,10 @@ What it shows at this size: the refresh pays for what is new (decode and model c
 narrow table; a full rerun decodes and embeds everything. Both also pay fixed per-stage
 costs (Ray Data executions, actor start-up), which dominate below a few thousand images
 on CPU: at 300 images the ratio is about 1 (measured 0.96). With GPU models the per-image
-cost is far larger than here, so the ratio at scale is lower than this bench's.
+cost is far larger than here, so the ratio at scale is lower than this bench's. The
+corpus is crops of about ten photos, so nearly every image is a near-duplicate of many
+others and near-duplicate removal (recomputed over every row by a refresh) costs as much
+as the embedding: see docs/scaling.md.
 
 Ends with one JSON line: {"refresh_vs_full": ..., ...}.
 """
