@@ -41,6 +41,56 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
 
+def collages(n: int, seed: int, copies: float = 0.05) -> list[bytes]:
+    """``n`` JPEGs of 0.3-1 MP, each a collage of 4-9 tiles cut from the real photographs
+    of ``pipeline.samples`` (random photo, crop, flip, quarter turn and colour gain per
+    tile, random grid): distinct pictures, as most of a real corpus is. A fraction
+    ``copies`` are edited copies (re-encoded, resized, cropped) of an earlier image: the
+    near-duplicates a real corpus also holds."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    from pipeline import samples
+
+    rng = np.random.default_rng(seed)
+    photos = list(samples.photos().values())
+    out: list[bytes] = []
+    for i in range(n):
+        if i and rng.random() < copies:  # an edited copy of an earlier image
+            img = Image.open(io.BytesIO(out[int(rng.integers(0, i))])).convert("RGB")
+            w, h = img.size
+            f = rng.uniform(0.85, 1.0)
+            x0, y0 = int(rng.integers(0, w - int(w * f) + 1)), int(rng.integers(0, h - int(h * f) + 1))
+            img = img.crop((x0, y0, x0 + int(w * f), y0 + int(h * f)))
+            img = img.resize((int(img.width * rng.uniform(0.7, 1.0)), int(img.height * rng.uniform(0.7, 1.0))))
+        else:
+            px, aspect = rng.uniform(0.3e6, 1.0e6), rng.uniform(0.75, 1.5)
+            w, h = int((px * aspect) ** 0.5), int((px / aspect) ** 0.5)
+            rows, cols = int(rng.integers(2, 4)), int(rng.integers(2, 4))
+            canvas = np.zeros((h, w, 3), np.uint8)
+            ys, xs = np.linspace(0, h, rows + 1).astype(int), np.linspace(0, w, cols + 1).astype(int)
+            for r in range(rows):
+                for c in range(cols):
+                    src = photos[int(rng.integers(0, len(photos)))]
+                    sh, sw = src.shape[:2]
+                    f = rng.uniform(0.25, 0.6)
+                    ch, cw = int(sh * f), int(sw * f)
+                    y0, x0 = int(rng.integers(0, sh - ch + 1)), int(rng.integers(0, sw - cw + 1))
+                    tile = np.rot90(src[y0 : y0 + ch, x0 : x0 + cw], int(rng.integers(0, 4)))
+                    if rng.random() < 0.5:
+                        tile = tile[:, ::-1]
+                    tile = np.clip(tile * rng.uniform(0.7, 1.3, 3), 0, 255).astype(np.uint8)
+                    cell = Image.fromarray(np.ascontiguousarray(tile)).resize((xs[c + 1] - xs[c], ys[r + 1] - ys[r]))
+                    canvas[ys[r] : ys[r + 1], xs[c] : xs[c + 1]] = np.asarray(cell)
+            img = Image.fromarray(canvas)
+        buf = io.BytesIO()
+        img.save(buf, "JPEG", quality=int(rng.integers(85, 93)))
+        out.append(buf.getvalue())
+    return out
+
+
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser()
     ap.add_argument("--n", type=int, default=8000)
@@ -52,7 +102,6 @@ def main(argv: list[str] | None = None) -> dict:
     import pyarrow.csv as pacsv
     import ray
 
-    from embed import _corpus
     from pipeline import plan
     from pipeline.config import load_config
 
@@ -60,7 +109,7 @@ def main(argv: list[str] | None = None) -> dict:
     if work.exists():
         shutil.rmtree(work)
     (work / "img").mkdir(parents=True)
-    blobs = _corpus(args.n, seed=0)
+    blobs = collages(args.n, seed=0)
     uris = []
     for i, b in enumerate(blobs):
         p = work / "img" / f"{i:06d}.jpg"

@@ -52,7 +52,7 @@ def perceptual_pairs(cfg: PipelineConfig, alive: ray.data.Dataset, n: int) -> tu
     pairs = rows.groupby("part", num_partitions=min(parts, 200)).map_groups(
         snd.hamming_partition, batch_format="pyarrow", fn_kwargs={"max_hamming": c.max_hamming})
     a, b, h = _take_pairs(pairs)
-    a, b, h = kn.unique_pairs(a, b, h)
+    a, b, h = kn.spanning_pairs(*kn.unique_pairs(a, b, h))
     params.update({"partitions": parts, "pairs": int(len(a))})
     return (a, b, h), params
 
@@ -112,7 +112,7 @@ def semantic_pairs(cfg: PipelineConfig, rows: ray.data.Dataset, n: int, model: s
         a, b, s = _take_pairs(pairs)
     finally:
         fs.rm(scratch, recursive=True)
-    a, b, s = kn.unique_pairs(a, b, s, keep_max=True)
+    a, b, s = kn.spanning_pairs(*kn.unique_pairs(a, b, s, keep_max=True), keep_max=True)
     report = {"model": model, "threshold": threshold, "centred": c.center, "sample": len(xs), "partitions": k,
               "coarse_cells": len(partition.coarse),
               "kmeans_mean_cosine_distance": round(inertia, 5), "assign": m,

@@ -86,7 +86,7 @@ def hamming_partition(group: pa.Table, max_hamming: int) -> pa.Table:
     a, b, h = kn.hamming_pairs(group["bucket"].to_numpy().astype(np.uint64),
                                group["phash"].to_numpy().astype(np.uint64),
                                group["node"].to_numpy().astype(np.uint64), max_hamming)
-    return _pairs(a, b, h)
+    return _pairs(*kn.spanning_pairs(a, b, h))
 
 
 # --------------------------------------------------------------------------- semantic
@@ -156,7 +156,7 @@ def compare_buckets(tasks: pa.Table, root: str, storage, threshold: float) -> pa
     for u, v in zip(tasks["u"].to_pylist(), tasks["v"].to_pylist()):
         bu = _read_bucket(fs, path, u)
         out.append(kn.bucket_pairs(bu, None if u == v else _read_bucket(fs, path, v), threshold))
-    return _pairs(*kn.merge_pairs(out))
+    return _pairs(*kn.spanning_pairs(*kn.merge_pairs(out), keep_max=True))
 
 
 # --------------------------------------------------------------------------- members

@@ -28,6 +28,62 @@ def test_connected_components_union_find():
     assert len(nodes) == 1000 and set(root.tolist()) == {0}
 
 
+def test_spanning_pairs_keeps_components_and_each_nodes_best_edge():
+    """Dense clusters (every pair of a cluster within the threshold, as for crops of one
+    photo) plus sparse chains: the forest has the same components, at most nodes - 1
+    edges, every node's best score, a minimum total weight, and no dependence on order."""
+    rng = np.random.default_rng(1)
+    a, b = [], []
+    for c in range(20):  # 20 cliques of 30 nodes: 20 * 435 pairs
+        members = np.arange(c * 100, c * 100 + 30)
+        i, j = np.triu_indices(30, 1)
+        a.append(members[i])
+        b.append(members[j])
+    chain = rng.permutation(np.arange(5000, 5400))
+    a.append(chain[:-1])
+    b.append(chain[1:])
+    a, b = np.concatenate(a).astype(np.uint64), np.concatenate(b).astype(np.uint64)
+    s = rng.integers(0, 9, len(a)).astype(np.float32)  # many ties, as Hamming distances have
+    for keep_max in (False, True):
+        fa, fb, fs = kn.spanning_pairs(a, b, s, keep_max=keep_max)
+        nodes, root = kn.connected_components(a, b)
+        fnodes, froot = kn.connected_components(fa, fb)
+        assert np.array_equal(nodes, fnodes) and np.array_equal(root, froot)
+        assert len(fa) == len(nodes) - len(set(root.tolist()))  # a forest: exactly n - components
+        pick = np.maximum if keep_max else np.minimum
+        best_all, best_forest = {}, {}
+        for x, y, v in zip(a.tolist(), b.tolist(), s.tolist()):
+            for n in (x, y):
+                best_all[n] = pick(best_all.get(n, v), v)
+        for x, y, v in zip(fa.tolist(), fb.tolist(), fs.tolist()):
+            for n in (x, y):
+                best_forest[n] = pick(best_forest.get(n, v), v)
+        assert best_all == best_forest
+        # a minimum (maximum) spanning forest: no spanning forest of these edges weighs less
+        # (more); check against Kruskal on the whole graph
+        order = np.argsort(-s if keep_max else s, kind="stable")
+        parent = {}
+
+        def find(x):
+            while parent.setdefault(x, x) != x:
+                parent[x] = parent[parent[x]]
+                x = parent[x]
+            return x
+
+        total = 0.0
+        for e in order:
+            rx, ry = find(int(a[e])), find(int(b[e]))
+            if rx != ry:
+                parent[rx] = ry
+                total += float(s[e])
+        assert float(fs.sum()) == pytest.approx(total)
+        perm = rng.permutation(len(a))  # the same forest whatever the input order
+        pa_, pb_, ps_ = kn.spanning_pairs(b[perm], a[perm], s[perm], keep_max=keep_max)
+        got = sorted(zip(np.minimum(pa_, pb_).tolist(), np.maximum(pa_, pb_).tolist()))
+        assert got == sorted(zip(np.minimum(fa, fb).tolist(), np.maximum(fa, fb).tolist()))
+    assert kn.spanning_pairs(np.zeros(0, np.uint64), np.zeros(0, np.uint64), np.zeros(0, np.float32))[0].size == 0
+
+
 def test_hamming_pairs_star_for_copies_and_exact_check():
     node = np.arange(6, dtype=np.uint64)
     ph = np.array([0, 0, 0, 0b111, 0xFFFF, 0b1], np.uint64)

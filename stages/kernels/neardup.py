@@ -37,22 +37,16 @@ def id_keys(ids: list[str]) -> np.ndarray:
                     dtype=np.uint64)
 
 
-def connected_components(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Union-find over the edges ``a[i] -- b[i]`` (any integer node names).
-
-    Returns ``(nodes, root)``: the sorted distinct nodes and, for each, the smallest node of
-    its component (a stable group name). Roots are hooked smaller-under-larger and paths
-    compressed by pointer jumping until no edge joins two roots."""
-    nodes, inv = np.unique(np.concatenate([np.asarray(a), np.asarray(b)]), return_inverse=True)
-    if len(nodes) == 0:
-        return nodes, nodes
-    ea, eb = inv[: len(a)], inv[len(a):]
-    parent = np.arange(len(nodes))
+def _hook(parent: np.ndarray, ea: np.ndarray, eb: np.ndarray) -> np.ndarray:
+    """Union the sets of ``parent`` (node -> root, roots point at themselves) joined by
+    the edges ``ea[i] -- eb[i]`` (indices); every node then points at its set's smallest
+    node. Roots are hooked smaller-under-larger and paths compressed by pointer jumping
+    until no edge joins two roots."""
     while True:
         ra, rb = parent[ea], parent[eb]
         diff = ra != rb
         if not diff.any():
-            break
+            return parent
         lo, hi = np.minimum(ra[diff], rb[diff]), np.maximum(ra[diff], rb[diff])
         np.minimum.at(parent, hi, lo)
         while True:  # pointer jumping: every node points at its root
@@ -60,10 +54,52 @@ def connected_components(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.n
             if np.array_equal(up, parent):
                 break
             parent = up
+
+
+def connected_components(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Union-find over the edges ``a[i] -- b[i]`` (any integer node names).
+
+    Returns ``(nodes, root)``: the sorted distinct nodes and, for each, the smallest node of
+    its component (a stable group name)."""
+    nodes, inv = np.unique(np.concatenate([np.asarray(a), np.asarray(b)]), return_inverse=True)
+    if len(nodes) == 0:
+        return nodes, nodes
+    parent = _hook(np.arange(len(nodes)), inv[: len(a)], inv[len(a):])
     return nodes, nodes[parent]
 
 
-# --------------------------------------------------------------------------- perceptual
+def spanning_pairs(a: np.ndarray, b: np.ndarray, score: np.ndarray, keep_max: bool = False):
+    """The edges of a best-score spanning forest of the pair graph (Boruvka, vectorized):
+    the same connected components with at most nodes - 1 edges, and every node's best
+    edge among them (its smallest score, or largest with ``keep_max``). Hundreds of copies
+    of one picture are hundreds of thousands of pairs; their forest is hundreds of edges.
+    Ties are broken by the pair (min, max) so the result does not depend on input order."""
+    a, b, score = np.asarray(a), np.asarray(b), np.asarray(score)
+    if len(a) == 0:
+        return a, b, score
+    nodes, inv = np.unique(np.concatenate([a, b]), return_inverse=True)
+    ea, eb = inv[: len(a)], inv[len(a):]
+    lo, hi = np.minimum(ea, eb), np.maximum(ea, eb)
+    order = np.lexsort((hi, lo, -score if keep_max else score))
+    rank = np.empty(len(a), np.int64)
+    rank[order] = np.arange(len(a))
+    parent = np.arange(len(nodes))
+    chosen = np.zeros(len(a), bool)
+    none = np.int64(len(a))
+    while True:
+        ca, cb = parent[ea], parent[eb]
+        live = np.flatnonzero(ca != cb)
+        if len(live) == 0:
+            break
+        best = np.full(len(nodes), none)
+        np.minimum.at(best, ca[live], rank[live])
+        np.minimum.at(best, cb[live], rank[live])
+        picked = order[np.unique(best[best < none])]
+        chosen[picked] = True
+        parent = _hook(parent, ea[picked], eb[picked])
+    keep = np.flatnonzero(chosen)
+    return a[keep], b[keep], score[keep]
+
 
 def band_collision(h: int, bits: int) -> float:
     """Probability that two 64-bit hashes at Hamming distance h agree on ``bits`` random
