@@ -119,12 +119,9 @@ def main(argv: list[str] | None = None) -> dict:
     pacsv.write_csv(pa.table({"uri": uris[:n_old]}), work / "v1.csv")
     pacsv.write_csv(pa.table({"uri": uris}), work / "v2.csv")
 
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
-             runtime_env={"env_vars": {"PYTHONPATH": str(ROOT)}})
-    ray.data.DataContext.get_current().enable_progress_bars = False
-
+    # Ray is started by the first plan.run, as `pipeline/run.py` starts it (local, 2 CPUs)
     def cfg(manifest: str, out: str, **more):
-        return load_config(None, {"input.path": str(work / manifest), "output": str(work / out),
+        return load_config(None, {"input.path": str(work / manifest), "output": str(work / out), "run.num_cpus": 2,
                                   "embed.models": [{"name": "mobilenet_v2_imagenet"}],
                                   "embed.cache_path": str(work / out / "cache"),
                                   "sample.fraction": 0.5, **more})

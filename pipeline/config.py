@@ -284,6 +284,10 @@ class RunConfig(_Section):
         "OOM kill, preemption); an actor's call is also retried on OSError (its cache write). Other application "
         "errors are not retried: bad input is already a reject, so one is a bug.")
     max_restarts: int = Field(3, ge=0, description="Restarts of an embedding actor whose process died.")
+    broadcast_join_mb: float = Field(
+        256, ge=0, description="A join whose smaller side is at most this many MB is a broadcast (that side in the "
+        "object store, looked up by every batch of the other); a larger one is Ray Data's hash-shuffle join. "
+        "0: always shuffle.")
 
 
 class Predicate(_Section):

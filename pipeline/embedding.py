@@ -27,6 +27,7 @@ import pyarrow.compute as pc
 import ray
 
 from manifests import io as mio
+from pipeline import joins
 from pipeline.config import ConfigError, PipelineConfig
 from stages import embed as emb
 from stages.backbones import BackboneError, locate_weights, resolve_spec, weights_identity
@@ -313,9 +314,14 @@ def resolve_embeddings(cfg: PipelineConfig, narrow: ray.data.Dataset,
         cached = cache_dataset(cfg, plan, ray.put(keys))
         if cached is None:
             raise RuntimeError(f"embedding cache of {plan.model_id} is gone: {n_missing} rows expected cached")
-        groups = missing.union(cached)
-        resolved = groups.groupby("sha256", num_partitions=max(1, min(200, -(-n_missing // 100_000)))).map_groups(
-            emb.resolve_group, batch_format="pyarrow", fn_kwargs={"plan": plan}).materialize()
+        small = joins.collect_small(cached.drop_columns(["id"]), int(cfg.run.broadcast_join_mb * 2**20))
+        if small is not None:  # the cached embeddings fit a broadcast: look them up per batch
+            resolved = joins.join(missing.drop_columns(["embedding"]), small, "sha256", "left_outer",
+                                  cfg.run.broadcast_join_mb, unique=True).materialize()
+        else:
+            groups = missing.union(cached)
+            resolved = groups.groupby("sha256", num_partitions=max(1, min(200, -(-n_missing // 100_000)))).map_groups(
+                emb.resolve_group, batch_format="pyarrow", fn_kwargs={"plan": plan}).materialize()
         lost = _count_null(resolved)
         if lost:
             raise RuntimeError(f"embedding cache of {plan.model_id} lost {lost} entries during the run; run again")

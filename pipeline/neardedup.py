@@ -26,6 +26,7 @@ import pyarrow.compute as pc
 import ray
 
 from manifests import io as mio
+from pipeline import joins
 from pipeline.config import TAXON_COLUMNS, ConfigError, PipelineConfig, resolve_column
 from stages import neardup as snd
 from stages.kernels import kmeans
@@ -240,8 +241,8 @@ def near_dedup_dataset(cfg: PipelineConfig, narrow: ray.data.Dataset, embeddings
         (a, b, h), report["perceptual"] = perceptual_pairs(cfg, hashed, n + n_ref)
         found.append(("perceptual", a, b, h))
     if model and n + n_ref > 1:
-        rows = alive.select_columns(["id", "_key"]).join(
-            embeddings, join_type="inner", on=("id",), num_partitions=max(1, min(200, -(-n // 100_000))))
+        rows = joins.join(embeddings, alive.select_columns(["id", "_key"]), "id", "inner",
+                          cfg.run.broadcast_join_mb, rows_hint=n)
         if n_ref:
             with_vec = refs.filter(pc.is_valid(refs["embedding"])).select(["id", "_key", "embedding"])
             rows = rows.union(ray.data.from_arrow(with_vec))
@@ -308,9 +309,7 @@ def near_dedup_dataset(cfg: PipelineConfig, narrow: ray.data.Dataset, embeddings
     if decisions is None:
         out = narrow.map_batches(snd.apply_decisions, batch_format="pyarrow")
     else:
-        dec = ray.data.from_arrow(decisions)
-        out = narrow.join(dec, join_type="left_outer", on=("id",),
-                          num_partitions=max(1, min(200, -(-n // 100_000)))).map_batches(
+        out = joins.join(narrow, decisions, "id", "left_outer", cfg.run.broadcast_join_mb, rows_hint=n).map_batches(
             snd.apply_decisions, batch_format="pyarrow")
     return out, report, pairs_table
 

@@ -48,7 +48,7 @@ import stages.validate
 from manifests import io as mio
 from pipeline import __version__, catalog, embedding
 from pipeline import examples as bank_examples
-from pipeline import neardedup, refresh, sampling
+from pipeline import joins, neardedup, refresh, sampling
 from pipeline.config import STAGES, PipelineConfig
 from stages.kernels.bloom import bloom_contains
 from stages.validate import ValidateStage
@@ -165,6 +165,9 @@ def stage_fingerprints(cfg: PipelineConfig, until: str, kind: str = "folder",
 
 # --------------------------------------------------------------------------- ray
 
+IDLE_WORKER_MS = 600_000
+
+
 def init_ray(cfg: PipelineConfig) -> None:
     address = cfg.run.address or os.environ.get("RAY_ADDRESS")
     if ray.is_initialized():
@@ -173,8 +176,11 @@ def init_ray(cfg: PipelineConfig) -> None:
         ray.init(address=address, log_to_driver=True)
     else:
         env = {"PYTHONPATH": os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))}
+        # Idle workers are kept (Ray's default kills them after 1 s once there are more
+        # than CPUs): every global step is a few short Ray Data executions, and a fresh
+        # worker process pays seconds of imports (torch) before its first task.
         ray.init(num_cpus=cfg.run.num_cpus, include_dashboard=False, runtime_env={"env_vars": env},
-                 log_to_driver=False)
+                 log_to_driver=False, _system_config={"idle_worker_killing_time_threshold_ms": IDLE_WORKER_MS})
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = cfg.run.progress_bars
     ctx.print_on_execution_start = False
@@ -417,8 +423,7 @@ def with_embeddings(rd: "RunDir", narrow: ray.data.Dataset, plans: list, name: s
     that have none: rejected before the embedding stage)."""
     plan = next(p for p in plans if p.name == name)
     embs = rd.read(rd.path("stages", embed_stage(plan))).select_columns(["id", "embedding"])
-    n = max(1, narrow.count())
-    return narrow.join(embs, join_type="left_outer", on=("id",), num_partitions=max(1, min(200, -(-n // 100_000))))
+    return joins.join(narrow, embs, "id", "left_outer", rd.cfg.run.broadcast_join_mb)
 
 
 def nonnatural_dataset(cfg: PipelineConfig, rd: "RunDir", narrow: ray.data.Dataset, plans: list, device: str,
@@ -568,7 +573,8 @@ def run(cfg: PipelineConfig, until: str = STAGES[-1], resume: bool = False) -> d
             if reuse is not None:  # the pass first, then copy the previous validation into its reused rows
                 passed = rd.path("stages", "scan_pass")
                 rd.write(ds, passed, {"fingerprint": fp})
-                ds, stage_counts["refresh"]["rows_not_decoded"] = refresh.fill_reused(rd.read(passed), reuse)
+                ds, stage_counts["refresh"]["rows_not_decoded"] = refresh.fill_reused(rd.read(passed), reuse,
+                                                                                   cfg.run.broadcast_join_mb)
         elif name == "catalog_join":
             narrow = rd.read(upstream)
             key, base = catalog.input_key_column(cfg, kind, narrow.schema().names)

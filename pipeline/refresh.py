@@ -26,6 +26,7 @@ import ray
 
 from manifests import io as mio
 from manifests.schema import VALIDATE_FIELDS, Stage
+from pipeline import joins
 from pipeline.config import ConfigError, PipelineConfig
 from stages import embed as emb
 
@@ -122,10 +123,6 @@ def _validated(batch: pa.Table) -> pa.Table:
     return pa.table(out)
 
 
-def _first_per_sha(group: pa.Table) -> pa.Table:
-    return group.slice(0, 1)
-
-
 def _kept(batch: pa.Table) -> pa.Table:
     """sha256 of the rows the previous run kept through near-duplicate removal."""
     status, reason = batch["status"].to_pylist(), batch["reason"].to_pylist()
@@ -154,7 +151,8 @@ def validate_fingerprint_matches(prev: Previous, current: str) -> bool:
 @dataclass
 class Reuse:
     """What the scan pass may copy: ``keys`` (sorted S16 sha256 keys it skips decoding)
-    and ``fill`` (previous validate columns, one row per sha256, ``_prev_*`` names)."""
+    and ``fill`` (previous validate columns by sha256, ``_prev_*`` names; several rows of
+    one sha256 carry the same values, the first is used)."""
 
     keys: np.ndarray
     fill: ray.data.Dataset
@@ -168,10 +166,7 @@ def reuse_plan(prev: Previous, known: dict[str, np.ndarray]) -> Reuse:
         keys = np.intersect1d(keys, k)
     rejected = _unique_keys(validated.map_batches(_keys, batch_format="pyarrow", fn_kwargs={"rejected": True}))
     keys = np.union1d(keys, rejected)  # a validate reject needs no embedding
-    n = max(1, validated.count())
-    fill = validated.groupby("sha256", num_partitions=max(1, min(200, -(-n // 250_000)))).map_groups(
-        _first_per_sha, batch_format="pyarrow")
-    return Reuse(keys, fill)
+    return Reuse(keys, validated)
 
 
 def _reused(batch: pa.Table) -> pa.Table:
@@ -193,15 +188,15 @@ def _count_reused(batch: pa.Table) -> pa.Table:
     return pa.table({"n": [pc.sum(batch["_reused"].cast(pa.int64())).as_py() or 0]})
 
 
-def fill_reused(passed: ray.data.Dataset, reuse: Reuse) -> tuple[ray.data.Dataset, int]:
+def fill_reused(passed: ray.data.Dataset, reuse: Reuse, broadcast_mb: float) -> tuple[ray.data.Dataset, int]:
     """The scan pass output (``_reused`` marks rows not decoded) with the previous run's
     validate columns on its reused rows; and how many there were."""
     n = int(sum(r["n"] for r in passed.map_batches(_count_reused, batch_format="pyarrow").take_all()))
     fresh = passed.map_batches(_fresh, batch_format="pyarrow")
     if n == 0:
         return fresh, 0
-    reused = passed.map_batches(_reused, batch_format="pyarrow").join(
-        reuse.fill, join_type="left_outer", on=("sha256",), num_partitions=max(1, min(200, -(-n // 100_000))))
+    reused = joins.join(passed.map_batches(_reused, batch_format="pyarrow"), reuse.fill, "sha256", "left_outer",
+                        broadcast_mb, rows_hint=n, unique=True)
     return fresh.union(reused.map_batches(_restore, batch_format="pyarrow")), n
 
 
@@ -267,17 +262,37 @@ def _classify(batch: pa.Table) -> pa.Table:
                      "sha256": batch["sha256"], "previous_sha256": batch["prev_sha256"]})
 
 
+def _absent(batch: pa.Table, ids) -> pa.Table:
+    """Previous rows whose id is not in ``ids`` (a broadcast table of the current ids), in
+    the columns of the current-to-previous join (current side null)."""
+    ids = ray.get(ids) if isinstance(ids, ray.ObjectRef) else ids
+    gone = batch.filter(pc.invert(pc.is_in(batch["id"], value_set=ids["id"].combine_chunks())))
+    n = len(gone)
+    cols = {"id": gone["id"], **{c: pa.nulls(n, pa.string()) for c in ("uri", "sha256", "status", "reason")}}
+    return pa.table({**cols, **{c: gone[c].cast(pa.string()) for c in gone.column_names if c != "id"}})
+
+
 def write_diff(rd, decided: ray.data.Dataset, prev: Previous) -> dict:
     """``diff/change=<kind>/`` parquet (id, uri, status/reason now and before, both
     sha256) for added, removed, changed (same id, new content) and unchanged ids, written
-    in one pass (partitioned by ``change``); returns the counts."""
+    in one pass (partitioned by ``change``); returns the counts.
+
+    A full outer join by id; when both id lists fit ``run.broadcast_join_mb``, it is two
+    maps instead of a shuffle: current rows look their previous row up, and previous rows
+    whose id is gone are the removed ones."""
     now = decided.map_batches(_status, batch_format="pyarrow")
     before = (previous_rows(prev).map_batches(_status, batch_format="pyarrow")
-              .map_batches(_prefixed, batch_format="pyarrow"))
-    n = max(1, now.count())
-    joined = now.join(before, join_type="full_outer", on=("id",),
-                      num_partitions=max(1, min(200, -(-n // 100_000)))).map_batches(
-        _classify, batch_format="pyarrow")
+              .map_batches(_prefixed, batch_format="pyarrow")).materialize()
+    limit = int(rd.cfg.run.broadcast_join_mb * 2**20)
+    small_before = joins.collect_small(before, limit)
+    now_ids = joins.collect_small(now.select_columns(["id"]), limit) if small_before is not None else None
+    if now_ids is not None:
+        joined = joins.join(now, small_before, "id", "left_outer", rd.cfg.run.broadcast_join_mb).union(
+            before.map_batches(_absent, batch_format="pyarrow", fn_kwargs={"ids": ray.put(now_ids)}))
+    else:
+        n = max(1, now.count())
+        joined = now.join(before, join_type="full_outer", on=("id",), num_partitions=max(1, min(200, -(-n // 100_000))))
+    joined = joined.map_batches(_classify, batch_format="pyarrow")
     final = rd.path("diff")
     tmp = mio.temp_path(rd.fs, final)
     rd.fs.makedirs(tmp, exist_ok=True)

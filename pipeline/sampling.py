@@ -22,6 +22,7 @@ import numpy as np
 import pyarrow as pa
 import ray
 
+from pipeline import joins
 from pipeline.config import TAXON_COLUMNS, PipelineConfig, resolve_column
 from stages import neardup as snd
 from stages import sample as ssa
@@ -93,8 +94,9 @@ def sample_dataset(cfg: PipelineConfig, narrow: ray.data.Dataset, embeddings: ra
     taxon = resolve_column(alive.schema().names, c.taxon_column, TAXON_COLUMNS, "sample.taxon_column")
     parts = int(min(200, max(1, math.ceil(n / ROWS_PER_PARTITION))))
     keep = ["id"] + ([taxon] if taxon else [])
-    rows = alive.select_columns(keep).join(embeddings, join_type="inner", on=("id",),
-                                           num_partitions=max(1, min(200, -(-n // 100_000)))).materialize()
+    # the alive ids are the small side: broadcast them, each embedding batch keeps its alive rows
+    rows = joins.join(embeddings, alive.select_columns(keep), "id", "inner", cfg.run.broadcast_join_mb,
+                      rows_hint=n).materialize()
     if levels_given is not None:
         fitted = levels_given
         report.update({"levels": [len(lv["centroids"]) for lv in fitted], "method": "previous centroids"})
@@ -123,8 +125,7 @@ def sample_dataset(cfg: PipelineConfig, narrow: ray.data.Dataset, embeddings: ra
     decisions = assigned.groupby("_lpart", num_partitions=parts).map_groups(
         ssa.pick_rows, batch_format="pyarrow",
         fn_kwargs={"alloc": ray.put(alloc), "eligible_counts": ray.put(eligible), "pick": c.pick, "levels": levels})
-    out = narrow.join(decisions, join_type="left_outer", on=("id",),
-                      num_partitions=max(1, min(200, -(-n // 100_000)))).map_batches(
+    out = joins.join(narrow, decisions, "id", "left_outer", cfg.run.broadcast_join_mb, rows_hint=n).map_batches(
         ssa.apply_sample, batch_format="pyarrow", fn_kwargs={"levels": levels})
     chosen = int(alloc.sum())
     report.update({

@@ -76,7 +76,10 @@ def ray_local():
     import ray
 
     if not ray.is_initialized():
+        from pipeline.plan import IDLE_WORKER_MS
+
         ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
-                 runtime_env={"env_vars": {"PYTHONPATH": str(ROOT)}})
+                 runtime_env={"env_vars": {"PYTHONPATH": str(ROOT)}},
+                 _system_config={"idle_worker_killing_time_threshold_ms": IDLE_WORKER_MS})
     yield ray
     ray.shutdown()

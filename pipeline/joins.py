@@ -1,0 +1,66 @@
+"""Joins on Ray Data: a broadcast join when one side fits in ``run.broadcast_join_mb``,
+else Ray Data's hash-shuffle join.
+
+The small side is collected on the driver (reading stops as soon as it passes the limit)
+and put in the object store once; every batch of the other side looks its keys up in it
+(``stages.joins.take_join``). On a small corpus this replaces the start of shuffle
+aggregator processes and a full exchange of rows by one map; on a large one the shuffle
+is used, so memory stays bounded by a partition."""
+
+from __future__ import annotations
+
+import pyarrow as pa
+import ray
+
+from stages import joins as sj
+
+
+def collect_small(ds: ray.data.Dataset | pa.Table, limit_bytes: int) -> pa.Table | None:
+    """``ds`` as one table when it holds at most ``limit_bytes``, else None."""
+    if isinstance(ds, pa.Table):
+        return ds if ds.nbytes <= limit_bytes else None
+    parts, size = [], 0
+    for t in ds.iter_batches(batch_format="pyarrow", batch_size=None):
+        size += t.nbytes
+        if size > limit_bytes:
+            return None
+        if len(t):
+            parts.append(t)
+    if not parts:
+        schema = ds.schema()
+        schema = getattr(schema, "base_schema", schema)
+        return schema.empty_table() if isinstance(schema, pa.Schema) else None
+    return pa.concat_tables(parts).combine_chunks()
+
+
+def _lookup(batch: pa.Table, right, on: str, how: str) -> pa.Table:
+    return sj.take_join(batch, ray.get(right) if isinstance(right, ray.ObjectRef) else right, on, how)
+
+
+def join(left: ray.data.Dataset, right: ray.data.Dataset | pa.Table, on: str, how: str, limit_mb: float,
+         rows_hint: int | None = None, unique: bool = False) -> ray.data.Dataset:
+    """``left`` joined with ``right`` on ``on`` (``inner`` or ``left_outer``; ``right``'s
+    keys unique, or made so with ``unique``: first row per key). Broadcast when ``right``
+    is at most ``limit_mb``; else a hash shuffle in partitions of ~100k rows of
+    ``rows_hint`` (``left``'s count when not given)."""
+    small = collect_small(right, int(limit_mb * 2**20)) if limit_mb > 0 else None
+    if small is not None:
+        if unique:
+            small = sj.first_per_key(small, on)
+        return left.map_batches(_lookup, batch_format="pyarrow",
+                                fn_kwargs={"right": ray.put(small), "on": on, "how": how})
+    if isinstance(right, pa.Table):
+        right = ray.data.from_arrow(right)
+    if unique:
+        right = right.groupby(on, num_partitions=_partitions(right.count())).map_groups(
+            _first, batch_format="pyarrow")
+    n = rows_hint if rows_hint is not None else left.count()
+    return left.join(right, join_type=how, on=(on,), num_partitions=_partitions(n))
+
+
+def _first(group: pa.Table) -> pa.Table:
+    return group.slice(0, 1)
+
+
+def _partitions(n: int) -> int:
+    return max(1, min(200, -(-max(1, n) // 100_000)))
