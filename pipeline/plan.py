@@ -333,6 +333,10 @@ def scan_dataset(cfg: PipelineConfig, kind: str, until: str, flagged: ray.data.D
 
 # --------------------------------------------------------------------------- run directory
 
+def _compact(batch: pa.Table) -> pa.Table:
+    return batch.combine_chunks()
+
+
 def write_parquet_dir(ds: ray.data.Dataset, fs, tmp: str) -> None:
     """Write ``ds`` as parquet files under ``tmp`` (an empty dataset: one empty file with
     its schema, so readers still see the columns)."""
@@ -341,7 +345,11 @@ def write_parquet_dir(ds: ray.data.Dataset, fs, tmp: str) -> None:
     # created the folder and, when no row was written, fails deleting it.
     keep = mio.join(tmp, ".writing")
     fs.pipe(keep, b"")
-    ds.write_parquet(tmp, filesystem=mio.arrow_filesystem(fs))
+    # One chunk per column before writing: parquet gets a row group per chunk, and a block
+    # assembled from many small tables (map_groups: one per group) would be written as
+    # thousands of one-row groups that every later read pays for.
+    ds.map_batches(_compact, batch_format="pyarrow", batch_size=None).write_parquet(
+        tmp, filesystem=mio.arrow_filesystem(fs))
     fs.rm(keep)
     fs.invalidate_cache(tmp)
     try:
@@ -410,12 +418,24 @@ def exact_dedup_dataset(cfg: PipelineConfig, narrow: ray.data.Dataset) -> ray.da
     n = hashed.count()
     if n == 0:  # nothing to group (and Ray's shuffle needs a schema to sort an empty partition)
         return hashed.map_batches(_with_duplicate_of, batch_format="pyarrow").union(unhashed)
-    # Hash-shuffle partitions: ~250k narrow rows each (a few tens of MB), at most 200.
+    # Hash-shuffle partitions: ~250k narrow rows each (a few tens of MB), at most 200. Rows
+    # are grouped by a partition of their sha256 (every copy of one hash lands in the same
+    # one), and each call decides a whole partition: one call per sha256 would be a Python
+    # call and a one-row block per distinct image.
     partitions = int(min(200, max(1, -(-n // 250_000))))
-    decided = hashed.groupby("sha256", num_partitions=partitions).map_groups(
-        stages.dedup.exact_dedup_batch, batch_format="pyarrow",
-        fn_kwargs={"cfg": cfg.exact_dedup, "seed": cfg.run.seed})
+    decided = hashed.map_batches(_sha_partition, batch_format="pyarrow", fn_kwargs={"parts": partitions}).groupby(
+        "_xpart", num_partitions=partitions).map_groups(
+        _exact_dedup_partition, batch_format="pyarrow", fn_kwargs={"cfg": cfg.exact_dedup, "seed": cfg.run.seed})
     return decided.union(unhashed)
+
+
+def _sha_partition(batch: pa.Table, parts: int) -> pa.Table:
+    head = pc.utf8_slice_codeunits(batch["sha256"], 0, 8).to_pylist()
+    return batch.append_column("_xpart", pa.array([int(h, 16) % parts for h in head], pa.int32()))
+
+
+def _exact_dedup_partition(batch: pa.Table, cfg, seed: int) -> pa.Table:
+    return stages.dedup.exact_dedup_batch(batch.drop_columns(["_xpart"]), cfg, seed)
 
 
 def with_embeddings(rd: "RunDir", narrow: ray.data.Dataset, plans: list, name: str) -> ray.data.Dataset:

@@ -133,7 +133,8 @@ def test_deterministic_every_stage_concurrency_and_block_sizes(clean, corpus, tm
     want = rows(out)
     for name, more in (("c1", {"run.concurrency": 1, "run.batch_size": 3, "run.read_batch_size": 7}),
                        ("c2", {"run.concurrency": 2, "run.batch_size": 16, "run.read_batch_size": 2,
-                               "embed.concurrency": 2, "embed.num_cpus": 0.5})):
+                               "embed.concurrency": 2, "embed.num_cpus": 0.5,
+                               "run.broadcast_join_mb": 0})):  # every join a hash shuffle, not a broadcast
         plan.run(load_config(None, overrides(corpus, tmp_path / name, **more)))
         assert rows(tmp_path / name) == want, name
 
@@ -287,6 +288,26 @@ def test_refresh_embeds_only_new_images_and_catches_copies_of_kept_ones(clean, c
         if uri in prev_rows and prev_rows[uri].get("cluster_l1") is not None:
             assert r["cluster_l1"] == prev_rows[uri]["cluster_l1"]
     assert len(curated) == 14
+
+
+def test_refresh_with_shuffle_joins_equals_the_broadcast_one(clean, corpus, refreshed, tmp_path):
+    """Every join of a run (validation fill, embedding lookup, near-dedup and sampling
+    decisions, the diff's full outer join) is a broadcast at this size; with
+    ``run.broadcast_join_mb: 0`` each is Ray Data's hash shuffle. Same rows, same diff."""
+    prev, _ = clean
+    out, s2, _ = refreshed
+    other = tmp_path / "shuffled"
+    s3 = plan.run(load_config(None, overrides(corpus, other, **{
+        "input.path": str(corpus["v2"]), "refresh.previous": str(prev), "run.broadcast_join_mb": 0})))
+    assert rows(other) == rows(out)
+    assert s3["refresh"]["diff"] == s2["refresh"]["diff"]
+
+    def diff_rows(run):
+        t = pa.concat_tables([read_committed_table_file(f).append_column("change", pa.array([f.parent.name] * len(
+            read_committed_table_file(f)))) for f in sorted((run / "diff").rglob("*.parquet"))])
+        return sorted(json.dumps(r, sort_keys=True, default=str) for r in t.to_pylist())
+
+    assert diff_rows(other) == diff_rows(out)
 
 
 def test_export_webdataset_shards_round_trip(clean, tmp_path):
