@@ -1,27 +1,24 @@
 """A periodic refresh with 10% new images vs a full rerun of the same corpus, in one run.
 
-Corpus: ``--n`` JPEGs of 0.3-1 MP cut from real photographs (``bench/embed.py``'s
-generator). v1 is the first 90%; v2 is all of them (10% new). Every run is the whole
-pipeline (validate, the real MobileNetV2 on CPU, exact dedup, filters, near-dedup,
-sampling to half the corpus), on one local Ray with this machine's 2 CPUs:
+Corpus: ``--n`` JPEGs of 0.3-1 MP, collages of tiles cut from real photographs with 5%
+edited copies (:func:`collages`). v1 is the first 90%; v2 is all of them (10% new). Every
+run is the whole pipeline (validate, the real MobileNetV2 on CPU, exact dedup, filters,
+near-dedup, sampling to half the corpus), started as ``pipeline/run.py`` starts it (a
+local Ray with 2 CPUs):
 
 1. v1, full (the previous run; not timed);
 2. v2, full: a new output and an empty embedding cache -- what a rerun without refresh costs;
 3. v2, refresh: ``--previous`` the v1 run (its validation and embeddings reused, its kept
    images first in their near-duplicate groups, its centroids reused, diff/ written).
 
-    python bench/refresh.py                 # 8,000 images (over 30 minutes on 2 cores: see below)
-    python bench/refresh.py --n 500         # a quick look
+    python bench/refresh.py                 # 8,000 images: about 20 minutes on 2 cores
+    python bench/refresh.py --n 1500        # a quick look (fixed costs weigh more)
 
-What it shows at this size: the refresh pays for what is new (decode and model calls for
-10% of the images) plus a fetch and sha256 of every image and the global steps on the
-narrow table; a full rerun decodes and embeds everything. Both also pay fixed per-stage
-costs (Ray Data executions, actor start-up), which dominate below a few thousand images
-on CPU: at 300 images the ratio is about 1 (measured 0.96). With GPU models the per-image
-cost is far larger than here, so the ratio at scale is lower than this bench's. The
-corpus is crops of about ten photos, so nearly every image is a near-duplicate of many
-others and near-duplicate removal (recomputed over every row by a refresh) costs as much
-as the embedding: see docs/scaling.md.
+What it shows: the refresh pays for what is new (decode and model calls for 10% of the
+images) plus a fetch and sha256 of every image and the global steps on the narrow table;
+a full rerun decodes and embeds everything. Both also pay fixed per-stage costs (Ray Data
+executions, actor start-up): at 1,500 images the ratio is about 0.6. Measured at 8,000:
+0.223 (docs/scaling.md, "A periodic refresh").
 
 Ends with one JSON line: {"refresh_vs_full": ..., ...}.
 """

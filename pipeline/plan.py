@@ -593,8 +593,8 @@ def run(cfg: PipelineConfig, until: str = STAGES[-1], resume: bool = False) -> d
             if reuse is not None:  # the pass first, then copy the previous validation into its reused rows
                 passed = rd.path("stages", "scan_pass")
                 rd.write(ds, passed, {"fingerprint": fp})
-                ds, stage_counts["refresh"]["rows_not_decoded"] = refresh.fill_reused(rd.read(passed), reuse,
-                                                                                   cfg.run.broadcast_join_mb)
+                ds, n_reused = refresh.fill_reused(rd.read(passed), reuse, cfg.run.broadcast_join_mb)
+                stage_counts["refresh"]["rows_not_decoded"] = n_reused
         elif name == "catalog_join":
             narrow = rd.read(upstream)
             key, base = catalog.input_key_column(cfg, kind, narrow.schema().names)
