@@ -87,7 +87,11 @@ def test_pipeline_aesthetic_score_and_threshold(tmp_path, ray_local, photos):
 
     s = resolve_spec("clip_like", network="vit_t16", size=64, dim=768, output="head")
     torch.manual_seed(0)
-    save_birder_checkpoint(registry.net_factory("vit_t16", 768, size=(64, 64)), tmp_path / "clip_like.pt", s)
+    net = registry.net_factory("vit_t16", 768, size=(64, 64))
+    # Birder zero-initializes the classifier head: every "CLIP projection" would be 0 and
+    # every score equal (the threshold then cut only float noise). Random weights instead.
+    torch.nn.init.normal_(net.classifier.weight, std=0.05)
+    save_birder_checkpoint(net, tmp_path / "clip_like.pt", s)
     torch.manual_seed(3)
     torch.save(ImprovedAestheticMLP().state_dict(), tmp_path / "mlp.pth")
     src = tmp_path / "in"
@@ -107,6 +111,7 @@ def test_pipeline_aesthetic_score_and_threshold(tmp_path, ray_local, photos):
     curated, _ = check_invariant(out, [str(src / f"{n}.jpg") for n in names])
     table = {r["id"]: np.asarray(r["embedding"], np.float32)
              for r in read_committed_table(f"{out}/stages/embed_clip_like").to_pylist()}
+    assert len({v.tobytes() for v in table.values()}) == len(names)  # six photos, six embeddings
     head = load_head("mlp", str(tmp_path / "mlp.pth"))
     got = {r["id"]: r["aesthetic"] for r in curated.values()}
     ids = sorted(got)
