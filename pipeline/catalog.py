@@ -18,6 +18,7 @@ import ray
 import stages.select as sel
 from manifests import io as mio
 from manifests.schema import ID, check_columns
+from pipeline import joins
 from pipeline.config import PipelineConfig
 from stages import ingest
 from stages.kernels.bloom import bloom_add, new_bloom
@@ -120,7 +121,7 @@ def selection_dataset(cfg: PipelineConfig, kind: str) -> ray.data.Dataset:
     cap = cfg.select.max_per_taxon
     if cap:
         flagged = flagged.materialize()
-        partitions = max(1, min(200, -(-flagged.count() // 250_000)))
+        partitions = joins.shuffle_partitions(flagged.count(), 250_000)
         flagged = flagged.groupby(cap.column, num_partitions=partitions).map_groups(
             sel.cap_group, batch_format="pyarrow", fn_kwargs={"column": cap.column, "cap": cap.max, "seed": cfg.run.seed})
     return flagged.map_batches(_mark_from, batch_format="pyarrow", fn_kwargs={"flag": sel.FROM_CATALOG})
@@ -175,7 +176,7 @@ def join_catalog(cfg: PipelineConfig, rows: ray.data.Dataset, flagged: ray.data.
         lambda b: b.drop_columns([c for c in b.column_names if c in left_names and c != sel.JOIN_KEY]),
         batch_format="pyarrow").materialize()
     n = left.count() + right.count()
-    joined = left.join(right, join_type="full_outer", num_partitions=max(1, min(200, -(-n // 250_000))),
+    joined = left.join(right, join_type="full_outer", num_partitions=joins.shuffle_partitions(n, 250_000),
                        on=(sel.JOIN_KEY,)).materialize()
     counts = joined.map_batches(sel.count_joined, batch_format="pyarrow").take_all()
     totals = {k: sum(c[k] for c in counts) for k in ("unselected", "not_in_catalog", "catalog_without_image")}

@@ -28,6 +28,7 @@ import ray
 
 from manifests import io as mio
 from pipeline import joins
+from pipeline.joins import resolve_ref
 from pipeline.config import ConfigError, PipelineConfig
 from stages import embed as emb
 from stages.backbones import BackboneError, locate_weights, resolve_spec, weights_identity
@@ -204,11 +205,6 @@ def cache_dataset(cfg: PipelineConfig, plan: emb.ModelPlan, wanted: ray.ObjectRe
     return ds.map_batches(_cache_rows, batch_format="pyarrow", fn_kwargs={"wanted": wanted, "plan": plan})
 
 
-def resolve_ref(ref):
-    """The value behind an object ref (a broadcast), or the value itself."""
-    return ray.get(ref) if isinstance(ref, ray.ObjectRef) else ref
-
-
 def _cache_rows(batch: pa.Table, wanted, plan: emb.ModelPlan) -> pa.Table:
     keep = emb.is_known(resolve_ref(wanted), batch.column("sha256").to_pylist())
     batch = batch.filter(pa.array(keep))
@@ -320,7 +316,7 @@ def resolve_embeddings(cfg: PipelineConfig, narrow: ray.data.Dataset,
                                   cfg.run.broadcast_join_mb, unique=True).materialize()
         else:
             groups = missing.union(cached)
-            resolved = groups.groupby("sha256", num_partitions=max(1, min(200, -(-n_missing // 100_000)))).map_groups(
+            resolved = groups.groupby("sha256", num_partitions=joins.shuffle_partitions(n_missing)).map_groups(
                 emb.resolve_group, batch_format="pyarrow", fn_kwargs={"plan": plan}).materialize()
         lost = _count_null(resolved)
         if lost:

@@ -49,7 +49,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def _shard_of(batch: pa.Table, order) -> pa.Table:
-    from pipeline.embedding import resolve_ref
+    from pipeline.joins import resolve_ref
 
     ids, shard = resolve_ref(order)
     pos = np.searchsorted(ids, np.asarray(batch["id"].to_pylist(), dtype=object).astype(str))

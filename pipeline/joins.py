@@ -33,8 +33,18 @@ def collect_small(ds: ray.data.Dataset | pa.Table, limit_bytes: int) -> pa.Table
     return pa.concat_tables(parts).combine_chunks()
 
 
+def resolve_ref(ref):
+    """The value behind an object ref (a broadcast), or the value itself."""
+    return ray.get(ref) if isinstance(ref, ray.ObjectRef) else ref
+
+
+def shuffle_partitions(n: int, rows: int = 100_000) -> int:
+    """Hash-shuffle partitions for ``n`` rows: about ``rows`` each, at least 1, at most 200."""
+    return max(1, min(200, -(-max(1, n) // rows)))
+
+
 def _lookup(batch: pa.Table, right, on: str, how: str) -> pa.Table:
-    return sj.take_join(batch, ray.get(right) if isinstance(right, ray.ObjectRef) else right, on, how)
+    return sj.take_join(batch, resolve_ref(right), on, how)
 
 
 def join(left: ray.data.Dataset, right: ray.data.Dataset | pa.Table, on: str, how: str, limit_mb: float,
@@ -52,15 +62,11 @@ def join(left: ray.data.Dataset, right: ray.data.Dataset | pa.Table, on: str, ho
     if isinstance(right, pa.Table):
         right = ray.data.from_arrow(right)
     if unique:
-        right = right.groupby(on, num_partitions=_partitions(right.count())).map_groups(
+        right = right.groupby(on, num_partitions=shuffle_partitions(right.count())).map_groups(
             _first, batch_format="pyarrow")
     n = rows_hint if rows_hint is not None else left.count()
-    return left.join(right, join_type=how, on=(on,), num_partitions=_partitions(n))
+    return left.join(right, join_type=how, on=(on,), num_partitions=shuffle_partitions(n))
 
 
 def _first(group: pa.Table) -> pa.Table:
     return group.slice(0, 1)
-
-
-def _partitions(n: int) -> int:
-    return max(1, min(200, -(-max(1, n) // 100_000)))

@@ -315,6 +315,6 @@ def near_dedup_dataset(cfg: PipelineConfig, narrow: ray.data.Dataset, embeddings
 
 
 def _members(batch: pa.Table, members, columns: list[str]) -> pa.Table:
-    from pipeline.embedding import resolve_ref
+    from pipeline.joins import resolve_ref
 
     return snd.member_rows(batch, resolve_ref(members), columns)

@@ -223,7 +223,7 @@ def _list_dir_rows(batch: pa.Table, storage, extensions, rows_per_block):
 def _read_shard_rows(batch: pa.Table, storage, extensions, rows_per_block, key_filter=None):
     keep = None
     if key_filter is not None:
-        bits, k = embedding.resolve_ref(key_filter)
+        bits, k = joins.resolve_ref(key_filter)
 
         def keep(key: str) -> bool:
             return bool(bloom_contains(bits, [key], k)[0])
@@ -422,7 +422,7 @@ def exact_dedup_dataset(cfg: PipelineConfig, narrow: ray.data.Dataset) -> ray.da
     # are grouped by a partition of their sha256 (every copy of one hash lands in the same
     # one), and each call decides a whole partition: one call per sha256 would be a Python
     # call and a one-row block per distinct image.
-    partitions = int(min(200, max(1, -(-n // 250_000))))
+    partitions = joins.shuffle_partitions(n, 250_000)
     decided = hashed.map_batches(_sha_partition, batch_format="pyarrow", fn_kwargs={"parts": partitions}).groupby(
         "_xpart", num_partitions=partitions).map_groups(
         _exact_dedup_partition, batch_format="pyarrow", fn_kwargs={"cfg": cfg.exact_dedup, "seed": cfg.run.seed})

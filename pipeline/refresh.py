@@ -265,7 +265,7 @@ def _classify(batch: pa.Table) -> pa.Table:
 def _absent(batch: pa.Table, ids) -> pa.Table:
     """Previous rows whose id is not in ``ids`` (a broadcast table of the current ids), in
     the columns of the current-to-previous join (current side null)."""
-    ids = ray.get(ids) if isinstance(ids, ray.ObjectRef) else ids
+    ids = joins.resolve_ref(ids)
     gone = batch.filter(pc.invert(pc.is_in(batch["id"], value_set=ids["id"].combine_chunks())))
     n = len(gone)
     cols = {"id": gone["id"], **{c: pa.nulls(n, pa.string()) for c in ("uri", "sha256", "status", "reason")}}
@@ -290,8 +290,8 @@ def write_diff(rd, decided: ray.data.Dataset, prev: Previous) -> dict:
         joined = joins.join(now, small_before, "id", "left_outer", rd.cfg.run.broadcast_join_mb).union(
             before.map_batches(_absent, batch_format="pyarrow", fn_kwargs={"ids": ray.put(now_ids)}))
     else:
-        n = max(1, now.count())
-        joined = now.join(before, join_type="full_outer", on=("id",), num_partitions=max(1, min(200, -(-n // 100_000))))
+        joined = now.join(before, join_type="full_outer", on=("id",),
+                          num_partitions=joins.shuffle_partitions(now.count()))
     joined = joined.map_batches(_classify, batch_format="pyarrow")
     final = rd.path("diff")
     tmp = mio.temp_path(rd.fs, final)

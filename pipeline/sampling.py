@@ -16,8 +16,6 @@
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
 import pyarrow as pa
 import ray
@@ -92,7 +90,7 @@ def sample_dataset(cfg: PipelineConfig, narrow: ray.data.Dataset, embeddings: ra
     if n == 0:
         return narrow.map_batches(ssa.apply_sample, batch_format="pyarrow", fn_kwargs={"levels": 0}), report, None
     taxon = resolve_column(alive.schema().names, c.taxon_column, TAXON_COLUMNS, "sample.taxon_column")
-    parts = int(min(200, max(1, math.ceil(n / ROWS_PER_PARTITION))))
+    parts = joins.shuffle_partitions(n, ROWS_PER_PARTITION)
     keep = ["id"] + ([taxon] if taxon else [])
     # the alive ids are the small side: broadcast them, each embedding batch keeps its alive rows
     rows = joins.join(embeddings, alive.select_columns(keep), "id", "inner", cfg.run.broadcast_join_mb,

@@ -1,8 +1,8 @@
 """Duplicate removal. Exact duplicates (identical sha256) here; near-duplicates later.
 
-The exact step is global: ``pipeline.plan`` groups the narrow table by ``sha256``
-(``groupby().map_groups``) so every copy of one content hash reaches the same call, and the
-memory of one call is bounded by the size of one hash group.
+The exact step is global: ``pipeline.plan`` groups the narrow table by a hash partition of
+``sha256`` (``groupby().map_groups``), so every copy of one content hash reaches the same
+call; one call decides a whole partition (about 250k rows), which bounds its memory.
 """
 
 from __future__ import annotations
