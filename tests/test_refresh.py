@@ -299,6 +299,7 @@ def test_refresh_with_shuffle_joins_equals_the_broadcast_one(clean, corpus, refr
     other = tmp_path / "shuffled"
     s3 = plan.run(load_config(None, overrides(corpus, other, **{
         "input.path": str(corpus["v2"]), "refresh.previous": str(prev), "run.broadcast_join_mb": 0})))
+    check_invariant(other, corpus["uris2"])
     assert rows(other) == rows(out)
     assert s3["refresh"]["diff"] == s2["refresh"]["diff"]
 
