@@ -35,7 +35,8 @@ class Reason(StrEnum):
     MISSING = "missing"  # object or file does not exist
     PERMISSION_DENIED = "permission_denied"
     READ_ERROR = "read_error"  # permanent read failure (after retries) or broken archive
-    UNSAFE_PATH = "unsafe_path"  # tar member escaping its archive, links
+    UNSAFE_PATH = "unsafe_path"  # tar member escaping its archive, links, names that are not UTF-8
+    UNSUPPORTED_URI = "unsupported_uri"  # a table's uri with a protocol not allowed (storage.allowed_protocols)
     # select
     NOT_IN_CATALOG = "not_in_catalog"  # an image whose key has no catalog row
     # validate
