@@ -18,9 +18,10 @@ import ray
 import stages.select as sel
 from manifests import io as mio
 from manifests.schema import ID, check_columns
+from pipeline import ids as pipeline_ids
 from pipeline import joins
 from pipeline.config import PipelineConfig
-from stages import ingest
+from stages import ids, ingest
 from stages.kernels.bloom import bloom_add, new_bloom
 from stages.kernels.select import check_predicates
 
@@ -91,16 +92,22 @@ def joins_after_scan(cfg: PipelineConfig, kind: str) -> bool:
     return kind == "webdataset"
 
 
-def parquet_metadata(cfg: PipelineConfig) -> tuple[ray.data.Dataset, str]:
+def parquet_metadata(cfg: PipelineConfig) -> tuple[ray.data.Dataset, str, int]:
     """Rows of the parquet input without the image column (one task per row group, no
-    image byte read), with their coordinates; and the key column."""
+    image byte read), with their coordinates and ids (``stages.ids.parquet_row_ids``); the
+    key column; and the number of rows (from the footers)."""
     files = ingest.list_tables(cfg.input.paths(), cfg.storage, (".parquet",))
     key = ingest.resolve_key_column(ingest.table_columns(files[0], cfg.storage), cfg.input)
     groups = ray.data.from_items([{"file": f} for f in files], override_num_blocks=max(1, min(len(files), 200)))
-    groups = groups.map_batches(ingest.parquet_row_groups, batch_format="pyarrow", fn_kwargs={"storage": cfg.storage})
+    groups = groups.map_batches(ingest.parquet_row_groups, batch_format="pyarrow",
+                                fn_kwargs={"storage": cfg.storage}).materialize()
+    n = int(groups.sum("rows") or 0) if groups.count() else 0
     rows = groups.map_batches(ingest.parquet_metadata_rows, batch_size=1, batch_format="pyarrow",
                               fn_kwargs={"storage": cfg.storage, "bytes_column": cfg.input.bytes_column})
-    return rows, key
+    rows = rows.map_batches(ids.parquet_row_ids, batch_format="pyarrow",
+                            fn_kwargs={"key_column": key, "coordinates": (ingest.PQ_FILE, ingest.PQ_GROUP,
+                                                                          ingest.PQ_ROW)})
+    return rows, key, n
 
 
 def selection_dataset(cfg: PipelineConfig, kind: str) -> ray.data.Dataset:
@@ -108,13 +115,22 @@ def selection_dataset(cfg: PipelineConfig, kind: str) -> ray.data.Dataset:
     if cfg.catalog.path:
         rows = read_table([cfg.catalog.path], cfg).map_batches(
             sel.with_join_key, batch_format="pyarrow", fn_kwargs={"column": cfg.catalog.key})
+        # A key on two catalog rows would join an image twice: one row per key is kept
+        # (counted as duplicate_keys), before predicates and caps see the rows.
+        parts = joins.shuffle_partitions(
+            pipeline_ids.table_rows_estimate(ingest.list_tables([cfg.catalog.path], cfg.storage,
+                                                                tuple(ingest.TABLE_SUFFIXES)), cfg.storage), 250_000)
+        rows = rows.map_batches(ids.id_partition, batch_format="pyarrow",
+                                fn_kwargs={"parts": parts, "column": sel.JOIN_KEY, "hashed": False}).groupby(
+            ids.ID_PART, num_partitions=parts).map_groups(sel.one_row_per_key, batch_format="pyarrow")
         rank_column = cfg.catalog.key
     elif kind == "parquet_bytes":  # its own metadata columns, read without the image column
-        rows, rank_column = parquet_metadata(cfg)
+        rows, rank_column, _ = parquet_metadata(cfg)
         rows = rows.map_batches(sel.with_join_key, batch_format="pyarrow", fn_kwargs={"column": rank_column})
     else:  # the manifest is its own catalog
         rows = read_table(cfg.input.paths(), cfg).map_batches(
-            ingest.manifest_rows, batch_format="pyarrow", fn_kwargs={"uri_column": cfg.input.uri_column})
+            ingest.manifest_rows, batch_format="pyarrow",
+            fn_kwargs={"uri_column": cfg.input.uri_column, "allowed_protocols": cfg.storage.allowed_protocols})
         rank_column = ID
     flagged = rows.map_batches(sel.mark_predicates, batch_format="pyarrow",
                                fn_kwargs={"preds": cfg.select.predicates(), "rank_column": rank_column})
@@ -138,14 +154,17 @@ def selected_key_filter(flagged: ray.data.Dataset) -> tuple:
 
 
 def selection_counts(flagged: ray.data.Dataset) -> dict:
+    """Catalog rows (one per key), selected, unselected, and ``duplicate_keys``: catalog rows
+    left out because another row had their key (each image joins one catalog row)."""
     rows = flagged.map_batches(sel.count_selection, batch_format="pyarrow").take_all()
     total, chosen = sum(r["rows"] for r in rows), sum(r["selected"] for r in rows)
-    return {"catalog_rows": total, "selected": chosen, "unselected": total - chosen}
+    return {"catalog_rows": total, "selected": chosen, "unselected": total - chosen,
+            "duplicate_keys": sum(r["duplicate_keys"] for r in rows)}
 
 
 def _only_selected(batch: pa.Table) -> pa.Table:
     out = batch.filter(batch.column(sel.SELECTED))
-    return out.drop_columns([c for c in (sel.SELECTED, sel.RANK_ID, sel.JOIN_KEY, sel.FROM_CATALOG)
+    return out.drop_columns([c for c in (sel.SELECTED, sel.RANK_ID, sel.JOIN_KEY, sel.FROM_CATALOG, sel.KEY_COPIES)
                              if c in out.column_names])
 
 

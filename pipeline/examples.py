@@ -17,6 +17,7 @@ from pipeline.config import ConfigError, PipelineConfig
 from stages import embed as emb
 from stages import ingest
 from stages.kernels import examples as kx
+from stages.ids import with_protocol_rejects
 from stages.kernels.hashing import stable_id
 
 
@@ -80,7 +81,9 @@ def _table_rows(path: str, cfg: PipelineConfig) -> pa.Table:
         cats.append(c)
     if not any(c != "natural" for c in cats):
         raise ConfigError(f"examples error: {path} has no row of an unwanted category (category other than natural)")
-    return pa.table({"id": [stable_id(u) for u in uris], "uri": uris, "category": cats})
+    # a uri whose protocol may not be read is an examples_rejected row, never fetched
+    return with_protocol_rejects(pa.table({"id": [stable_id(u) for u in uris], "uri": uris, "category": cats}),
+                                 cfg.storage.allowed_protocols)
 
 
 def listing_hash(rows: pa.Table) -> str:

@@ -26,6 +26,7 @@ SELECTED = "_selected"
 FROM_CATALOG = "_from_catalog"
 FROM_INPUT = "_from_input"
 RANK_ID = "_rank_id"
+KEY_COPIES = "_key_copies"  # on catalog rows: how many catalog rows had this key (one is kept)
 
 
 def _set(table: pa.Table, name: str, values: pa.Array) -> pa.Table:
@@ -39,6 +40,34 @@ def with_join_key(table: pa.Table, column: str, basename: bool = False) -> pa.Ta
     values = table.column(column).to_pylist()
     keys = [None if v is None else (posixpath.basename(str(v)) if basename else str(v)) for v in values]
     return _set(table, JOIN_KEY, pa.array(keys, pa.string()))
+
+
+def one_row_per_key(table: pa.Table) -> pa.Table:
+    """Catalog rows -> one row per ``_join_key`` (``table`` holds every row of each key
+    it contains), so that an image joins one catalog row, never two. The row kept is the
+    one with the lowest hash of its content (the same whatever the row order); it carries
+    ``_key_copies`` (how many rows had its key). Rows without a key are all kept."""
+    from stages.ids import ID_PART, content_digests
+
+    table = table.drop_columns([c for c in (ID_PART, KEY_COPIES) if c in table.column_names])
+    keys = table.column(JOIN_KEY).to_pylist()
+    digests = content_digests(table, np.arange(len(table)))
+    best: dict[str, int] = {}
+    copies: dict[str, int] = {}
+    keep = np.ones(len(table), dtype=bool)
+    for i, k in enumerate(keys):
+        if k is None:
+            continue
+        copies[k] = copies.get(k, 0) + 1
+        j = best.get(k)
+        if j is None or digests[i] < digests[j]:
+            if j is not None:
+                keep[j] = False
+            best[k] = i
+        else:
+            keep[i] = False
+    out = table.filter(pa.array(keep))
+    return _set(out, KEY_COPIES, pa.array([copies.get(k, 1) for k in out.column(JOIN_KEY).to_pylist()], pa.int32()))
 
 
 def mark_predicates(table: pa.Table, preds: list[dict], rank_column: str) -> pa.Table:
@@ -70,9 +99,13 @@ def selected_keys(batch: pa.Table) -> list[str]:
 
 
 def count_selection(batch: pa.Table) -> pa.Table:
-    """One row of counts: rows, selected (for summing across blocks)."""
+    """One row of counts: rows, selected, catalog rows dropped because another row had
+    their key (for summing across blocks)."""
     sel = np.asarray(batch.column(SELECTED).to_numpy(zero_copy_only=False), dtype=bool)
-    return pa.table({"rows": [len(batch)], "selected": [int(sel.sum())]})
+    extra = 0
+    if KEY_COPIES in batch.column_names:
+        extra = int(np.asarray(batch.column(KEY_COPIES).fill_null(1).to_numpy(zero_copy_only=False)).sum()) - len(batch)
+    return pa.table({"rows": [len(batch)], "selected": [int(sel.sum())], "duplicate_keys": [extra]})
 
 
 def classify_joined(table: pa.Table) -> pa.Table:
@@ -106,7 +139,7 @@ def classify_joined(table: pa.Table) -> pa.Table:
             detail[i] = "skipped by the selection pre-filter although selected"
     for name, values in (("stage", stage), ("reason", reason), ("detail", detail)):
         out = _set(out, name, pa.array(values, pa.string()))
-    return out.drop_columns([c for c in (JOIN_KEY, SELECTED, FROM_CATALOG, FROM_INPUT, RANK_ID)
+    return out.drop_columns([c for c in (JOIN_KEY, SELECTED, FROM_CATALOG, FROM_INPUT, RANK_ID, KEY_COPIES)
                              if c in out.column_names])
 
 

@@ -59,7 +59,7 @@ def test_manifest_selection_before_any_fetch(tmp_path, ray_local, good):
     got = pd.DataFrame(rows)
     assert set(got["uri"]) == expected and len(got) == len(expected)
     assert s["selection"]["select"] == {"catalog_rows": 400, "selected": int(capped_sizes.sum()),
-                                        "unselected": 400 - int(capped_sizes.sum())}
+                                        "unselected": 400 - int(capped_sizes.sum()), "duplicate_keys": 0}
     assert s["inputs"] == int(capped_sizes.sum())
     check_invariant(tmp_path / "run", list(got["uri"]))
 
@@ -128,7 +128,7 @@ def test_parquet_bytes_selected_on_own_metadata(tmp_path, ray_local, good):
     check_invariant(tmp_path / "run", [f"{tmp_path}/tol.parquet#uuid={k}" for k in want])
     curated, rejected = tables(tmp_path / "run")
     assert {r["uuid"] for r in curated + rejected} == want
-    assert s["selection"]["select"] == {"catalog_rows": 40, "selected": len(want), "unselected": 40 - len(want)}
+    assert s["selection"]["select"] == {"catalog_rows": 40, "selected": len(want), "unselected": 40 - len(want), "duplicate_keys": 0}
     assert all(r["license"] in ("cc0", "cc-by") for r in curated)
 
 

@@ -1,0 +1,70 @@
+"""Unique ids per input row on Ray Data (the per-partition work is ``stages.ids``).
+
+Rows of a manifest or of a parquet input's metadata (no image bytes yet) are brought
+together by a hash partition of their id, so that every row of one id meets in one call,
+which gives repeats an ordinal id. One call decides a whole partition (one call per id
+would be a Python call and a block per row). The rows that got an ordinal carry
+``_id_repeat``; the manifest step counts them and drops the column.
+"""
+
+from __future__ import annotations
+
+import pyarrow as pa
+import ray
+
+from pipeline import joins
+from stages import ids as sids
+
+
+def _drop_base(batch: pa.Table) -> pa.Table:
+    return batch.drop_columns([c for c in (sids.ID_BASE,) if c in batch.column_names])
+
+
+def _unique_partition(batch: pa.Table, order: tuple[str, ...], column: str) -> pa.Table:
+    return _drop_base(sids.unique_ids(batch, order, column))
+
+
+def unique_ids(ds: ray.data.Dataset, rows_estimate: int, order: tuple[str, ...] = (),
+               column: str = sids.ID) -> ray.data.Dataset:
+    """``ds`` (the id ``column``, ``_id_base``, optional ``order`` columns) with every id unique; about
+    250,000 rows per partition from ``rows_estimate`` (an over-estimate only adds
+    partitions). Without rows there is nothing to group: the base column is dropped."""
+    if rows_estimate <= 0:
+        return ds.map_batches(_drop_base, batch_format="pyarrow")
+    parts = joins.shuffle_partitions(rows_estimate, 250_000)
+    return (ds.map_batches(sids.id_partition, batch_format="pyarrow", fn_kwargs={"parts": parts, "column": column})
+            .groupby(sids.ID_PART, num_partitions=parts)
+            .map_groups(_unique_partition, batch_format="pyarrow", fn_kwargs={"order": order, "column": column}))
+
+
+def _repeats(batch: pa.Table) -> pa.Table:
+    n = 0 if sids.REPEAT not in batch.column_names else len(batch) - batch[sids.REPEAT].null_count
+    return pa.table({"n": [n]})
+
+
+def count_repeats(ds: ray.data.Dataset) -> int:
+    """Rows whose source named a place another row also named (they got an ordinal id)."""
+    if sids.REPEAT not in ds.schema().names:
+        return 0
+    return sum(r["n"] for r in ds.select_columns([sids.REPEAT]).map_batches(_repeats, batch_format="pyarrow").take_all())
+
+
+def drop_repeat(batch: pa.Table) -> pa.Table:
+    return batch.drop_columns([c for c in (sids.REPEAT,) if c in batch.column_names])
+
+
+def table_rows_estimate(files: list[str], storage) -> int:
+    """Rows of a table input without reading it: a parquet file's footer count; a CSV or
+    JSONL file's size over 32 bytes (a row holds at least a uri), an over-estimate."""
+    from manifests.io import filesystem
+    from stages.ingest import parquet_footer
+
+    total = 0
+    for f in files:
+        fs, p = filesystem(f, storage)
+        if p.lower().endswith(".parquet"):
+            with fs.open(p, "rb") as fh:
+                total += parquet_footer(fh).num_rows
+        else:
+            total += -(-int(fs.size(p) or 0) // 32)
+    return total
