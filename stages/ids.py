@@ -59,34 +59,24 @@ def unique_ids(table: pa.Table, order: tuple[str, ...] = (), column: str = ID) -
     columns (the source position). Adds ``_id_repeat`` (int32: 2, 3, ... on the rows that
     got an ordinal id, null elsewhere) and drops ``_id_part`` if present."""
     table = table.drop_columns([c for c in (ID_PART, REPEAT) if c in table.column_names])
-    ids = np.asarray(table[column].to_pylist(), dtype=object)
-    repeat = np.zeros(len(ids), dtype=np.int32)
-    if len(ids):
-        _, inverse, counts = np.unique(ids.astype(str), return_inverse=True, return_counts=True)
-        dup_rows = np.flatnonzero(counts[inverse] > 1)
-        if len(dup_rows):
-            bases = table[ID_BASE].to_pylist()
-            positions = ([table[c].to_pylist() for c in order] if order else None)
-            digests = content_digests(table, dup_rows)
-            keys = {}
-            for j, i in enumerate(dup_rows):
-                where = tuple("" if p[i] is None else p[i] for p in positions) if positions else ()
-                keys[i] = (where, digests[j])
-            new_ids = ids.copy()
-            for group in _groups(inverse, dup_rows):
-                for n, i in enumerate(sorted(group, key=keys.__getitem__), start=1):
-                    if n > 1:
-                        new_ids[i] = stable_id(f"{bases[i]}\x00{n}")
-                        repeat[i] = n
-            table = table.set_column(table.column_names.index(column), column, pa.array(new_ids.tolist(), pa.string()))
+    repeat = np.zeros(len(table), dtype=np.int32)
+    counted = pc.value_counts(table[column])  # one vectorized pass; repeats are rare
+    repeated = counted.field("values").filter(pc.greater(counted.field("counts"), 1))
+    if len(repeated):
+        dup_rows = np.flatnonzero(pc.is_in(table[column], value_set=repeated).to_numpy(zero_copy_only=False))
+        ids = table[column].to_pylist()
+        bases = table[ID_BASE].to_pylist()
+        positions = [table[c].to_pylist() for c in order]
+        groups: dict[str, list] = {}
+        for i, digest in zip(dup_rows.tolist(), content_digests(table, dup_rows)):
+            where = tuple((p[i] is not None, p[i]) for p in positions)
+            groups.setdefault(ids[i], []).append((where, digest, i))
+        for members in groups.values():
+            for n, (_, _, i) in enumerate(sorted(members)[1:], start=2):
+                ids[i] = stable_id(f"{bases[i]}\x00{n}")
+                repeat[i] = n
+        table = table.set_column(table.column_names.index(column), column, pa.array(ids, pa.string()))
     return table.append_column(REPEAT, pa.array([int(r) if r else None for r in repeat], pa.int32()))
-
-
-def _groups(inverse: np.ndarray, rows: np.ndarray) -> list[list[int]]:
-    by: dict[int, list[int]] = {}
-    for i in rows:
-        by.setdefault(int(inverse[i]), []).append(int(i))
-    return list(by.values())
 
 
 def uri_protocol(uri: str) -> str | None:
@@ -111,11 +101,18 @@ def unsupported_uri(uri: str, allowed: tuple[str, ...] | list[str]) -> str | Non
 
 
 def protocol_rejects(uris: list[str | None], allowed: tuple[str, ...] | list[str]) -> list[tuple[Reason, str] | None]:
-    """Per uri: ``(Reason.UNSUPPORTED_URI, detail)`` or None."""
-    out: list[tuple[Reason, str] | None] = []
-    for u in uris:
-        why = unsupported_uri(u, allowed) if u else None
-        out.append((Reason.UNSUPPORTED_URI, why) if why else None)
+    """Per uri: ``(Reason.UNSUPPORTED_URI, detail)`` or None. Vectorized: only the uris that
+    are neither plain paths nor s3:// are looked at one by one."""
+    out: list[tuple[Reason, str] | None] = [None] * len(uris)
+    arr = pa.array(uris, pa.string())
+    lowered = pc.utf8_lower(arr)
+    plain = pc.invert(pc.or_(pc.match_substring(arr, "://"), pc.match_substring(arr, "::")))
+    for proto in (*BUILTIN_PROTOCOLS, "file", *(a.lower() for a in allowed)):
+        plain = pc.or_(plain, pc.starts_with(lowered, f"{proto}://"))
+    look = np.flatnonzero(~np.asarray(plain.fill_null(True).to_numpy(zero_copy_only=False), dtype=bool))
+    for i in look.tolist():
+        why = unsupported_uri(uris[i], allowed)
+        out[i] = (Reason.UNSUPPORTED_URI, why) if why else None
     return out
 
 
