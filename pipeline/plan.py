@@ -32,6 +32,7 @@ import stages.embed
 import stages.filters
 import stages.kernels.quality
 import stages.ingest as ingest
+import stages.listing as listing
 import stages.kernels.bloom
 import stages.kernels.examples
 import stages.kernels.exact
@@ -113,7 +114,7 @@ def stage_fingerprints(cfg: PipelineConfig, until: str, kind: str = "folder",
         "models": _models_section(plans or []),
         "refresh": refresh_fp,
     }
-    scan_code = code_hash(ingest, schema, stages.kernels.hashing, sys.modules[__name__],
+    scan_code = code_hash(ingest, listing, schema, stages.kernels.hashing, sys.modules[__name__],
                           *((stages.validate, stages.deadline, stages.kernels.phash, stages.kernels.quality)
                             if validating else ()),
                           *((stages.embed, stages.backbones, embedding) if plans else ()))
@@ -213,9 +214,19 @@ def _ray_remote_kwargs(cfg: PipelineConfig) -> dict:
 
 # --------------------------------------------------------------------------- streaming pass
 
-def _list_dir_rows(batch: pa.Table, storage, extensions, rows_per_block):
-    for d in batch.column("dir").to_pylist():
-        uris = ingest.list_prefix(d, storage, extensions)
+def listing_dir(cfg: PipelineConfig) -> str:
+    """Where listings leave their reports of skipped files while the scan runs (summed
+    into the scan stage's marker, ``counts.input_skipped``, then removed)."""
+    fs, root = mio.filesystem(cfg.output, cfg.storage)
+    return mio.to_uri(fs, mio.join(root, "stages", "scan_listing"))
+
+
+def _list_dir_rows(batch: pa.Table, storage, extensions, rows_per_block, report: str):
+    for raw in batch.column("dir").to_pylist():
+        d = os.fsdecode(raw)  # passed as bytes: a local folder name need not be UTF-8
+        skipped = listing.Skipped()
+        uris = ingest.list_prefix(d, storage, extensions, skipped)
+        listing.write_skipped(report, d, skipped, storage)
         for i in range(0, len(uris), rows_per_block):
             yield ingest.uri_rows(uris[i : i + rows_per_block])
 
@@ -237,23 +248,34 @@ def ingest_dataset(cfg: PipelineConfig, kind: str, flagged: ray.data.Dataset | N
     """Rows ``id, uri, image_bytes, stage, reason, detail`` + metadata, streamed.
 
     For a manifest, ``flagged`` (the select stage's output) narrows the rows before any
-    object is fetched; ``join_counts`` receives the catalog join's counts."""
-    join_counts = {} if join_counts is None else join_counts
+    object is fetched; ``join_counts`` receives the catalog join's counts. Files the
+    listings pass over are reported in :func:`listing_dir` (the driver's listings here,
+    the folder-listing tasks as they run)."""
+    skipped = listing.Skipped()
+    ds = _ingest_rows(cfg, kind, flagged, {} if join_counts is None else join_counts, skipped)
+    listing.write_skipped(listing_dir(cfg), "<driver>", skipped, cfg.storage)
+    return ds
+
+
+def _ingest_rows(cfg: PipelineConfig, kind: str, flagged: ray.data.Dataset | None, join_counts: dict,
+                 skipped: listing.Skipped) -> ray.data.Dataset:
     inp, storage = cfg.input, cfg.storage
     remote = _ray_remote_kwargs(cfg)
     if kind == "folder":
         files, dirs = [], []
         for root in inp.paths():
-            f, d = ingest.split_listing(root, storage, inp.extensions)
+            f, d = ingest.split_listing(root, storage, inp.extensions, skipped)
             files += f
             dirs += d
         parts = []
         if files:
             parts.append(ray.data.from_arrow(ingest.uri_rows(files)))
         if dirs:
-            listed = ray.data.from_items([{"dir": d} for d in dirs], override_num_blocks=len(dirs)).map_batches(
+            items = [{"dir": os.fsencode(d)} for d in dirs]
+            listed = ray.data.from_items(items, override_num_blocks=len(dirs)).map_batches(
                 _list_dir_rows, batch_size=1, batch_format="pyarrow", num_cpus=0.25,
-                fn_kwargs={"storage": storage, "extensions": inp.extensions, "rows_per_block": inp.rows_per_block},
+                fn_kwargs={"storage": storage, "extensions": inp.extensions, "rows_per_block": inp.rows_per_block,
+                           "report": listing_dir(cfg)},
             )
             parts.append(listed)
         if not parts:
@@ -279,7 +301,7 @@ def ingest_dataset(cfg: PipelineConfig, kind: str, flagged: ray.data.Dataset | N
         return rows.map_batches(ingest.fetch_batch, batch_size=cfg.run.read_batch_size, batch_format="pyarrow",
                                 fn_kwargs={"storage": storage}, **remote)
     if kind == "parquet_bytes":
-        files = ingest.list_tables(inp.paths(), storage, (".parquet",))
+        files = ingest.list_tables(inp.paths(), storage, (".parquet",), skipped)
         fs, _ = mio.filesystem(inp.paths()[0], storage)
         key = ingest.resolve_key_column(ingest.table_columns(files[0], storage), inp)
         if flagged is not None:
@@ -298,7 +320,7 @@ def ingest_dataset(cfg: PipelineConfig, kind: str, flagged: ray.data.Dataset | N
         return rows.map_batches(ingest.parquet_bytes_batch, batch_format="pyarrow", batch_size=cfg.run.batch_size,
                                 fn_kwargs={"bytes_column": inp.bytes_column, "key_column": key}, **remote)
     if kind == "webdataset":
-        shards = ingest.list_shards(inp.paths(), storage)
+        shards = ingest.list_shards(inp.paths(), storage, skipped)
         src = ray.data.from_items([{"shard": s} for s in shards], override_num_blocks=max(1, len(shards)))
         key_filter = None
         if flagged is not None:  # members whose key is surely unselected are skipped unread
@@ -309,6 +331,16 @@ def ingest_dataset(cfg: PipelineConfig, kind: str, flagged: ray.data.Dataset | N
                        "key_filter": key_filter},
         )
     raise ValueError(f"input.kind: unknown kind {kind!r}")
+
+
+def _skipped_into(counts: dict, rd: "RunDir", folder: str):
+    """Drop the reports an interrupted scan left in ``folder``; returns the call that,
+    once the scan has run, sums the new ones into ``counts["input_skipped"]``, so the
+    scan stage's marker keeps them (``--resume`` reads them from there)."""
+    _, path = mio.filesystem(folder, rd.cfg.storage)
+    if rd.fs.exists(path):
+        rd.fs.rm(path, recursive=True)
+    return lambda: counts.update(input_skipped=listing.collect_skipped(folder, rd.cfg.storage))
 
 
 def _drop_bytes(batch: pa.Table) -> pa.Table:
@@ -382,10 +414,13 @@ class RunDir:
         marker = mio.read_marker(self.fs, self.path("stages", name))
         return bool(marker) and marker.get("fingerprint") == fp
 
-    def write(self, ds: ray.data.Dataset, final: str, marker: dict) -> None:
-        """Write ``ds`` as parquet under a temporary name, then commit it (marker last)."""
+    def write(self, ds: ray.data.Dataset, final: str, marker: dict, before_commit=None) -> None:
+        """Write ``ds`` as parquet under a temporary name, then commit it (marker last).
+        ``before_commit()``: called once ``ds`` has run, before the marker is written."""
         tmp = mio.temp_path(self.fs, final)
         write_parquet_dir(ds, self.fs, tmp)
+        if before_commit is not None:
+            before_commit()
         mio.commit(self.fs, tmp, final, marker)
 
     def read(self, final: str) -> ray.data.Dataset:
@@ -532,10 +567,11 @@ def describe(cfg: PipelineConfig, kind: str, until: str, plans: list | None = No
     return "\n".join(lines)
 
 
-def run(cfg: PipelineConfig, until: str = STAGES[-1], resume: bool = False) -> dict:
-    """Execute the plan; returns the summary (also written to ``<output>/summary.json``)."""
+def run(cfg: PipelineConfig, until: str = STAGES[-1], resume: bool = False, kind: str | None = None) -> dict:
+    """Execute the plan; returns the summary (also written to ``<output>/summary.json``).
+    ``kind``: the input kind when already detected (``run.check_inputs``), else detected here."""
     t_start = time.time()
-    kind = ingest.detect_kind(cfg.input, cfg.storage)
+    kind = kind or ingest.detect_kind(cfg.input, cfg.storage)
     prev = refresh.load_previous(cfg)
     cfg = refresh.with_previous_cache(cfg, prev)
     plans = embedding.model_plans(cfg) if embedding_on(cfg, until) else []
@@ -573,6 +609,7 @@ def run(cfg: PipelineConfig, until: str = STAGES[-1], resume: bool = False) -> d
             continue
         t0 = time.time()
         stage_counts: dict = {}
+        before_commit = None
         if name == "select":
             ds = catalog.selection_dataset(cfg, kind).materialize()
             stage_counts = catalog.selection_counts(ds)
@@ -588,6 +625,7 @@ def run(cfg: PipelineConfig, until: str = STAGES[-1], resume: bool = False) -> d
                 if why is None:
                     reuse = refresh.reuse_plan(prev, known)
                 stage_counts["refresh"] = {"validation_reused": why is None, "why_not": why}
+            before_commit = _skipped_into(stage_counts, rd, listing_dir(cfg))
             ds = scan_dataset(cfg, kind, until, flagged, stage_counts, (plans, device, known),
                               ray.put(reuse.keys) if reuse is not None else None)
             if reuse is not None:  # the pass first, then copy the previous validation into its reused rows
@@ -638,7 +676,7 @@ def run(cfg: PipelineConfig, until: str = STAGES[-1], resume: bool = False) -> d
                          {"fingerprint": fp, "model_id": splan.model_id})
         else:  # pragma: no cover - guarded by stage_fingerprints
             raise AssertionError(name)
-        rd.write(ds, final, {"fingerprint": fp, "stage": name, "counts": stage_counts})
+        rd.write(ds, final, {"fingerprint": fp, "stage": name, "counts": stage_counts}, before_commit)
         if name == "scan" and rd.fs.exists(rd.path("stages", "scan_pass")):
             rd.fs.rm(rd.path("stages", "scan_pass"), recursive=True)
         timings[name] = round(time.time() - t0, 3)
@@ -670,6 +708,7 @@ def run(cfg: PipelineConfig, until: str = STAGES[-1], resume: bool = False) -> d
     for name in ("select", "scan", "catalog_join"):
         if name in fps:
             got = (mio.read_marker(rd.fs, rd.path("stages", name)) or {}).get("counts") or {}
+            got = {k: v for k, v in got.items() if k != "input_skipped"}
             if got:
                 selection["select" if name == "select" else "join"] = got
     summary = {
@@ -690,6 +729,8 @@ def run(cfg: PipelineConfig, until: str = STAGES[-1], resume: bool = False) -> d
         "aesthetic": {"head": cfg.aesthetic.head, "scored": scoring_aesthetic,
                       "min_score": cfg.aesthetic.min_score if scoring_aesthetic else None},
         "input_kind": kind,
+        "input_skipped": ((mio.read_marker(rd.fs, rd.path("stages", "scan")) or {}).get("counts") or {}).get(
+            "input_skipped") or listing.Skipped().to_dict(),
         "until": until,
         "version": prev.summary.get("version", 1) + 1 if prev is not None else 1,
         "refresh": refresh_report or None,

@@ -48,8 +48,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def check_inputs(cfg: PipelineConfig) -> None:
-    """Fail fast, before Ray starts, on inputs that cannot be reached."""
+def check_inputs(cfg: PipelineConfig) -> str:
+    """Fail fast, before Ray starts, on inputs that cannot be reached or whose kind is
+    ambiguous. Returns the input kind, detected here once (``plan.run`` takes it)."""
     from manifests.io import filesystem
 
     for path in cfg.input.paths():
@@ -82,6 +83,7 @@ def check_inputs(cfg: PipelineConfig) -> None:
             from stages.neardup import semantic_threshold
 
             semantic_threshold(cfg)  # an explicit dedup model needs a threshold
+    return kind
 
 
 def failure_line(e: BaseException) -> str:
@@ -126,7 +128,7 @@ def main(argv: list[str] | None = None) -> int:
         overrides["run.seed"] = args.seed
     try:
         cfg = load_config(args.config, overrides)
-        check_inputs(cfg)
+        kind = check_inputs(cfg)
     except ConfigError as e:
         print(f"biocurate: {e}", file=sys.stderr)
         return 2
@@ -134,7 +136,7 @@ def main(argv: list[str] | None = None) -> int:
     from pipeline import plan  # imports ray: only after the config is known to be good
 
     try:
-        summary = plan.run(cfg, until=args.until, resume=args.resume)
+        summary = plan.run(cfg, until=args.until, resume=args.resume, kind=kind)
     except ConfigError as e:  # found once Ray is up (e.g. a GPU the cluster can never provide)
         print(f"biocurate: {e}", file=sys.stderr)
         return 2
@@ -146,6 +148,10 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     print(f"biocurate: {summary['inputs']} inputs -> {summary['curated']} curated, {summary['rejected']} rejected "
           f"({summary['timings_s']['total']} s); manifest in {cfg.output}")
+    skipped = summary.get("input_skipped") or {}
+    if skipped.get("count"):
+        print(f"biocurate: {skipped['count']} files skipped by their name, not read {skipped['by_extension']} "
+              "(summary.json input_skipped; input.extensions picks image files)")
     return 0
 
 

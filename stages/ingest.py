@@ -13,19 +13,23 @@ import posixpath
 import tarfile
 import time
 import zlib
+from collections import Counter
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import pyarrow as pa
 
-from manifests.io import filesystem, to_uri
+from manifests.io import filesystem
 from manifests.schema import BYTES, ID, URI, Reason, Stage, check_columns
-from pipeline.config import InputConfig, StorageConfig
+from pipeline.config import ConfigError, InputConfig, StorageConfig
+from stages import listing
 from stages.kernels.hashing import stable_id
+from stages.listing import (  # noqa: F401 - the listing lives in stages.listing; re-exported for callers
+    KEY_RANGE_BOUNDS, TABLE_SUFFIXES, TAR_SUFFIXES, Skipped, list_key_range, list_prefix, list_shards, list_tables,
+    s3_key_ranges, split_listing,
+)
 
-TAR_SUFFIXES = (".tar", ".tar.gz", ".tgz")
-TABLE_SUFFIXES = {".parquet": "parquet", ".csv": "csv", ".jsonl": "json", ".json": "json", ".ndjson": "json"}
 KEY_CANDIDATES = ("uuid", "key", "id", "uri", "url")
 
 _TRANSIENT_MARKERS = (
@@ -140,22 +144,34 @@ def fetch_batch(table: pa.Table, storage: StorageConfig, uri_column: str = URI) 
 # --------------------------------------------------------------------------- sources
 
 def detect_kind(cfg: InputConfig, storage: StorageConfig) -> str:
-    """Guess the input layout from its path(s)."""
+    """The input layout: ``input.kind``, or for ``auto`` what the names say. A file path
+    by its suffix; a folder/prefix by one page of its names (:func:`listing.sample_names`,
+    never the whole tree): only shards -> webdataset, only tables -> parquet_bytes (the
+    first parquet file holds ``input.bytes_column``) or manifest, otherwise folder. Images
+    mixed with shards or tables (or shards with tables) raise a one-line ConfigError:
+    reading one kind would silently drop the other."""
     if cfg.kind != "auto":
         return cfg.kind
-    p = cfg.paths()[0].lower()
-    if p.endswith(TAR_SUFFIXES):
+    named: list[tuple[str, str]] = []  # (name, class)
+    for p in cfg.paths():
+        if p.lower().endswith((*TAR_SUFFIXES, *TABLE_SUFFIXES)):  # a file named explicitly: its suffix
+            named.append((p, listing.SHARD if p.lower().endswith(TAR_SUFFIXES) else listing.TABLE))
+        else:
+            named += [(n, listing.name_class(n, cfg.extensions)) for n in listing.sample_names(p, storage)]
+    classes = Counter(c for _, c in named)
+    found = {c: classes[c] for c in (listing.IMAGE, listing.SHARD, listing.TABLE) if classes[c]}
+    if len(found) > 1:
+        what = {listing.IMAGE: "image files", listing.SHARD: "shards (.tar/.tar.gz/.tgz)",
+                listing.TABLE: f"tables ({'/'.join(TABLE_SUFFIXES)})"}
+        raise ConfigError(
+            f"input.path {', '.join(cfg.paths())} mixes {' and '.join(f'{n} {what[c]}' for c, n in found.items())} "
+            f"(in the first {len(named)} files): set input.kind to folder (reads the images only), webdataset "
+            "(the shards only) or manifest/parquet_bytes (the tables only), or split the folder")
+    if listing.SHARD in found:
         return "webdataset"
-    for suffix in TABLE_SUFFIXES:
-        if p.endswith(suffix):
-            return _table_kind(cfg.paths()[0], cfg, storage) if suffix == ".parquet" else "manifest"
-    fs, path = filesystem(cfg.paths()[0], storage)
-    names = sorted(fs.find(path, maxdepth=2))[:1000]
-    if any(n.lower().endswith(TAR_SUFFIXES) for n in names):
-        return "webdataset"
-    tables = [n for n in names if n.lower().endswith(".parquet")]
-    if tables and not any(_is_image_name(n, cfg.extensions) for n in names):
-        return _table_kind(to_uri(fs, tables[0]), cfg, storage)
+    if listing.TABLE in found:
+        parquet = next((n for n, c in named if c == listing.TABLE and n.lower().endswith(".parquet")), None)
+        return _table_kind(parquet, cfg, storage) if parquet else "manifest"
     return "folder"
 
 
@@ -197,106 +213,26 @@ def check_source(cfg: InputConfig, storage: StorageConfig, kind: str) -> None:
         resolve_key_column(names, cfg)
 
 
-# Boundaries of the key ranges a large flat S3 prefix is listed in, in parallel.
-KEY_RANGE_BOUNDS = [chr(c) for c in (*range(ord("0"), ord("9") + 1), *range(ord("A"), ord("Z") + 1),
-                                      *range(ord("a"), ord("z") + 1))]
-
-
-def s3_key_ranges(root: str, storage: StorageConfig, page: int = 1000) -> list[str] | None:
-    """For an S3 prefix with more than ``page`` entries directly under it, the listing
-    tasks to run instead of one driver-side listing: ``s3://bucket/prefix/#range=lo,hi``
-    covering keys in (prefix+lo, prefix+hi] (``lo``/``hi`` empty = open), disjoint and
-    complete. None for a small prefix (list it level by level)."""
-    fs, path = filesystem(root, storage)
-    bucket, _, prefix = path.partition("/")
-    prefix = prefix.rstrip("/") + "/" if prefix else ""
-    first = fs.call_s3("list_objects_v2", Bucket=bucket, Prefix=prefix, Delimiter="/", MaxKeys=page)
-    if not first.get("IsTruncated"):
-        return None
-    bounds = ["", *KEY_RANGE_BOUNDS, ""]
-    return [f"s3://{bucket}/{prefix}#range={lo},{hi}" for lo, hi in zip(bounds[:-1], bounds[1:])]
-
-
-def list_key_range(task: str, storage: StorageConfig, extensions: list[str]) -> Iterator[str]:
-    """The image keys of one :func:`s3_key_ranges` task, recursively, page by page."""
-    base, _, spec = task.partition("#range=")
-    lo, _, hi = spec.partition(",")
-    fs, path = filesystem(base, storage)
-    bucket, _, prefix = path.partition("/")
-    kwargs = {"Bucket": bucket, "Prefix": prefix}
-    if lo:
-        kwargs["StartAfter"] = prefix + lo
-    while True:
-        page = fs.call_s3("list_objects_v2", **kwargs)
-        for obj in page.get("Contents", []):
-            key = obj["Key"]
-            if hi and key > prefix + hi:
-                return
-            if _is_image_name(key, extensions):
-                yield f"s3://{bucket}/{key}"
-        if not page.get("IsTruncated"):
-            return
-        kwargs["ContinuationToken"] = page["NextContinuationToken"]
-        kwargs.pop("StartAfter", None)
-
-
-def split_listing(root: str, storage: StorageConfig, extensions: list[str]) -> tuple[list[str], list[str]]:
-    """One level of a folder/prefix: (image files at the top, listing tasks to run in
-    parallel: sub-folders, or key ranges of a large flat S3 prefix)."""
-    fs, path = filesystem(root, storage)
-    if root.startswith(("s3://", "s3a://")):
-        ranges = s3_key_ranges(root, storage)
-        if ranges is not None:
-            return [], ranges
-    files, dirs = [], []
-    for entry in fs.ls(path, detail=True):
-        name = entry["name"]
-        if entry.get("type") == "directory":
-            dirs.append(to_uri(fs, name))
-        elif _is_image_name(name, extensions):
-            files.append(to_uri(fs, name))
-    return sorted(files), sorted(dirs)
-
-
-def _is_image_name(name: str, extensions: list[str]) -> bool:
-    base = posixpath.basename(name)
-    return not base.startswith(".") and "." in base and base.rsplit(".", 1)[1].lower() in extensions
-
-
-def list_prefix(root: str, storage: StorageConfig, extensions: list[str]) -> list[str]:
-    """Every image file below ``root`` (recursive; one paginated listing), or in one key
-    range of :func:`s3_key_ranges`."""
-    if "#range=" in root:
-        return list(list_key_range(root, storage, extensions))
-    fs, path = filesystem(root, storage)
-    return sorted(to_uri(fs, p) for p in fs.find(path) if _is_image_name(p, extensions))
-
-
 def uri_rows(uris: list[str]) -> pa.Table:
-    return pa.table({ID: [stable_id(u) for u in uris], URI: uris})
-
-
-def list_shards(paths: list[str], storage: StorageConfig) -> list[str]:
-    out = []
-    for p in paths:
-        fs, path = filesystem(p, storage)
-        if path.lower().endswith(TAR_SUFFIXES):
-            out.append(to_uri(fs, path))
-        else:
-            out.extend(to_uri(fs, q) for q in fs.find(path) if q.lower().endswith(TAR_SUFFIXES))
-    return sorted(out)
-
-
-def list_tables(paths: list[str], storage: StorageConfig, suffixes: tuple[str, ...]) -> list[str]:
-    """Table files (URIs) at or below ``paths``."""
-    out = []
-    for p in paths:
-        fs, path = filesystem(p, storage)
-        if fs.isdir(path):
-            out.extend(to_uri(fs, q) for q in fs.find(path) if q.lower().endswith(suffixes))
-        else:
-            out.append(to_uri(fs, path))
-    return sorted(out)
+    """Rows ``id, uri`` (+ reject columns) of listed files. A local name that is not valid
+    UTF-8 (Linux allows any bytes) cannot be a ``uri`` any reader of the manifest could
+    open: its row is rejected ``unsafe_path``, its uri the name with ``\\xNN`` escapes and
+    its id hashed from the raw bytes (``os.fsencode``), so it is still unique."""
+    ids, shown, rejects = [], [], []
+    for u in uris:
+        try:
+            u.encode("utf-8")
+        except UnicodeEncodeError:
+            text = listing.printable_name(u)
+            ids.append(stable_id("\0fsencode:" + listing.raw_name(u).hex()))  # no path holds NUL: no clash
+            shown.append(text)
+            rejects.append((Reason.UNSAFE_PATH, f"file name is not valid UTF-8: {text!r}; rename it to UTF-8 "
+                                                "(e.g. convmv -f latin1 -t utf8 --notest)"))
+            continue
+        ids.append(stable_id(u))
+        shown.append(u)
+        rejects.append(None)
+    return with_reject_columns(pa.table({ID: pa.array(ids, pa.string()), URI: pa.array(shown, pa.string())}), rejects)
 
 
 def resolve_key_column(names: list[str], cfg: InputConfig) -> str:
