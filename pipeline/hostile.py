@@ -11,8 +11,11 @@ second without holding its pixels.
 from __future__ import annotations
 
 import io
+import os
 import struct
+import tarfile
 import zlib
+from pathlib import Path
 
 import numpy as np
 from PIL import Image
@@ -123,3 +126,79 @@ def progressive_jpeg(width: int, height: int, scans: int) -> bytes:
         out += [_segment(0xDA, bytes([1, 1, 0x00, k, k, (ah << 4) | al])), eob]
     out.append(b"\xff\xd9")
     return b"".join(out)
+
+
+# --------------------------------------------------------------------------- webdataset shards
+# (stages.shards reads these; tests/test_shards.py and bench/hostile.py use them)
+
+_CHUNK = 1 << 20
+
+
+def _tar_member(name: str | bytes, data: bytes, size: int | None = None) -> bytes:
+    """Header (GNU format: a bytes name is written as those raw bytes) + data + padding."""
+    info = tarfile.TarInfo(os.fsdecode(name) if isinstance(name, bytes) else name)
+    info.size = len(data) if size is None else size
+    info.mtime = 0
+    head = info.tobuf(tarfile.GNU_FORMAT, "utf-8", "surrogateescape")
+    return head + data + b"\0" * (-len(data) % tarfile.BLOCKSIZE if size is None else 0)
+
+
+def tar_bytes(members: list[tuple[str | bytes, bytes]]) -> bytes:
+    """An uncompressed tar of ``(name, data)`` members, in order (a name may repeat)."""
+    return b"".join(_tar_member(n, d) for n, d in members) + b"\0" * (2 * tarfile.BLOCKSIZE)
+
+
+def gzip_repeats(parts: list[tuple[bytes, int]]) -> bytes:
+    """A valid gzip stream of each ``(chunk, times)`` in order: the chunk is deflated once
+    (ending on a full flush) and its blocks repeated, so a GB of zeros is built in about a
+    second (the CRC) instead of a minute, at ~1000:1."""
+    body, crc, size = [], 0, 0
+    for chunk, times in parts:
+        co = zlib.compressobj(9, zlib.DEFLATED, -15)
+        body.append((co.compress(chunk) + co.flush(zlib.Z_FULL_FLUSH)) * times)
+        for _ in range(times):
+            crc = zlib.crc32(chunk, crc)
+        size += len(chunk) * times
+    body.append(zlib.compressobj(9, zlib.DEFLATED, -15).flush(zlib.Z_FINISH))  # an empty final block
+    return b"\x1f\x8b\x08\x00\x00\x00\x00\x00\x02\xff" + b"".join(body) + struct.pack("<II", crc, size & 0xFFFFFFFF)
+
+
+def gzip_bomb_tar(path, bomb_bytes: int, after: list[tuple[str | bytes, bytes]] = (),
+                  name: str = "bomb/0000.jpg") -> Path:
+    """A ``.tar.gz`` whose first member ``name`` is ``bomb_bytes`` zeros (a 200 MB member
+    is ~200 KB of file), followed by the members ``after`` (e.g. real images that must
+    still be read). Written to ``path``; returns it."""
+    full, rest = divmod(bomb_bytes, _CHUNK)
+    tail = b"\0" * rest + b"\0" * (-bomb_bytes % tarfile.BLOCKSIZE) + tar_bytes(list(after))
+    parts = [(_tar_member(name, b"", size=bomb_bytes), 1), (b"\0" * _CHUNK, full), (tail, 1)]
+    path = Path(path)
+    path.write_bytes(gzip_repeats([(c, n) for c, n in parts if n]))
+    return path
+
+
+def huge_sidecar_tar(path, image: bytes, sidecar_bytes: int, key: str = "s/0001") -> Path:
+    """A ``.tar`` with one sample: ``key.jpg`` (``image``) and a ``key.json`` sidecar of
+    ``sidecar_bytes`` of valid non-ASCII JSON text (each 2-byte 'é' becomes 6 bytes once
+    escaped by json.dumps: a naive reader holds ~4x the file as strings)."""
+    body = b'{"note": "' + "é".encode() * max(0, (sidecar_bytes - 12) // 2) + b'"}'
+    path = Path(path)
+    path.write_bytes(tar_bytes([(f"{key}.jpg", image), (f"{key}.json", body)]))
+    return path
+
+
+NON_UTF8_NAMES = (b"s/caf\xe9.jpg", b"s/\xff\xfe.jpg")  # Latin-1 'é'; bytes no encoding maps
+
+
+def non_utf8_tar(path, images: list[bytes], names: tuple[bytes, ...] = NON_UTF8_NAMES) -> Path:
+    """A ``.tar`` whose members are named by raw bytes that are not UTF-8 (as GNU tar
+    stores a Latin-1 file name), one image per name."""
+    path = Path(path)
+    path.write_bytes(tar_bytes(list(zip(names, images))))
+    return path
+
+
+def duplicate_names_tar(path, images: list[bytes], name: str = "s/0001.jpg") -> Path:
+    """A ``.tar`` holding ``name`` once per image (tar allows it; extracting keeps the last)."""
+    path = Path(path)
+    path.write_bytes(tar_bytes([(name, im) for im in images]))
+    return path

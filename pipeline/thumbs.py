@@ -10,14 +10,13 @@ from __future__ import annotations
 
 import base64
 import io
-import tarfile
 from collections import defaultdict
 
 from PIL import Image, ImageOps
 
 from manifests.io import filesystem
 from pipeline.config import StorageConfig
-from stages import ingest
+from stages import ingest, shards
 
 
 def _container(uri: str) -> tuple[str, str, str] | None:
@@ -51,10 +50,10 @@ def fetch_many(uris: list[str], storage: StorageConfig, bytes_column: str = "ima
         try:
             fs, path = filesystem(base, storage)
             if kind == "tar":
-                with fs.open(path, "rb") as raw, tarfile.open(fileobj=raw, mode="r|*") as tar:
-                    for m in tar:
-                        if m.name in wanted and m.isfile():
-                            out[wanted[m.name]] = tar.extractfile(m).read()
+                # members found again by the names their rows' uris hold (stages.shards.member_ref:
+                # non-UTF-8 bytes as \xNN, '#n' for a repeated name), reads bounded as in ingest
+                for ref, data in shards.read_members(base, storage, set(wanted)).items():
+                    out[wanted[ref]] = data
             else:
                 import pyarrow as pa
                 import pyarrow.compute as pc

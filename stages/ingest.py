@@ -10,19 +10,16 @@ from __future__ import annotations
 
 import json
 import posixpath
-import tarfile
 import time
-import zlib
 from collections import Counter
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 
 import pyarrow as pa
 
 from manifests.io import filesystem
 from manifests.schema import BYTES, ID, URI, Reason, Stage, check_columns
-from pipeline.config import ConfigError, InputConfig, StorageConfig
+from pipeline.config import ConfigError, InputConfig, StorageConfig, ValidateConfig
 from stages import listing
 from stages.kernels.hashing import stable_id
 from stages.listing import (  # noqa: F401 - the listing lives in stages.listing; re-exported for callers
@@ -90,7 +87,6 @@ def classify_error(exc: BaseException) -> Reason | None:
 def read_with_retry(read, what: str, storage: StorageConfig) -> bytes | tuple[Reason, str]:
     """Call ``read()``; retry transient failures with backoff. Returns the bytes or
     ``(reason, detail)`` for a permanent failure."""
-    delay = storage.retry_base_s
     for attempt in range(storage.max_retries + 1):
         try:
             return read()
@@ -103,21 +99,55 @@ def read_with_retry(read, what: str, storage: StorageConfig) -> bytes | tuple[Re
                 if storage.on_transient_exhausted == "reject":
                     return Reason.READ_ERROR, detail[:500]
                 raise TransientReadError(f"{what}: {detail}") from e
-            time.sleep(min(delay, 20.0))
-            delay *= 2
+            time.sleep(retry_delay(storage, attempt))
     raise AssertionError("unreachable")
 
 
-def fetch_object(uri: str, storage: StorageConfig) -> bytes | tuple[Reason, str]:
+def retry_delay(storage: StorageConfig, attempt: int) -> float:
+    """Seconds to wait before retry ``attempt`` (0-based): ``retry_base_s`` doubled each
+    time, capped at 20 s."""
+    return min(storage.retry_base_s * 2 ** attempt, 20.0)
+
+
+def read_at_most(fs, path: str, max_bytes: int | None) -> bytes:
+    """The object's bytes, at most ``max_bytes + 1`` of them (one ranged GET on S3): more
+    than ``max_bytes`` means too large, and the rest is never transferred."""
+    if max_bytes is None:
+        return fs.cat_file(path)
+    try:
+        return fs.cat_file(path, start=0, end=max_bytes + 1)
+    except OSError as e:  # S3 answers a range on an empty object with 416 "range not satisfiable"
+        if "range" in str(e).lower() and fs.size(path) == 0:
+            return b""
+        raise
+
+
+def too_large_detail(fs, path: str, max_bytes: int) -> str:
+    """``file_too_large`` detail of an object read past ``max_bytes`` (its size from a HEAD)."""
+    try:
+        return f"{int(fs.size(path))} bytes > max_bytes {max_bytes}; read stopped after {max_bytes + 1}"
+    except Exception:  # noqa: BLE001 - the size is only for the detail
+        return f"more than max_bytes {max_bytes} bytes; read stopped after {max_bytes + 1}"
+
+
+def fetch_object(uri: str, storage: StorageConfig, max_bytes: int | None = None) -> bytes | tuple[Reason, str]:
+    """An object's bytes, or ``(reason, detail)``; with ``max_bytes``, at most that many are
+    kept and a larger object is ``file_too_large`` after reading ``max_bytes + 1``."""
     try:
         fs, path = filesystem(uri, storage)
     except Exception as e:  # noqa: BLE001 - e.g. an unknown protocol in one manifest row
         return Reason.READ_ERROR, f"cannot open {uri!r}: {type(e).__name__}: {e}"[:500]
-    return read_with_retry(lambda: fs.cat_file(path), uri, storage)
+    got = read_with_retry(lambda: read_at_most(fs, path, max_bytes), uri, storage)
+    if isinstance(got, bytes) and max_bytes is not None and len(got) > max_bytes:
+        return Reason.FILE_TOO_LARGE, too_large_detail(fs, path, max_bytes)
+    return got
 
 
-def fetch_batch(table: pa.Table, storage: StorageConfig, uri_column: str = URI) -> pa.Table:
-    """Add ``image_bytes`` and reject columns, fetching the URIs of ``table`` concurrently."""
+def fetch_batch(table: pa.Table, storage: StorageConfig, uri_column: str = URI,
+                max_bytes: int | None = None) -> pa.Table:
+    """Add ``image_bytes`` and reject columns, fetching the URIs of ``table`` concurrently;
+    an object over ``max_bytes`` (``validate.max_bytes``) is not read whole:
+    ``file_too_large``."""
     uris = table.column(uri_column).to_pylist()
     prior = table.column("reason").to_pylist() if "reason" in table.column_names else [None] * len(uris)
 
@@ -126,7 +156,7 @@ def fetch_batch(table: pa.Table, storage: StorageConfig, uri_column: str = URI) 
             return None  # rejected upstream (e.g. not in the catalog): nothing to read
         if not uris[i]:
             return Reason.MISSING, "empty uri"
-        return fetch_object(str(uris[i]), storage)
+        return fetch_object(str(uris[i]), storage, max_bytes)
 
     todo = range(len(uris))
     if len(uris) > 1 and storage.read_concurrency > 1:
@@ -246,18 +276,36 @@ def resolve_key_column(names: list[str], cfg: InputConfig) -> str:
     raise ValueError(f"input.key_column: none of {list(KEY_CANDIDATES)} in {names}; set input.key_column")
 
 
-def parquet_bytes_batch(table: pa.Table, bytes_column: str, key_column: str) -> pa.Table:
-    """Rows of a parquet-with-bytes file -> ``id, uri, image_bytes`` + metadata."""
+def parquet_bytes_batch(table: pa.Table, bytes_column: str, key_column: str, max_bytes: int | None = None) -> pa.Table:
+    """Rows of a parquet-with-bytes file -> ``id, uri, image_bytes`` + metadata; a cell
+    over ``max_bytes`` is dropped and the row rejected ``file_too_large``."""
     keys = [None if k is None else str(k) for k in table.column(key_column).to_pylist()]
     paths = table.column("path").to_pylist() if "path" in table.column_names else [""] * len(keys)
     ids = [stable_id(f"{key_column}={k}") for k in keys]
     uris = [f"{p}#{key_column}={k}" for p, k in zip(paths, keys)]
-    blobs = table.column(bytes_column)
+    blobs, rejects = checked_cells(table.column(bytes_column), max_bytes)
     table = table.drop_columns([c for c in (bytes_column, "path", ID, URI) if c in table.column_names])
     table = table.append_column(ID, pa.array(ids, pa.string())).append_column(URI, pa.array(uris, pa.string()))
-    table = table.append_column(BYTES, blobs.cast(pa.binary()))
-    rejects = [None if b is not None else (Reason.MISSING, "null image bytes") for b in blobs.to_pylist()]
+    table = table.append_column(BYTES, blobs)
     return with_reject_columns(table, rejects)
+
+
+def checked_cells(blobs: pa.ChunkedArray | pa.Array, max_bytes: int | None) -> tuple[pa.ChunkedArray, list]:
+    """(image cells as binary, those over ``max_bytes`` nulled; per cell None, ``missing``
+    (null) or ``file_too_large`` with its size). Sizes come from ``pc.binary_length``: no
+    cell is turned into a Python object here."""
+    import pyarrow.compute as pc
+
+    blobs = blobs.cast(pa.binary())
+    lengths = pc.binary_length(blobs)
+    rejects: list = [None if n is not None and (max_bytes is None or n <= max_bytes) else
+                     (Reason.MISSING, "null image bytes") if n is None else
+                     (Reason.FILE_TOO_LARGE, f"{n} bytes > max_bytes {max_bytes}") for n in lengths.to_pylist()]
+    if max_bytes is not None and any(r is not None and r[0] == Reason.FILE_TOO_LARGE for r in rejects):
+        blobs = pc.if_else(pc.greater(lengths, max_bytes), pa.scalar(None, pa.binary()), blobs)
+    if isinstance(blobs, pa.Array):
+        blobs = pa.chunked_array([blobs])
+    return blobs, rejects
 
 
 # Coordinates of a parquet row, kept from the metadata read to the image read.
@@ -278,17 +326,32 @@ def parquet_row_groups(batch: pa.Table, storage: StorageConfig) -> pa.Table:
     return pa.table(out)
 
 
-def parquet_metadata_rows(batch: pa.Table, storage: StorageConfig, bytes_column: str) -> pa.Table:
+def parquet_metadata_rows(batch: pa.Table, storage: StorageConfig, bytes_column: str,
+                          max_cell_bytes: int | None = InputConfig.model_fields["max_sidecar_bytes"].default
+                          ) -> pa.Table:
     """(file, row group) rows -> that row group's rows without the image column, plus their
-    coordinates. Only the metadata columns' bytes are read."""
+    coordinates. Only the metadata columns' bytes are read: a metadata column whose chunk
+    the footer says is over ``rows x max_cell_bytes`` (``input.max_sidecar_bytes``) is not
+    read (nulls) and the group's rows are rejected ``file_too_large``."""
     import pyarrow.parquet as pq
 
     parts = []
     for uri, rg in zip(batch.column("file").to_pylist(), batch.column("row_group").to_pylist()):
         fs, path = filesystem(uri, storage)
         with fs.open(path, "rb") as f:
-            pf = pq.ParquetFile(f, metadata=parquet_footer(f), pre_buffer=False)
-            t = pf.read_row_group(rg, columns=[n for n in pf.schema_arrow.names if n != bytes_column])
+            md = parquet_footer(f)
+            pf = pq.ParquetFile(f, metadata=md, pre_buffer=False)
+            names = [n for n in pf.schema_arrow.names if n != bytes_column]
+            rows = md.row_group(rg).num_rows
+            over = {c: column_chunk_bytes(md.row_group(rg), c) for c in names} if max_cell_bytes is not None else {}
+            over = {c: b for c, b in over.items() if b > rows * max_cell_bytes}
+            t = pf.read_row_group(rg, columns=[c for c in names if c not in over])
+        if over:
+            for c in over:
+                t = t.append_column(pf.schema_arrow.field(c), pa.nulls(len(t), pf.schema_arrow.field(c).type))
+            detail = (f"row group {rg}: metadata column(s) {sorted(over)} hold {sorted(over.values())} bytes for "
+                      f"{rows} rows, more than rows x input.max_sidecar_bytes {max_cell_bytes}; not read")
+            t = with_reject_columns(t, [(Reason.FILE_TOO_LARGE, detail)] * len(t))
         n = len(t)
         parts.append(t.append_column(PQ_FILE, pa.array([uri] * n, pa.string()))
                       .append_column(PQ_GROUP, pa.array([rg] * n, pa.int32()))
@@ -314,10 +377,17 @@ def parquet_footer(f):
     return pq.read_metadata(io.BytesIO(b"PAR1" + footer + tail))
 
 
-def parquet_selected_images(table: pa.Table, storage: StorageConfig, bytes_column: str, key_column: str) -> pa.Table:
+def parquet_selected_images(table: pa.Table, storage: StorageConfig, bytes_column: str, key_column: str,
+                            max_bytes: int | None = ValidateConfig.model_fields["max_bytes"].default) -> pa.Table:
     """Rows carrying parquet coordinates -> the same rows with their image bytes, reading
     the image column only of the row groups they fall in (rows of a row group are read
-    together: keep them in one batch). Output as :func:`parquet_bytes_batch`."""
+    together: keep them in one batch). Output as :func:`parquet_bytes_batch`.
+
+    Sizes are checked before bytes are used: a row group whose image column the footer says
+    is larger than ``rows x max_bytes`` uncompressed holds a cell over ``max_bytes`` that
+    cannot be told from the others without inflating it, so it is not read (its selected
+    rows are ``file_too_large``, the detail says why); a cell over ``max_bytes`` in a group
+    that is read is dropped (``pc.binary_length``) before any conversion."""
     import pyarrow.parquet as pq
 
     files = table.column(PQ_FILE).to_pylist()
@@ -329,18 +399,47 @@ def parquet_selected_images(table: pa.Table, storage: StorageConfig, bytes_colum
     for i, key in enumerate(zip(files, groups)):
         if prior[i] is None:  # rows rejected upstream (not in the catalog) are not read
             by_group.setdefault(key, []).append(i)
+    size_rejects: list = [None] * len(table)
     for (uri, rg), members in by_group.items():
         fs, path = filesystem(uri, storage)
         with fs.open(path, "rb") as f:
-            pf = pq.ParquetFile(f, metadata=parquet_footer(f), pre_buffer=False)
-            column = pf.read_row_group(rg, columns=[bytes_column]).column(0)
-        taken = column.take(pa.array([rows[i] for i in members])).to_pylist()
-        for i, b in zip(members, taken):
+            md = parquet_footer(f)
+            over = _group_over_budget(md, rg, bytes_column, max_bytes)
+            if over is None:
+                pf = pq.ParquetFile(f, metadata=md, pre_buffer=False)
+                column = pf.read_row_group(rg, columns=[bytes_column]).column(0)
+        if over is not None:
+            for i in members:
+                size_rejects[i] = (Reason.FILE_TOO_LARGE, over)
+            continue
+        taken, checked = checked_cells(column.take(pa.array([rows[i] for i in members])), max_bytes)
+        for i, b, r in zip(members, taken.to_pylist(), checked):
             blobs[i] = b
+            size_rejects[i] = r if r is not None and r[0] == Reason.FILE_TOO_LARGE else None
     paths = {u: filesystem(u, storage)[1] for u in set(files)}  # as Ray's include_paths gives them
     out = table.drop_columns([PQ_FILE, PQ_GROUP, PQ_ROW]).append_column(bytes_column, pa.array(blobs, pa.binary()))
     out = out.append_column("path", pa.array([paths[u] for u in files], pa.string()))
+    if any(size_rejects):
+        out = with_reject_columns(out, size_rejects)
     return parquet_bytes_batch(out, bytes_column, key_column)
+
+
+def _group_over_budget(md, rg: int, column: str, max_bytes: int | None) -> str | None:
+    """Why row group ``rg``'s ``column`` chunk may not be read (its footer size), or None."""
+    if max_bytes is None:
+        return None
+    group = md.row_group(rg)
+    size = column_chunk_bytes(group, column)
+    if size > group.num_rows * max_bytes:
+        return (f"row group {rg}: column {column!r} holds {size} bytes uncompressed for {group.num_rows} rows, "
+                f"more than rows x max_bytes {max_bytes}: a cell is too large and the group is not read")
+    return None
+
+
+def column_chunk_bytes(group, column: str) -> int:
+    """Uncompressed bytes of a top-level column (all its leaves) in one row group's footer."""
+    return sum(group.column(j).total_uncompressed_size for j in range(group.num_columns)
+               if group.column(j).path_in_schema.split(".", 1)[0] == column)
 
 
 def manifest_rows(table: pa.Table, uri_column: str) -> pa.Table:
@@ -354,121 +453,12 @@ def manifest_rows(table: pa.Table, uri_column: str) -> pa.Table:
 
 # --------------------------------------------------------------------------- webdataset
 
-@dataclass
-class _Sample:
-    key: str
-    images: list[tuple[str, bytes]]
-    sidecars: dict[str, str]
-    rejects: list[tuple[str, Reason, str]]
-
-
-def _member_key(name: str) -> tuple[str, str]:
-    """webdataset convention: key = path up to the first dot of the basename; ext = the rest."""
-    d, base = posixpath.split(name)
-    stem, _, ext = base.partition(".")
-    return posixpath.join(d, stem), ext.lower()
-
-
-def _unsafe(member: tarfile.TarInfo) -> str | None:
-    name = member.name
-    if name.startswith("/") or name.startswith("\\") or ".." in name.replace("\\", "/").split("/"):
-        return f"member name {name!r} escapes the archive"
-    if member.issym() or member.islnk():
-        return f"member {name!r} is a link to {member.linkname!r}"
-    if not (member.isfile() or member.isdir()):
-        return f"member {name!r} is not a regular file"
-    return None
-
-
 SKIPPED = "skipped_unselected"  # reason of a member not read because its key is unselected (never output)
 
 
 def iter_shard(shard_uri: str, storage: StorageConfig, extensions: list[str], rows_per_block: int,
-               keep: Callable[[str], bool] | None = None) -> Iterator[pa.Table]:
-    """Stream one ``.tar``/``.tar.gz`` shard as tables of rows (never decoding images).
+               keep: Callable[[str], bool] | None = None, limits=None) -> Iterator[pa.Table]:
+    """Stream one ``.tar``/``.tar.gz`` shard as tables of rows: :func:`stages.shards.iter_shard`."""
+    from stages import shards  # shards builds on this module's errors and reject columns
 
-    Consecutive members sharing a key form a sample; each image member is a row carrying
-    the sample's ``key`` and its other members as ``sidecars`` (JSON: ext -> text).
-    Unsafe members and a broken stream become rejects; rows read before a break are kept.
-    ``keep(basename of key)`` False: the image member is skipped unread (a row without
-    bytes, reason ``SKIPPED``, which the catalog join drops or relabels).
-    """
-    rows: list[dict] = []
-
-    def emit_sample(s: _Sample) -> None:
-        side = json.dumps(s.sidecars, sort_keys=True) if s.sidecars else None
-        for name, data in s.images:
-            rows.append({ID: stable_id(f"{shard_uri}#{name}"), URI: f"{shard_uri}#{name}", "key": s.key,
-                         "sidecars": side, BYTES: data, "_reject": None})
-        for name, reason, detail in s.rejects:
-            rows.append({ID: stable_id(f"{shard_uri}#{name}"), URI: f"{shard_uri}#{name}", "key": s.key,
-                         "sidecars": None, BYTES: None, "_reject": (reason, detail)})
-        if not s.images and not s.rejects:
-            rows.append({ID: stable_id(f"{shard_uri}#{s.key}"), URI: f"{shard_uri}#{s.key}", "key": s.key,
-                         "sidecars": side, BYTES: None,
-                         "_reject": (Reason.MISSING, f"sample {s.key!r} has no image member ({sorted(s.sidecars)})")})
-
-    def flush() -> Iterator[pa.Table]:
-        if rows:
-            yield _shard_table(rows)
-            rows.clear()
-
-    fs, path = filesystem(shard_uri, storage)
-    current: _Sample | None = None
-    n_members = 0
-    try:
-        with fs.open(path, "rb") as raw, tarfile.open(fileobj=raw, mode="r|*") as tar:
-            for member in tar:
-                n_members += 1
-                problem = _unsafe(member)
-                if member.isdir() and not problem:
-                    continue
-                key, ext = _member_key(member.name)
-                if current is None or key != current.key:
-                    if current is not None:
-                        emit_sample(current)
-                        if len(rows) >= rows_per_block:
-                            yield from flush()
-                    current = _Sample(key, [], {}, [])
-                if problem:
-                    current.rejects.append((member.name, Reason.UNSAFE_PATH, problem))
-                    continue
-                is_image = ext.rsplit(".", 1)[-1] in extensions
-                if is_image and keep is not None and not keep(posixpath.basename(key)):
-                    current.rejects.append((member.name, SKIPPED, "unselected"))  # data skipped by the stream
-                    continue
-                f = tar.extractfile(member)
-                data = f.read() if f is not None else b""
-                if is_image:
-                    current.images.append((member.name, data))
-                else:
-                    current.sidecars[ext] = data.decode("utf-8", errors="replace")
-            if current is not None:
-                emit_sample(current)
-                current = None
-    except FileNotFoundError as e:
-        rows.append(_shard_reject(shard_uri, "missing", Reason.MISSING, f"shard not found: {e}"))
-    except PermissionError as e:
-        rows.append(_shard_reject(shard_uri, "denied", Reason.PERMISSION_DENIED, str(e)))
-    except (tarfile.TarError, EOFError, zlib.error, OSError) as e:
-        if current is not None:
-            emit_sample(current)  # members fully read before the break are kept
-        rows.append(
-            _shard_reject(shard_uri, f"broken@{n_members}", Reason.READ_ERROR,
-                          f"archive stream broken after {n_members} members: {type(e).__name__}: {e}"[:500])
-        )
-    yield from flush()
-
-
-def _shard_reject(shard_uri: str, tag: str, reason: Reason, detail: str) -> dict:
-    return {ID: stable_id(f"{shard_uri}#<{tag}>"), URI: shard_uri, "key": None, "sidecars": None,
-            BYTES: None, "_reject": (reason, detail)}
-
-
-_SHARD_SCHEMA = pa.schema([(ID, pa.string()), (URI, pa.string()), ("key", pa.string()),
-                           ("sidecars", pa.string()), (BYTES, pa.binary())])
-
-
-def _shard_table(rows: list[dict]) -> pa.Table:
-    t = pa.table({f.name: pa.array([r[f.name] for r in rows], f.type) for f in _SHARD_SCHEMA}, schema=_SHARD_SCHEMA)
-    return with_reject_columns(t, [r["_reject"] for r in rows])
+    return shards.iter_shard(shard_uri, storage, extensions, rows_per_block, keep, limits)
