@@ -32,6 +32,7 @@ import pyarrow.dataset as pads
 from manifests import io as mio
 from pipeline import thumbs
 from pipeline.config import ConfigError, PipelineConfig, load_config
+from stages.export import spreadsheet_safe
 from stages.kernels.examples import wilson
 from stages.kernels.hashing import seeded_rank
 
@@ -224,10 +225,11 @@ def build(cfg: PipelineConfig, labels: str | None = None, label_sample: int = 0,
             f.write(sample_csv(got["sample"]).encode())
     with fs.open(mio.join(out, "report.json"), "wb") as f:
         f.write(json.dumps(report, indent=2, sort_keys=True).encode())
-    pictures = [r["uri"] for side in ("inside", "outside") for rows in got[side].values() for r in rows]
-    pictures += [r["uri"] for r in (report["labels"] or {}).get("disagreements", [])] + [r["uri"] for r in got["sample"]]
-    images = thumbs.fetch_many(sorted(set(u for u in pictures if u)), cfg.storage, cfg.input.bytes_column)
-    page = render(report, got, {u: thumbs.data_uri(b) for u, b in images.items()}, bool(label_sample))
+    pictures = [r for side in ("inside", "outside") for rows in got[side].values() for r in rows]
+    pictures += [*(report["labels"] or {}).get("disagreements", []), *got["sample"]]
+    images = thumbs.thumbnails(thumbs.reasons_by_uri(pictures), cfg.storage, cfg.validate,
+                               bytes_column=cfg.input.bytes_column)
+    page = render(report, got, {u: src for u, (src, _) in images.items()}, bool(label_sample))
     with fs.open(mio.join(out, "index.html"), "wb") as f:
         f.write(page.encode())
     report["files"] = {"json": mio.to_uri(fs, mio.join(out, "report.json")),
@@ -239,9 +241,10 @@ def sample_csv(rows: list[dict]) -> str:
     buf = io.StringIO()
     w = csv.writer(buf)
     w.writerow(["id", "uri", "predicted", "nonnatural_category", "nonnatural_score", "nonnatural_margin", "label"])
-    for r in rows:
-        w.writerow([r["id"], r["uri"], predicted(r), r["nonnatural_category"], f"{r['nonnatural_score']:.5f}",
-                    f"{r['nonnatural_margin']:.5f}", ""])
+    for r in rows:  # every cell safe to open in a spreadsheet (no formula runs)
+        w.writerow([spreadsheet_safe(v) for v in (
+            r["id"], r["uri"], predicted(r), r["nonnatural_category"], f"{r['nonnatural_score']:.5f}",
+            f"{r['nonnatural_margin']:.5f}", "")])
     return buf.getvalue()
 
 

@@ -13,7 +13,10 @@ memory), plus ``stages/near_dedup_pairs`` when there. Sections:
 * the funnel: inputs -> kept, per stage and per reason;
 * histograms of every score (aesthetic, non-natural margin, blur, exposure, contrast,
   duplicate similarity), with the run's thresholds drawn on them;
-* thumbnails: a sample of rejects per reason (by hash(seed, id)), near-duplicate groups
+* thumbnails (``pipeline.thumbs``: a reject whose bytes are unsafe -- bomb, timeout, too
+  large, corrupt -- is never read again and shows its reason instead; the others are
+  decoded under the run's ``validate`` limits): a sample of rejects per reason (by
+  hash(seed, id)), near-duplicate groups
   side by side with their similarity, the images closest to each threshold on both sides,
   a few images per top-level cluster, and taxonomy coverage before/after sampling;
 * timings per stage and throughput.
@@ -24,8 +27,10 @@ from __future__ import annotations
 import argparse
 import html
 import json
+import logging
 import math
 import sys
+import time
 from collections import Counter, defaultdict
 
 import numpy as np
@@ -39,6 +44,7 @@ from pipeline import thumbs
 from pipeline.config import TAXON_COLUMNS, ConfigError, StorageConfig
 from stages.kernels.hashing import seeded_rank
 
+log = logging.getLogger("biocurate.report")
 MAX_BYTES = 20 * 2**20
 PER_REASON = 6
 PER_CLUSTER = 4
@@ -273,8 +279,10 @@ def bar(value: float, total: float, label: str) -> str:
     return f'<div class="hbar"><div style="width:{pct:.1f}%"></div><span>{esc(label)}</span></div>'
 
 
-def thumb(src: str | None, caption: str) -> str:
-    img = (f'<img src="{src}" alt="{esc(caption)}">' if src else '<div class="noimg">not readable</div>')
+def thumb(got: tuple[str | None, str | None] | None, caption: str) -> str:
+    """A figure: the thumbnail, or a placeholder saying why there is none."""
+    src, why = got or (None, "not readable")
+    img = (f'<img src="{src}" alt="{esc(caption)}">' if src else f'<div class="noimg">{esc(why)}</div>')
     return f'<figure>{img}<figcaption>{esc(caption)}</figcaption></figure>'
 
 
@@ -288,12 +296,25 @@ td.n{text-align:right;font-variant-numeric:tabular-nums}
 .bar{fill:#7aa6d6}.thr{stroke:#d33;stroke-width:2}.thrlabel{fill:#d33;font-size:11px}.axis{font-size:11px;fill:#555}
 .grid{display:flex;flex-wrap:wrap;gap:8px}figure{margin:0;width:136px}
 figure img{max-width:128px;max-height:128px;display:block;border:1px solid #ccc}
-figcaption{font-size:11px;word-break:break-all;color:#444}.noimg{width:128px;height:64px;background:#eee}
+figcaption{font-size:11px;word-break:break-all;color:#444}.noimg{width:128px;height:64px;background:#eee;font-size:11px;color:#666}
 .muted{color:#888}.group{border:1px solid #ddd;padding:6px;margin:6px 0}.hist{display:inline-block;margin:6px 12px}
 """
 
 
-def render(summary: dict, got: dict, groups: list[dict], shown: dict[str, str | None], lookup: dict) -> str:
+def skipped_line(summary: dict) -> str:
+    """One line on the input files skipped because of their extension (none: nothing)."""
+    skipped = summary.get("input_skipped") or {}
+    n = int(skipped.get("count") or 0)
+    if n <= 0:
+        return ""
+    by_ext = sorted((skipped.get("by_extension") or {}).items(), key=lambda kv: (-kv[1], kv[0]))
+    kinds = ", ".join(f"{ext or 'no extension'} {k}" for ext, k in by_ext)
+    examples = ", ".join(str(x) for x in (skipped.get("examples") or [])[:5])
+    return (f"<p id=skipped>{n} file{'s' if n != 1 else ''} skipped by extension"
+            + (f" ({esc(kinds)})" if kinds else "") + (f", e.g. {esc(examples)}" if examples else "") + "</p>")
+
+
+def render(summary: dict, got: dict, groups: list[dict], shown: dict[str, tuple], lookup: dict) -> str:
     cfg = summary.get("config") or {}
     inputs, curated = summary.get("inputs", 0), summary.get("curated", 0)
     out = [f"<!doctype html><html><head><meta charset='utf-8'><title>biocurate run report</title>"
@@ -316,7 +337,7 @@ def render(summary: dict, got: dict, groups: list[dict], shown: dict[str, str | 
         for reason, k in sorted(reasons.items(), key=lambda kv: -kv[1]):
             out.append(f"<tr><td>&nbsp;&nbsp;{esc(reason)}</td><td class=n>{k}</td><td></td></tr>")
     out.append(f"<tr><td><b>kept</b></td><td class=n>{curated}</td><td>{bar(curated, inputs, 'curated')}</td></tr>"
-               "</table>")
+               "</table>" + skipped_line(summary))
     if summary.get("refresh"):
         d = (summary["refresh"] or {}).get("diff") or {}
         out.append("<p>Refresh of <code>" + esc(summary["refresh"].get("previous")) + "</code>: "
@@ -405,27 +426,35 @@ def render(summary: dict, got: dict, groups: list[dict], shown: dict[str, str | 
     return "\n".join(out)
 
 
+def shown_uris(got: dict, lookup: dict) -> dict[str, str | None]:
+    """uri -> reject reason (None: kept) of every image the page shows."""
+    rows = [r for rows in got["per_reason"].values() for r in rows]
+    rows += [r for per in got["near"].values() for rows in per.values() for r in rows]
+    rows += [r for rows in got["per_cluster"].values() for r in rows]
+    return thumbs.reasons_by_uri(rows + list(lookup.values()))
+
+
+def encode(page: str) -> bytes:
+    """UTF-8; a lone surrogate (a file name that was not UTF-8) is written escaped."""
+    return page.encode("utf-8", "backslashreplace")
+
+
 def build(fs, root: str, summary: dict, storage: StorageConfig | None = None) -> str:
     storage = storage or StorageConfig()
-    seed = int(((summary.get("config") or {}).get("run") or {}).get("seed", 0))
+    cfg = summary.get("config") or {}
+    seed = int((cfg.get("run") or {}).get("seed", 0))
     got = collect(fs, root, summary)
     groups = dup_groups(fs, root, seed)
     lookup = uris_of(fs, root, {x for g in groups for p in g["pairs"] for x in (p["id_a"], p["id_b"]) if x})
-    uris = set()
-    for rows in got["per_reason"].values():
-        uris |= {r["uri"] for r in rows}
-    for per in got["near"].values():
-        for rows in per.values():
-            uris |= {r["uri"] for r in rows}
-    for rows in got["per_cluster"].values():
-        uris |= {r["uri"] for r in rows}
-    uris |= {v["uri"] for v in lookup.values()}
-    blobs = thumbs.fetch_many(sorted(uris), storage)
-    shown = {u: thumbs.data_uri(b, THUMB, 70) for u, b in blobs.items()}
+    bytes_column = (cfg.get("input") or {}).get("bytes_column") or "image"
+    shown = thumbs.thumbnails(shown_uris(got, lookup), storage, thumbs.limits_of(cfg), THUMB, 70, bytes_column)
     page = render(summary, got, groups, shown, lookup)
-    while len(page.encode()) > MAX_BYTES and shown:  # never above the cap, whatever was asked
-        for u in sorted(shown)[: max(1, len(shown) // 4)]:
-            shown.pop(u)
+    while len(encode(page)) > MAX_BYTES:  # never above the cap, whatever was asked
+        drawn = sorted(u for u, (src, _) in shown.items() if src)
+        if not drawn:
+            break
+        for u in drawn[: max(1, len(drawn) // 4)]:
+            shown[u] = (None, "left out (page size)")
         page = render(summary, got, groups, shown, lookup)
     return page
 
@@ -437,8 +466,31 @@ def write_report(output: str, storage: StorageConfig | None = None) -> str:
         summary = json.loads(f.read())
     page = build(fs, root, summary, storage)
     path = mio.join(root, "report.html")
-    mio.write_bytes_atomic(fs, path, page.encode())
+    mio.write_bytes_atomic(fs, path, encode(page))
     return mio.to_uri(fs, path)
+
+
+def write_report_safely(output: str, storage: StorageConfig | None = None) -> str | None:
+    """:func:`write_report` at the end of a run, which is committed before: a failure is a
+    one-line warning (stderr and the log), never a failed run, and a stale report.html of
+    an earlier version of the run is removed. Returns the report's path, or None."""
+    t0 = time.time()
+    try:
+        path = write_report(output, storage)
+    except Exception as e:  # noqa: BLE001 - the manifest is complete without it
+        why = " ".join(f"{type(e).__name__}: {e}".split())[:300]
+        print(f"biocurate: warning: report.html not written ({why}); the run is complete, "
+              "'biocurate report --output RUN' writes it again", file=sys.stderr)
+        log.warning("report.html not written: %s", why)
+        try:
+            fs, root = mio.filesystem(output, storage)
+            if fs.isfile(mio.join(root, "report.html")):
+                fs.rm(mio.join(root, "report.html"))
+        except Exception:  # noqa: BLE001 - best effort
+            pass
+        return None
+    log.info("report.html in %.1f s", time.time() - t0)
+    return path
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -4,21 +4,24 @@
 Two heads, both scoring the **L2-normalized** embedding on LAION's 0-10 scale:
 
 * ``linear`` -- the ``aesthetic-predictor`` package's head (``get_aesthetic_model``): a
-  ``Linear(768, 1)`` it loads from ``~/.cache/aesthetic_predictor/sa_0_4_vit_l_14_linear.pth``
-  and downloads only when that file is absent. We never let it download: the configured
-  local file is placed at that path first (same bytes), then the package's own loader runs.
+  ``Linear(768, 1)`` with the weights of ``sa_0_4_vit_l_14_linear.pth``, from the
+  configured file or, without one, from where the package keeps it
+  (``~/.cache/aesthetic_predictor/``). We build the layer ourselves: the package's loader
+  downloads a missing file and calls ``torch.load`` without ``weights_only``, which runs
+  any code a pickle carries wherever ``TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD`` is set (or on
+  torch < 2.6).
 * ``mlp`` -- the improved predictor the reference uses (``sac+logos+ava1-l14-linearMSE.pth``):
   768 -> 1024 -> 128 -> 64 -> 16 -> 1, with the reference's module layout
   (``layers.0/2/4/6/7``; dropout between layers is inactive at inference).
 
-A missing file is an :class:`AestheticError` naming it and how to obtain it.
+Both are read with ``torch.load(..., weights_only=True)``: tensors only, never code. A
+missing file, or one that is not a plain state dict, is an :class:`AestheticError` naming it
+(and how to obtain it).
 """
 
 from __future__ import annotations
 
-import hashlib
-import os
-import shutil
+import pickle
 from pathlib import Path
 from typing import Literal
 
@@ -57,38 +60,34 @@ def package_cache_path() -> Path:
     return Path.home() / ".cache" / "aesthetic_predictor" / LINEAR_FILE
 
 
-def _place(weights: Path, target: Path) -> None:
-    """Put ``weights`` at ``target`` (atomically) unless the same bytes are already there."""
-    digest = hashlib.sha256(weights.read_bytes()).hexdigest()
-    if target.is_file() and hashlib.sha256(target.read_bytes()).hexdigest() == digest:
-        return
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
-    shutil.copyfile(weights, tmp)
-    os.replace(tmp, target)
+def _state_dict(path: Path) -> dict:
+    """The tensors stored in ``path``, never the code a pickle may carry (weights_only)."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        first = (str(e).strip().splitlines() or [""])[0][:200]
+        raise AestheticError(f"aesthetic weights {path} are not a plain state dict of tensors; refused (loading it "
+                             f"could run code): {first}") from None
 
 
 def load_head(kind: Literal["linear", "mlp"], weights: str | None) -> nn.Module:
     """The aesthetic head, in eval mode, from a local file (never a download)."""
     if kind == "linear":
-        target = package_cache_path()
-        if weights:
-            if not Path(weights).is_file():
-                raise AestheticError(f"aesthetic weights {weights} not found; get {LINEAR_FILE} from "
-                                     "github.com/LAION-AI/aesthetic-predictor on a machine with network")
-            _place(Path(weights), target)
-        elif not target.is_file():
+        path = Path(weights) if weights else package_cache_path()
+        if weights and not path.is_file():
+            raise AestheticError(f"aesthetic weights {weights} not found; get {LINEAR_FILE} from "
+                                 "github.com/LAION-AI/aesthetic-predictor on a machine with network")
+        if not path.is_file():
             raise AestheticError(f"aesthetic weights not found: set aesthetic.weights to a local {LINEAR_FILE} "
-                                 f"(from github.com/LAION-AI/aesthetic-predictor) or place it at {target}")
-        from aesthetic_predictor import get_aesthetic_model
-
-        get_aesthetic_model.cache_clear()  # the package caches one model per process
-        return get_aesthetic_model("large")
-    if not weights or not Path(weights).is_file():
-        raise AestheticError(f"aesthetic weights {weights or '(aesthetic.weights not set)'} not found; get {MLP_FILE} "
-                             "from github.com/christophschuhmann/improved-aesthetic-predictor on a machine with network")
-    head = ImprovedAestheticMLP()
-    head.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
+                                 f"(from github.com/LAION-AI/aesthetic-predictor) or place it at {path}")
+        head: nn.Module = nn.Linear(DIM, 1)  # get_aesthetic_model("large")'s layer
+    else:
+        if not weights or not Path(weights).is_file():
+            raise AestheticError(f"aesthetic weights {weights or '(aesthetic.weights not set)'} not found; get "
+                                 f"{MLP_FILE} from github.com/christophschuhmann/improved-aesthetic-predictor on a "
+                                 "machine with network")
+        path, head = Path(weights), ImprovedAestheticMLP()
+    head.load_state_dict(_state_dict(path))
     return head.eval()
 
 

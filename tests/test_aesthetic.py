@@ -1,5 +1,5 @@
-"""LAION aesthetic heads loaded offline: the package's linear head through its own loader
-(from a placed local file, never a download) and the improved MLP, both equal to the
+"""LAION aesthetic heads loaded offline: the package's linear head (its layer, from a local
+file read with weights_only, never a download) and the improved MLP, both equal to the
 reference computation on the same embeddings."""
 
 import numpy as np
@@ -27,21 +27,28 @@ def _embeddings(n=5, seed=0):
     return np.random.default_rng(seed).normal(size=(n, 768)).astype(np.float32)
 
 
-def test_linear_head_is_the_packages_own_from_a_local_file(offline_home):
+def test_linear_head_is_the_packages_layer_from_a_local_file(offline_home):
+    import shutil
+
     torch.manual_seed(1)
     lin = torch.nn.Linear(768, 1)
     path = offline_home / LINEAR_FILE
     torch.save(lin.state_dict(), path)
     head = load_head("linear", str(path))
-    assert package_cache_path().read_bytes() == path.read_bytes()  # placed where the package looks
+    assert not package_cache_path().exists()  # read where it is: nothing copied, nothing downloaded
     e = _embeddings()
     w, b = lin.weight.detach().numpy()[0], float(lin.bias.detach()[0])
     reference = (e / np.linalg.norm(e, axis=1, keepdims=True)) @ w + b  # predict_aesthetic's last step
     assert np.allclose(score(head, e), reference, atol=1e-5)
-    # the same package model object the reference code path uses
+    # the package's own model from the same file scores the same; without aesthetic.weights,
+    # the file is read where the package keeps it
+    package_cache_path().parent.mkdir(parents=True)
+    shutil.copyfile(path, package_cache_path())
     from aesthetic_predictor import get_aesthetic_model
 
-    assert get_aesthetic_model("large") is head
+    get_aesthetic_model.cache_clear()
+    assert np.allclose(score(get_aesthetic_model("large"), e), reference, atol=1e-5)
+    assert np.allclose(score(load_head("linear", None), e), reference, atol=1e-5)
 
 
 def test_improved_mlp_matches_the_reference_layout(tmp_path):
