@@ -202,3 +202,96 @@ def duplicate_names_tar(path, images: list[bytes], name: str = "s/0001.jpg") -> 
     path = Path(path)
     path.write_bytes(tar_bytes([(name, im) for im in images]))
     return path
+
+
+# --------------------------------------------------------------------------- large valid images
+
+_PNG_MODES = {"L": (8, 0, 1), "RGB": (8, 2, 3), "RGBA": (8, 6, 4), "I;16": (16, 0, 1)}  # depth, type, channels
+
+
+def _png_chunk(kind: bytes, payload: bytes) -> bytes:
+    return struct.pack(">I", len(payload)) + kind + payload + struct.pack(">I", zlib.crc32(kind + payload))
+
+
+def _pattern_rows(width: int, y0: int, y1: int, mode: str) -> np.ndarray:
+    """Rows ``y0:y1`` of diagonal stripes (periodic along x: deflate finds most of each row
+    a period earlier, so a near-max_pixels PNG stays a few MB)."""
+    y, x = np.mgrid[y0:y1, 0:width]
+    if mode == "I;16":
+        return (((x + 2 * y) % 4096) * 16).astype(">u2")
+    s = (x + 2 * y) % 256
+    chans = [s, (3 * s) % 256, 255 - s, np.full_like(x, 200)]
+    return np.stack(chans[:_PNG_MODES[mode][2]], axis=-1).astype(np.uint8)
+
+
+def large_png(width: int, height: int, mode: str = "RGB") -> bytes:
+    """A valid PNG (``mode`` L, RGB, RGBA or I;16 -- 16-bit gray) of a gradient, written
+    row band by row band (never the whole image in memory): 9440x9440 RGB is ~3 MB of file
+    and 267 MB of pixels to decode."""
+    depth, color, _ = _PNG_MODES[mode]
+    out = [b"\x89PNG\r\n\x1a\n", _png_chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, depth, color, 0, 0, 0))]
+    co, idat = zlib.compressobj(6), []
+    band = max(1, (1 << 22) // width)
+    for y in range(0, height, band):
+        rows = _pattern_rows(width, y, min(height, y + band), mode).reshape(min(band, height - y), -1).view(np.uint8)
+        idat.append(co.compress(np.hstack([np.zeros((len(rows), 1), np.uint8), rows]).tobytes()))  # filter 0
+    idat.append(co.flush())
+    out += [_png_chunk(b"IDAT", b"".join(idat)), _png_chunk(b"IEND", b"")]
+    return b"".join(out)
+
+
+def large_webp(width: int, height: int, lossless: bool = True) -> bytes:
+    """A valid WebP of a gradient (libwebp: the whole image is decoded in one C call;
+    lossless ~150 ns/px on a loaded core, so 16383x5461 takes seconds). WebP sides are at
+    most 16383."""
+    img = Image.fromarray(_pattern_rows(width, 0, height, "RGB"))
+    buf = io.BytesIO()
+    img.save(buf, "WEBP", lossless=lossless, quality=0 if lossless else 50, method=0)
+    return buf.getvalue()
+
+
+def large_tiff(width: int, height: int, compression: str = "tiff_deflate") -> bytes:
+    """A valid gray TIFF of a gradient (libtiff inflates the strips in one C call)."""
+    buf = io.BytesIO()
+    Image.fromarray(_pattern_rows(width, 0, height, "L")[..., 0]).save(buf, "TIFF", compression=compression)
+    return buf.getvalue()
+
+
+# --------------------------------------------------------------------------- bomb headers
+
+def gif_with_header_size(width: int, height: int) -> bytes:
+    """A GIF whose logical screen and first frame declare ``width x height`` (<= 65535)
+    with an image stream of a clear code and an end code."""
+    head = b"GIF89a" + struct.pack("<HHBBB", width, height, 0x80, 0, 0) + b"\x00\x00\x00\xff\xff\xff"
+    frame = b"\x2c" + struct.pack("<HHHHB", 0, 0, width, height, 0)
+    lzw = bytes([2, 2, 0x44, 0x01, 0])  # min code size 2; one sub-block: clear (4), end (5); terminator
+    return head + frame + lzw + b"\x3b"
+
+
+def tiff_with_header_size(width: int, height: int) -> bytes:
+    """A little-endian TIFF whose one IFD declares an 8-bit gray ``width x height`` image
+    stored in one 1-byte strip."""
+    tags = [(256, 4, width), (257, 4, height), (258, 3, 8), (259, 3, 1), (262, 3, 1), (273, 4, 0),
+            (277, 3, 1), (278, 4, height), (279, 4, 1)]
+    ifd_at = 8
+    data_at = ifd_at + 2 + 12 * len(tags) + 4
+    entries = b"".join(struct.pack("<HHII", tag, kind, 1, data_at if tag == 273 else value)
+                       for tag, kind, value in tags)
+    return b"II*\x00" + struct.pack("<I", ifd_at) + struct.pack("<H", len(tags)) + entries + b"\0\0\0\0" + b"\x80"
+
+
+def webp_with_header_size(width: int, height: int) -> bytes:
+    """An extended WebP whose VP8X canvas is ``width x height`` (<= 16384 a side) around a
+    1x1 lossless image."""
+    tiny = io.BytesIO()
+    Image.new("RGB", (1, 1), (90, 120, 60)).save(tiny, "WEBP", lossless=True)
+    vp8l = tiny.getvalue()[12:]  # the VP8L chunk of the simple file
+    vp8x = b"VP8X" + struct.pack("<I", 10) + b"\0\0\0\0" + (width - 1).to_bytes(3, "little") \
+        + (height - 1).to_bytes(3, "little")
+    body = b"WEBP" + vp8x + vp8l
+    return b"RIFF" + struct.pack("<I", len(body)) + body
+
+
+def truncated(data: bytes, fraction: float = 0.5) -> bytes:
+    """The first ``fraction`` of a file (a transfer cut off)."""
+    return data[: max(1, int(len(data) * fraction))]

@@ -9,7 +9,14 @@ mode normalization (CMYK, P, LA, RGBA, I;16, ... -> RGB over white), content sha
 JPEGs are decoded with Pillow's draft mode (libjpeg DCT scaling): the decoder still reads
 and entropy-decodes the whole stream, so truncated or corrupt files are still caught, but
 it reconstructs pixels only at the smallest power-of-two scale whose short side covers
-``decode_short_side``. This is the image later stages (embedding, quality) see.
+``decode_short_side``. This is the image later stages (embedding, quality) see. Other
+formats are reduced by an integer factor (box average) right after decoding, before any
+mode conversion, so a row holds only what validate and the models need.
+
+Time limit: ``stages.deadline`` stops Python steps; a decode that may spend long in one C
+call -- a JPEG with many scans (rejected above ``max_jpeg_scans`` before decoding), any
+decode estimated over ``isolate_over_s``, every TIFF -- runs in a child process
+(``stages.decode_pool``) that is killed at ``timeout_s``.
 """
 
 from __future__ import annotations
@@ -28,6 +35,7 @@ from PIL import Image, ImageFile
 
 from manifests.schema import BYTES, REJECT_FIELDS, VALIDATE_FIELDS, Reason, Stage
 from pipeline.config import ValidateConfig
+from stages import decode_pool
 from stages.deadline import DeadlineExceeded, deadline
 from stages.kernels.phash import phash64
 from stages.kernels.quality import measure as measure_quality
@@ -85,22 +93,47 @@ class ImageInfo:
     decoded: np.ndarray | None = field(default=None, repr=False)  # the decode covering the models' input
 
 
-def to_rgb(img: Image.Image) -> Image.Image:
-    """Normalize any Pillow mode to 8-bit RGB; transparency is composited over white."""
+_HIGH_GRAY = ("I;16", "I;16L", "I;16B", "I;16N", "I", "F")
+_BAND_PIXELS = 1 << 20  # source pixels converted at a time: bounds the temporaries of a conversion
+_DIV257 = ((np.arange(65536, dtype=np.uint32) + 128) // 257).astype(np.uint8)  # rint(v / 257), exactly
+
+
+def gray_to_uint8(a: np.ndarray, mode: str, extrema: tuple[float, float]) -> np.ndarray:
+    """8-bit gray from 16/32-bit or float gray, never through float64: 8-bit data stored
+    as I/F is kept; 0..65535 is divided by 257 with rounding (integer arithmetic, exactly
+    ``rint(a / 257)``); anything else is stretched over 0..255 (float32). ``extrema``: the
+    whole image's (min, max), so bands of one image convert alike."""
+    lo, hi = min(float(extrema[0]), 0.0), max(float(extrema[1]), 0.0)
+    if lo >= 0 and hi <= 255 and mode in ("I", "F"):
+        return np.rint(a).astype(np.uint8) if a.dtype.kind == "f" else a.astype(np.uint8)
+    if lo >= 0 and hi <= 65535:
+        if a.dtype.kind == "f":
+            return np.rint(a / np.float32(257)).astype(np.uint8)
+        return _DIV257[a.astype(np.uint16, copy=False)]  # a table look-up: no temporary wider than the output
+    scaled = (a.astype(np.float32) - np.float32(lo)) * np.float32(255.0 / max(hi - lo, 1e-12))
+    return np.clip(np.rint(scaled), 0, 255).astype(np.uint8)
+
+
+def _high_gray_to_rgb(img: Image.Image, extrema: tuple[float, float] | None) -> Image.Image:
+    extrema = extrema or img.getextrema()
+    w, h = img.size
+    rows = max(1, _BAND_PIXELS // max(w, 1))
+    out = np.empty((h, w), dtype=np.uint8)
+    for y in range(0, h, rows):  # bands: the temporaries stay a few MB whatever the size
+        band = img.crop((0, y, w, min(h, y + rows)))
+        out[y:y + band.height] = gray_to_uint8(np.asarray(band), img.mode, extrema)
+    return Image.fromarray(out, "L").convert("RGB")
+
+
+def to_rgb(img: Image.Image, extrema: tuple[float, float] | None = None) -> Image.Image:
+    """Normalize any Pillow mode to 8-bit RGB; transparency is composited over white.
+    ``extrema``: the (min, max) of the whole image when ``img`` is a band of it (16/32-bit
+    gray scales by the whole image's range)."""
     mode = img.mode
     if mode == "RGB":
         return img
-    if mode in ("I;16", "I;16L", "I;16B", "I;16N", "I", "F"):
-        a = np.asarray(img, dtype=np.float64)
-        lo, hi = float(a.min(initial=0.0)), float(a.max(initial=0.0))
-        if lo >= 0 and hi <= 255 and mode in ("I", "F"):
-            scaled = a
-        elif lo >= 0 and hi <= 65535:
-            scaled = a / 257.0
-        else:  # out-of-range 32-bit / float data: stretch
-            scaled = (a - lo) * (255.0 / max(hi - lo, 1e-12))
-        gray = Image.fromarray(np.clip(np.rint(scaled), 0, 255).astype(np.uint8), "L")
-        return gray.convert("RGB")
+    if mode in _HIGH_GRAY:
+        return _high_gray_to_rgb(img, extrema)
     has_alpha = mode in ("RGBA", "LA", "PA", "RGBa", "La") or (mode == "P" and "transparency" in img.info)
     if has_alpha:
         rgba = img.convert("RGBA")
@@ -109,6 +142,26 @@ def to_rgb(img: Image.Image) -> Image.Image:
     if mode == "1":
         img = img.convert("L")
     return img.convert("RGB")
+
+
+def reduce_image(img: Image.Image, short: int) -> Image.Image:
+    """A decoded image as RGB, reduced by the largest integer factor that keeps its short
+    side >= ``short`` (box average, Pillow's ``reduce``). RGB and L are reduced as they
+    are; other modes are converted (:func:`to_rgb`) band by band, each band reduced
+    before the next, so no full-size conversion is ever held (compositing over white
+    commutes with the box average)."""
+    w, h = img.size
+    f = min(w, h) // short if short > 0 else 1
+    if f < 2:
+        return to_rgb(img)
+    if img.mode in ("RGB", "L"):
+        return to_rgb(img.reduce(f))
+    extrema = img.getextrema() if img.mode in _HIGH_GRAY else None
+    rows = max(1, _BAND_PIXELS // (w * f)) * f
+    out = Image.new("RGB", (-(-w // f), -(-h // f)))
+    for y in range(0, h, rows):
+        out.paste(to_rgb(img.crop((0, y, w, min(h, y + rows))), extrema).reduce(f), (0, y // f))
+    return out
 
 
 def short_side_size(w: int, h: int, short: int) -> tuple[int, int]:
@@ -176,35 +229,140 @@ def decode_jpeg_scaled(data: bytes, img: Image.Image, short: int) -> np.ndarray 
         return None
 
 
+def _orientation(img: Image.Image) -> int:
+    try:
+        return int(img.getexif().get(_ORIENTATION_TAG, 1) or 1)
+    except Exception:  # a broken EXIF block is not a broken image
+        return 1
+
+
+def _pixels(data: bytes, img: Image.Image, cfg: ValidateConfig, target: int) -> tuple[np.ndarray, int]:
+    """(RGB decode whose short side covers ``target``, EXIF orientation). JPEG: DCT-scaled
+    (simplejpeg, else Pillow draft); other formats: decoded, then reduced at once by an
+    integer factor (:func:`reduce_image`) and the full-size decode released."""
+    rgb = decode_jpeg_scaled(data, img, target) if cfg.draft else None
+    if rgb is not None:
+        return rgb, _orientation(img)
+    if img.format in ("JPEG", "MPO"):
+        w, h = img.size
+        scale = target / min(w, h)
+        if cfg.draft and scale < 1:
+            # draft picks the largest DCT reduction that keeps both sides >= requested.
+            img.draft(img.mode, (max(1, int(w * scale + 0.999)), max(1, int(h * scale + 0.999))))
+        img.load()  # raises on truncated / corrupt data
+        return np.asarray(to_rgb(img)), _orientation(img)
+    img.load()
+    orientation = _orientation(img)
+    # Twice the target: the resizes after it (validate's area average, the models'
+    # antialiased bicubic) then still reduce >= 2x, and give what they gave from the full decode.
+    small = np.asarray(reduce_image(img, 2 * target))
+    img.close()  # frees the full-size decode now, not when the row is done
+    return small, orientation
+
+
 def _decode(data: bytes, img: Image.Image, cfg: ValidateConfig,
             cover: int = 0) -> tuple[np.ndarray, int, np.ndarray | None]:
     """Full decode of the first frame at reduced scale; RGB, short side reduced to
     ``decode_short_side``, then EXIF orientation applied (on the small image: cheaper,
     same result). With ``cover`` (the largest model input), the decode covers the larger of
     the two and is also returned, oriented, for the models: one decode for all."""
-    w, h = img.size
-    target = max(cfg.decode_short_side, cover)
-    rgb = decode_jpeg_scaled(data, img, target) if cfg.draft else None
-    if rgb is None:
-        if cfg.draft and img.format in ("JPEG", "MPO"):
-            scale = target / min(w, h)
-            if scale < 1:
-                # draft picks the largest DCT reduction that keeps both sides >= requested.
-                img.draft(img.mode, (max(1, int(w * scale + 0.999)), max(1, int(h * scale + 0.999))))
-        img.load()  # raises on truncated / corrupt data
-        rgb = np.asarray(to_rgb(img))
+    rgb, orientation = _pixels(data, img, cfg, max(cfg.decode_short_side, cover))
     full = rgb if cover else None  # the models resize from the decode itself, never from a resize
     rgb = resize_short_side(rgb, cfg.decode_short_side)
-    orientation = 1
-    try:
-        orientation = int(img.getexif().get(_ORIENTATION_TAG, 1) or 1)
-    except Exception:  # a broken EXIF block is not a broken image
-        orientation = 1
     if orientation in _TRANSPOSE:
         rgb = np.ascontiguousarray(_TRANSPOSE[orientation](rgb))
         if full is not None:
             full = np.ascontiguousarray(_TRANSPOSE[orientation](full))
     return rgb, orientation, full
+
+
+# ------------------------------------------------------------------ time limit in native code
+
+# Decode cost per pixel, measured (Pillow 13 load, or simplejpeg's DCT-scaled decode, of a
+# 4096x4096 photo with grain, one core of a loaded 2-core machine): PNG 29-42 ns, WebP 54
+# lossy and 155 lossless, GIF 11, BMP 6; JPEG 2.3 baseline and 11.5 progressive (10 scans):
+# ~1.5 + 1.0 per scan.
+_NS_PER_PX = {"PNG": 45.0, "WEBP": 150.0, "GIF": 11.0, "BMP": 6.5, "TIFF": float("inf")}
+_OTHER_NS_PER_PX = 110.0  # a format not measured: twice the slowest measured
+_JPEG_NS_PER_PX, _JPEG_NS_PER_PX_SCAN = 1.5, 1.0
+_SOS = b"\xff\xda"
+_STANDALONE = {0x01, *range(0xD0, 0xD9)}  # markers without a length: TEM, RSTn, SOI
+
+
+def jpeg_scans(data: bytes) -> int:
+    """Number of scans (SOS markers) of a JPEG, from its bytes. The segments before the
+    first scan are skipped by their lengths (an EXIF thumbnail in APP1 is not counted);
+    from there on 0xFFDA is always a marker, since entropy-coded data stuffs every 0xFF."""
+    pos, n = 2, len(data)
+    while pos + 4 <= n and data[pos] == 0xFF:
+        marker = data[pos + 1]
+        if marker == 0xDA:
+            break
+        if marker == 0xFF:  # fill byte
+            pos += 1
+        elif marker in _STANDALONE:
+            pos += 2
+        else:
+            pos += 2 + int.from_bytes(data[pos + 2:pos + 4], "big")
+    return data.count(_SOS, pos)
+
+
+def check_scans(data: bytes, img: Image.Image, cfg: ValidateConfig) -> int:
+    """The scan count of a JPEG (1 for other formats); more than ``max_jpeg_scans`` is a
+    ``decompression_bomb``: like a header declaring too many pixels, a small file whose
+    decode work (pixels x scans) is out of all proportion to its size."""
+    if img.format not in ("JPEG", "MPO"):
+        return 1
+    scans = jpeg_scans(data)
+    if scans > cfg.max_jpeg_scans:
+        kind = "progressive JPEG" if img.info.get("progressive") or img.info.get("progression") else "JPEG"
+        raise Rejected(Reason.DECOMPRESSION_BOMB,
+                       f"{kind} with {scans} scans > validate.max_jpeg_scans {cfg.max_jpeg_scans}")
+    return scans
+
+
+def estimate_decode_s(img: Image.Image, scans: int) -> float:
+    """Seconds a decode of ``img`` should take, from its header; inf for TIFF (libtiff
+    decodes whole strips in one call, through codecs no header check bounds, JPEG-in-TIFF
+    scans included), so every TIFF is decoded in the child."""
+    w, h = img.size
+    if img.format in ("JPEG", "MPO"):
+        ns = _JPEG_NS_PER_PX + _JPEG_NS_PER_PX_SCAN * scans
+    else:
+        ns = _NS_PER_PX.get(img.format or "", _OTHER_NS_PER_PX)
+    return w * h * ns * 1e-9
+
+
+def isolated(estimate_s: float, cfg: ValidateConfig) -> bool:
+    """Whether a decode goes to the child process: estimated over ``isolate_over_s`` (or
+    over half of ``timeout_s``, so an in-process decode ends well within the limit)."""
+    limit = cfg.isolate_over_s
+    if cfg.timeout_s > 0:
+        limit = min(limit, cfg.timeout_s / 2)
+    return estimate_s > limit
+
+
+def decode_in_child(data: bytes, params: dict) -> tuple[dict, list[np.ndarray | None]]:
+    """The child's side (``stages.decode_pool``): open, check and decode as in process."""
+    cfg = ValidateConfig.model_validate(params["cfg"])
+    rgb, orientation, full = _decode(data, _open_checked(data, cfg), cfg, params["cover"])
+    return {"orientation": orientation}, [rgb, full]
+
+
+def _decode_isolated(data: bytes, cfg: ValidateConfig, cover: int, timeout: float | None,
+                     child: decode_pool.DecodeProcess) -> tuple[np.ndarray, int, np.ndarray | None]:
+    """:func:`_decode` in this process's decode ``child``, killed after ``timeout`` seconds
+    (not counting the start of a child)."""
+    try:
+        meta, (rgb, full) = child.run(data, {"cfg": cfg.model_dump(mode="json"), "cover": cover}, timeout)
+    except decode_pool.DecodeTimeout:
+        raise Rejected(Reason.DECODE_TIMEOUT, f"decode took longer than timeout_s {cfg.timeout_s} "
+                                              "(decode process killed)") from None
+    except decode_pool.DecodeRejected as r:
+        raise Rejected(Reason(r.reason), r.detail) from None
+    except (decode_pool.DecodeCrashed, decode_pool.DecodeFailed) as e:
+        raise Rejected(Reason.CORRUPT, str(e)[:500]) from None
+    return rgb, int(meta["orientation"]), full
 
 
 def validate_image(data: bytes | None, cfg: ValidateConfig, cover: int = 0) -> ImageInfo:
@@ -225,7 +383,17 @@ def validate_image(data: bytes | None, cfg: ValidateConfig, cover: int = 0) -> I
             info.format, info.mode = img.format, img.mode
             info.n_frames = int(getattr(img, "n_frames", 1) or 1)
             w, h = img.size  # before draft() reduces it
-            rgb, orientation, full = _decode(data, img, cfg, cover)
+            away = isolated(estimate_decode_s(img, check_scans(data, img, cfg)), cfg)
+            if not away:
+                rgb, orientation, full = _decode(data, img, cfg, cover)
+        if away:
+            img.close()
+            left = cfg.timeout_s - (time.perf_counter() - t0) if cfg.timeout_s > 0 else None
+            child = decode_pool.shared(f"{__name__}:decode_in_child")
+            try:
+                rgb, orientation, full = _decode_isolated(data, cfg, cover, left, child)
+            finally:
+                t0 += child.startup_s  # a child starting up is not this file's time
         info.exif_orientation = orientation
         if orientation in _SWAPS_AXES:
             w, h = h, w
@@ -241,6 +409,8 @@ def validate_image(data: bytes | None, cfg: ValidateConfig, cover: int = 0) -> I
     except DeadlineExceeded:
         info.reason = Reason.DECODE_TIMEOUT
         info.detail = f"decode took longer than timeout_s {cfg.timeout_s}"
+    except decode_pool.DecodeUnavailable:  # a broken environment fails the task, it is not a reject
+        raise
     except Exception as e:  # any decoder failure is a reject, never a crash
         info.reason = Reason.CORRUPT
         info.detail = f"{type(e).__name__}: {e}"[:500]

@@ -1,0 +1,152 @@
+"""Decode limits that hold in native code (issue 17, points 6 and 7): scan bombs rejected
+before decoding, decodes past the time limit killed in their child process, 16-bit
+conversion without float64, and the decode a row keeps for the models reduced."""
+
+import io
+import os
+import signal
+import subprocess
+import sys
+import time
+import tracemalloc
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+from PIL import Image
+
+from manifests.schema import BYTES, Reason
+from pipeline import hostile, samples
+from pipeline.config import ValidateConfig
+from stages import decode_pool
+from stages.ingest import with_reject_columns
+from stages.validate import jpeg_scans, to_rgb, validate_batch_decodes, validate_image
+
+ROOT = Path(__file__).resolve().parent.parent
+CHILD = "stages.validate:decode_in_child"
+IN_PROCESS = ValidateConfig(isolate_over_s=1e9, timeout_s=0)  # every decode in this process
+
+
+def _table(blobs: list[bytes]) -> pa.Table:
+    ids = [f"r{i}" for i in range(len(blobs))]
+    return with_reject_columns(pa.table({"id": ids, "uri": ids, BYTES: pa.array(blobs, pa.binary())}),
+                               [None] * len(blobs))
+
+
+def _rows(table: pa.Table) -> list[dict]:
+    return table.select(["reason", "detail", "decode_ms", "format"]).to_pylist()
+
+
+def _with_thumbnail(jpeg: bytes, thumb: bytes) -> bytes:
+    """``jpeg`` with an APP1 segment holding another JPEG, as an EXIF thumbnail is stored."""
+    payload = b"Exif\0\0" + thumb
+    return jpeg[:2] + b"\xff\xe1" + (len(payload) + 2).to_bytes(2, "big") + payload + jpeg[2:]
+
+
+def test_scan_bomb_is_rejected_before_decoding_and_the_batch_completes(good, photos):
+    bomb = hostile.progressive_jpeg(4096, 4096, 883)  # ~110 KB; 5-9 s of libjpeg without the bound
+    progressive = samples.encode(Image.fromarray(photos["china"]), "JPEG", quality=90, progressive=True)
+    assert jpeg_scans(bomb) == 883 and jpeg_scans(progressive) == 10
+    thumb = samples.encode(Image.fromarray(photos["rocket"]).resize((160, 120)), "JPEG")
+    assert jpeg_scans(_with_thumbnail(progressive, thumb)) == 10  # the thumbnail's scan is not counted
+    out, decodes = validate_batch_decodes(_table([good["astronaut.jpg"], bomb, progressive, good["coffee.png"]]),
+                                          ValidateConfig(), cover=224)
+    rows = _rows(out)
+    assert [r["reason"] for r in rows] == [None, Reason.DECOMPRESSION_BOMB, None, None], rows
+    assert rows[1]["detail"] == "progressive JPEG with 883 scans > validate.max_jpeg_scans 100"
+    assert rows[1]["decode_ms"] < 1000, rows[1]  # counted from the bytes, never decoded
+    assert decodes[1] is None and all(decodes[i] is not None for i in (0, 2, 3))
+
+
+def test_decode_stuck_in_native_code_is_killed_and_the_next_rows_decode(good):
+    # 883 scans over 8192x8192: ~20 s inside one simplejpeg call, which no Python-level
+    # deadline can interrupt; allowed here (max_jpeg_scans) so that only the time limit acts.
+    stuck = hostile.progressive_jpeg(8192, 8192, 883)
+    cfg = ValidateConfig(timeout_s=0.5, max_jpeg_scans=1000)
+    child = decode_pool.shared(CHILD)
+    assert validate_image(good["rocket.tiff"], cfg).reason is None  # a TIFF always decodes in the child: started
+    started = child.started
+    blobs = [good["astronaut.jpg"], stuck, good["rocket.tiff"], good["coffee.png"]]
+    t0 = time.perf_counter()
+    out, decodes = validate_batch_decodes(_table(blobs), cfg, cover=224)
+    took = time.perf_counter() - t0
+    rows = _rows(out)
+    assert [r["reason"] for r in rows] == [None, Reason.DECODE_TIMEOUT, None, None], rows
+    assert "decode process killed" in rows[1]["detail"]
+    assert rows[1]["decode_ms"] < (cfg.timeout_s + 3) * 1000, rows[1]
+    assert rows[2]["format"] == "TIFF" and decodes[2] is not None  # decoded by the replacement child
+    assert child.started == started + 1 and child.pid is not None
+    assert took < 60, took  # the batch did not wait for the stuck decode
+
+
+def test_16bit_gray_converts_exactly_with_integer_arithmetic():
+    every = np.arange(65536, dtype=np.uint16).reshape(256, 256)
+    got = np.asarray(to_rgb(Image.fromarray(every)))
+    assert got.shape == (256, 256, 3)
+    assert np.array_equal(got[..., 0], np.rint(every / 257.0).astype(np.uint8))
+    assert np.array_equal(got[..., 0], got[..., 2])
+
+
+def test_16bit_png_is_converted_without_float64_temporaries():
+    w, h = 3000, 2000
+    data = hostile.large_png(w, h, "I;16")
+    tracemalloc.start()
+    try:
+        info = validate_image(data, IN_PROCESS, cover=224)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert info.reason is None and info.mode == "I;16", info.detail
+    assert peak / (w * h) < 2.0, peak / (w * h)  # bytes per pixel; float64 alone would be 8
+    src = np.asarray(Image.open(io.BytesIO(data)), dtype=np.float64) / 257.0
+    ref = np.asarray(Image.fromarray(np.rint(src).astype(np.uint8)).resize(info.image.shape[1::-1],
+                                                                          Image.Resampling.BOX), float)
+    assert np.abs(info.image[..., 0].astype(float) - ref).mean() < 2.0
+
+
+def test_kept_decode_is_reduced_to_what_the_models_need(photos):
+    big = Image.fromarray(photos["coffee"]).resize((4000, 3000), Image.Resampling.BILINEAR)
+    png = samples.encode(big, "PNG", compress_level=1)
+    rgba = samples.encode(big.convert("RGBA").resize((2400, 1800)), "PNG", compress_level=1)
+    for cfg in (ValidateConfig(), IN_PROCESS):  # in the child (12 MP PNG) and in this process
+        out, decodes = validate_batch_decodes(_table([png, rgba]), cfg, cover=224)
+        assert out.column("reason").to_pylist() == [None, None]
+        for d in decodes:
+            # short side in [2, 4) x 256 (validate's side covers the 224 px model input)
+            assert 512 <= min(d.shape[:2]) < 1024 and d.dtype == np.uint8, d.shape
+            assert d.nbytes <= 1024 * 1024 * 4 // 3 * 3, d.nbytes  # the full decode: 36 MB
+    assert out.column("width").to_pylist() == [4000, 2400]
+
+
+_PARENT = """
+import os, sys
+from pipeline.config import ValidateConfig
+from stages import decode_pool
+from stages.validate import validate_image
+data = open(sys.argv[1], "rb").read()
+assert validate_image(data, ValidateConfig()).reason is None
+print(decode_pool.shared("stages.validate:decode_in_child").pid, flush=True)
+os.kill(os.getpid(), 9)
+"""
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            return "\nState:\tZ" not in f.read()
+    except FileNotFoundError:
+        return False
+
+
+def test_decode_process_does_not_outlive_a_killed_parent(good, tmp_path):
+    tiff = tmp_path / "rocket.tiff"
+    tiff.write_bytes(good["rocket.tiff"])
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    done = subprocess.run([sys.executable, "-c", _PARENT, str(tiff)], capture_output=True, text=True, env=env,
+                          timeout=120)
+    assert done.returncode == -signal.SIGKILL, done.stderr
+    pid = int(done.stdout.strip())
+    deadline = time.monotonic() + 10
+    while _alive(pid) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not _alive(pid), f"decode process {pid} outlived its parent"
