@@ -33,6 +33,7 @@ import stages.filters
 import stages.kernels.quality
 import stages.ingest as ingest
 import stages.listing as listing
+import stages.shards
 import stages.kernels.bloom
 import stages.kernels.examples
 import stages.kernels.exact
@@ -114,7 +115,7 @@ def stage_fingerprints(cfg: PipelineConfig, until: str, kind: str = "folder",
         "models": _models_section(plans or []),
         "refresh": refresh_fp,
     }
-    scan_code = code_hash(ingest, listing, schema, stages.kernels.hashing, sys.modules[__name__],
+    scan_code = code_hash(ingest, listing, stages.shards, schema, stages.kernels.hashing, sys.modules[__name__],
                           *((stages.validate, stages.deadline, stages.kernels.phash, stages.kernels.quality)
                             if validating else ()),
                           *((stages.embed, stages.backbones, embedding) if plans else ()))
@@ -231,7 +232,7 @@ def _list_dir_rows(batch: pa.Table, storage, extensions, rows_per_block, report:
             yield ingest.uri_rows(uris[i : i + rows_per_block])
 
 
-def _read_shard_rows(batch: pa.Table, storage, extensions, rows_per_block, key_filter=None):
+def _read_shard_rows(batch: pa.Table, storage, extensions, rows_per_block, key_filter=None, limits=None):
     keep = None
     if key_filter is not None:
         bits, k = joins.resolve_ref(key_filter)
@@ -240,7 +241,7 @@ def _read_shard_rows(batch: pa.Table, storage, extensions, rows_per_block, key_f
             return bool(bloom_contains(bits, [key], k)[0])
 
     for shard in batch.column("shard").to_pylist():
-        yield from ingest.iter_shard(shard, storage, extensions, rows_per_block, keep)
+        yield from stages.shards.iter_shard(shard, storage, extensions, rows_per_block, keep, limits)
 
 
 def ingest_dataset(cfg: PipelineConfig, kind: str, flagged: ray.data.Dataset | None = None,
@@ -285,7 +286,7 @@ def _ingest_rows(cfg: PipelineConfig, kind: str, flagged: ray.data.Dataset | Non
         rows = parts[0].union(*parts[1:]) if len(parts) > 1 else parts[0]
         rows = rows.repartition(target_num_rows_per_block=cfg.run.read_batch_size)
         return rows.map_batches(ingest.fetch_batch, batch_size=cfg.run.read_batch_size, batch_format="pyarrow",
-                                fn_kwargs={"storage": storage}, **remote)
+                                fn_kwargs={"storage": storage, "max_bytes": cfg.validate_.max_bytes}, **remote)
     if kind == "manifest":
         if flagged is not None and not cfg.catalog.path:
             rows = catalog.selected_rows(flagged)  # the manifest was its own catalog
@@ -299,7 +300,7 @@ def _ingest_rows(cfg: PipelineConfig, kind: str, flagged: ray.data.Dataset | Non
                 join_counts.update(counts)
         rows = rows.repartition(target_num_rows_per_block=cfg.run.read_batch_size)
         return rows.map_batches(ingest.fetch_batch, batch_size=cfg.run.read_batch_size, batch_format="pyarrow",
-                                fn_kwargs={"storage": storage}, **remote)
+                                fn_kwargs={"storage": storage, "max_bytes": cfg.validate_.max_bytes}, **remote)
     if kind == "parquet_bytes":
         files = ingest.list_tables(inp.paths(), storage, (".parquet",), skipped)
         fs, _ = mio.filesystem(inp.paths()[0], storage)
@@ -315,7 +316,8 @@ def _ingest_rows(cfg: PipelineConfig, kind: str, flagged: ray.data.Dataset | Non
                 chosen = catalog.selected_rows(flagged)
             return chosen.groupby([ingest.PQ_FILE, ingest.PQ_GROUP]).map_groups(
                 ingest.parquet_selected_images, batch_format="pyarrow",
-                fn_kwargs={"storage": storage, "bytes_column": inp.bytes_column, "key_column": key}, **remote)
+                fn_kwargs={"storage": storage, "bytes_column": inp.bytes_column, "key_column": key,
+                           "max_bytes": cfg.validate_.max_bytes}, **remote)
         rows = ray.data.read_parquet(files, filesystem=mio.arrow_filesystem(fs), include_paths=True)
         return rows.map_batches(ingest.parquet_bytes_batch, batch_format="pyarrow", batch_size=cfg.run.batch_size,
                                 fn_kwargs={"bytes_column": inp.bytes_column, "key_column": key}, **remote)
@@ -328,7 +330,7 @@ def _ingest_rows(cfg: PipelineConfig, kind: str, flagged: ray.data.Dataset | Non
         return src.map_batches(
             _read_shard_rows, batch_size=1, batch_format="pyarrow", num_cpus=1,
             fn_kwargs={"storage": storage, "extensions": inp.extensions, "rows_per_block": inp.rows_per_block,
-                       "key_filter": key_filter},
+                       "key_filter": key_filter, "limits": stages.shards.ReadLimits.of(cfg)},
         )
     raise ValueError(f"input.kind: unknown kind {kind!r}")
 

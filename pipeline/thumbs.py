@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import base64
 import io
-import tarfile
 from collections import defaultdict
 
 from PIL import Image
@@ -26,7 +25,7 @@ from pydantic import ValidationError
 from manifests.io import filesystem
 from manifests.schema import Reason
 from pipeline.config import StorageConfig, ValidateConfig
-from stages import ingest
+from stages import ingest, shards
 from stages.validate import validate_image
 
 # Reject reasons that say the bytes themselves are unsafe or unreadable: never fetched again.
@@ -86,10 +85,10 @@ def fetch_many(uris: list[str], storage: StorageConfig, bytes_column: str = "ima
         try:
             fs, path = filesystem(base, storage)
             if kind == "tar":
-                with fs.open(path, "rb") as raw, tarfile.open(fileobj=raw, mode="r|*") as tar:
-                    for m in tar:
-                        if m.name in wanted and m.isfile() and (max_bytes is None or m.size <= max_bytes):
-                            out[wanted[m.name]] = tar.extractfile(m).read()
+                # members found again by the names their rows' uris hold (stages.shards.member_ref:
+                # non-UTF-8 bytes as \xNN, '#n' for a repeated name), reads bounded as in ingest
+                for ref, data in shards.read_members(base, storage, set(wanted), max_bytes).items():
+                    out[wanted[ref]] = data
             else:
                 import pyarrow as pa
                 import pyarrow.compute as pc
