@@ -46,6 +46,10 @@ class StorageConfig(_Section):
     max_retries: int = Field(6, ge=0, description="Retries of a transient read error (throttling, 5xx, timeout).")
     retry_base_s: float = Field(0.25, ge=0, description="First backoff; doubles each retry (capped at 20 s).")
     read_concurrency: int = Field(16, ge=1, description="Objects fetched concurrently within one batch.")
+    allowed_protocols: list[str] = Field(
+        [], description="Protocols a table's uri (manifest, example bank, reference table) may use besides local "
+        "paths and s3:// (e.g. [gs, https]); any other is rejected 'unsupported_uri', so a table cannot point "
+        "workers at http://169.254.169.254/ or another service.")
     on_transient_exhausted: Literal["fail", "reject"] = Field(
         "fail",
         description="When a transient error outlives max_retries: 'fail' the task (Ray retries it, then "
@@ -97,11 +101,24 @@ class InputConfig(_Section):
         "and a shard-level reject says the members after it were not reached.",
     )
 
-
     @field_validator("extensions")
     @classmethod
     def _lower(cls, v: list[str]) -> list[str]:
         return [e.lower().lstrip(".") for e in v]
+
+    @field_validator("path")
+    @classmethod
+    def _no_overlap(cls, v: str | list[str]) -> str | list[str]:
+        """Two paths where one contains the other would list its files twice (two rows,
+        one id each): refused."""
+        if isinstance(v, list):
+            norm = [p.rstrip("/") + "/" for p in v]
+            for i, a in enumerate(norm):
+                for b in norm[i + 1:]:
+                    if a.startswith(b) or b.startswith(a):
+                        raise ValueError(f"input.path entries {a.rstrip('/')!r} and {b.rstrip('/')!r} overlap "
+                                         "(the same files would be read twice)")
+        return v
 
     def paths(self) -> list[str]:
         return [self.path] if isinstance(self.path, str) else list(self.path)

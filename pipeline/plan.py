@@ -50,8 +50,9 @@ import stages.validate
 from manifests import io as mio
 from pipeline import __version__, catalog, embedding
 from pipeline import examples as bank_examples
-from pipeline import joins, neardedup, refresh, sampling
+from pipeline import ids, joins, neardedup, refresh, sampling
 from pipeline.config import STAGES, PipelineConfig
+from stages import ids as sids
 from stages.kernels.bloom import bloom_contains
 from stages.validate import ValidateStage
 
@@ -115,7 +116,7 @@ def stage_fingerprints(cfg: PipelineConfig, until: str, kind: str = "folder",
         "models": _models_section(plans or []),
         "refresh": refresh_fp,
     }
-    scan_code = code_hash(ingest, listing, stages.shards, schema, stages.kernels.hashing, sys.modules[__name__],
+    scan_code = code_hash(ingest, listing, stages.shards, schema, stages.kernels.hashing, sids, ids, sys.modules[__name__],
                           *((stages.validate, stages.deadline, stages.kernels.phash, stages.kernels.quality)
                             if validating else ()),
                           *((stages.embed, stages.backbones, embedding) if plans else ()))
@@ -290,37 +291,39 @@ def _ingest_rows(cfg: PipelineConfig, kind: str, flagged: ray.data.Dataset | Non
     if kind == "manifest":
         if flagged is not None and not cfg.catalog.path:
             rows = catalog.selected_rows(flagged)  # the manifest was its own catalog
+            n_rows = flagged.count()
         else:
             rows = catalog.read_table(inp.paths(), cfg).map_batches(
                 ingest.manifest_rows, batch_format="pyarrow", batch_size=None,
-                fn_kwargs={"uri_column": inp.uri_column})
+                fn_kwargs={"uri_column": inp.uri_column, "allowed_protocols": storage.allowed_protocols})
+            n_rows = ids.table_rows_estimate(ingest.list_tables(inp.paths(), storage, tuple(ingest.TABLE_SUFFIXES), skipped),
+                                             storage)
             if flagged is not None:
                 key, base = catalog.input_key_column(cfg, kind, rows.schema().names)
                 rows, counts = catalog.join_catalog(cfg, rows, flagged, key, base)
                 join_counts.update(counts)
+        rows = ids.unique_ids(rows, n_rows)  # a uri listed twice: two rows, two ids
         rows = rows.repartition(target_num_rows_per_block=cfg.run.read_batch_size)
         return rows.map_batches(ingest.fetch_batch, batch_size=cfg.run.read_batch_size, batch_format="pyarrow",
                                 fn_kwargs={"storage": storage, "max_bytes": cfg.validate_.max_bytes}, **remote)
     if kind == "parquet_bytes":
+        # Metadata first (footers and metadata columns, no image byte), ids made unique
+        # there (a repeated or null key), then the image column of each row group, one row
+        # group per call, only for the rows chosen.
         files = ingest.list_tables(inp.paths(), storage, (".parquet",), skipped)
-        fs, _ = mio.filesystem(inp.paths()[0], storage)
         key = ingest.resolve_key_column(ingest.table_columns(files[0], storage), inp)
-        if flagged is not None:
-            # metadata selected first; images read only from the row groups of selected rows,
-            # one row group per call
-            if cfg.catalog.path:
-                meta, _ = catalog.parquet_metadata(cfg)
-                chosen, counts = catalog.join_catalog(cfg, meta, flagged, cfg.catalog.input_key or key, False)
+        if flagged is not None and not cfg.catalog.path:
+            chosen, n_rows = catalog.selected_rows(flagged), flagged.count()
+        else:
+            chosen, _, n_rows = catalog.parquet_metadata(cfg)
+            if flagged is not None:
+                chosen, counts = catalog.join_catalog(cfg, chosen, flagged, cfg.catalog.input_key or key, False)
                 join_counts.update(counts)
-            else:
-                chosen = catalog.selected_rows(flagged)
-            return chosen.groupby([ingest.PQ_FILE, ingest.PQ_GROUP]).map_groups(
-                ingest.parquet_selected_images, batch_format="pyarrow",
-                fn_kwargs={"storage": storage, "bytes_column": inp.bytes_column, "key_column": key,
-                           "max_bytes": cfg.validate_.max_bytes}, **remote)
-        rows = ray.data.read_parquet(files, filesystem=mio.arrow_filesystem(fs), include_paths=True)
-        return rows.map_batches(ingest.parquet_bytes_batch, batch_format="pyarrow", batch_size=cfg.run.batch_size,
-                                fn_kwargs={"bytes_column": inp.bytes_column, "key_column": key}, **remote)
+        chosen = ids.unique_ids(chosen, n_rows, (ingest.PQ_FILE, ingest.PQ_GROUP, ingest.PQ_ROW), sids.ROW_ID)
+        return chosen.groupby([ingest.PQ_FILE, ingest.PQ_GROUP]).map_groups(
+            ingest.parquet_selected_images, batch_format="pyarrow",
+            fn_kwargs={"storage": storage, "bytes_column": inp.bytes_column, "key_column": key,
+                       "max_bytes": cfg.validate_.max_bytes}, **remote)
     if kind == "webdataset":
         shards = ingest.list_shards(inp.paths(), storage, skipped)
         src = ray.data.from_items([{"shard": s} for s in shards], override_num_blocks=max(1, len(shards)))
@@ -689,6 +692,8 @@ def run(cfg: PipelineConfig, until: str = STAGES[-1], resume: bool = False, kind
     decided = (rd.read(upstream).map_batches(embedding.drop_embeddings, batch_format="pyarrow")
                .map_batches(_with_duplicate_of, batch_format="pyarrow").materialize())
     staging = rd.path(f".staging-{int(t_start)}")
+    repeats = ids.count_repeats(decided)  # rows whose source repeated a name (given an ordinal id)
+    decided = decided.map_batches(ids.drop_repeat, batch_format="pyarrow")
     rd.write(decided.map_batches(_alive, batch_format="pyarrow"), mio.join(staging, "curated"), {})
     rd.write(decided.map_batches(_dead, batch_format="pyarrow"), mio.join(staging, "rejected"), {})
     counts = count_reasons(decided)
@@ -719,6 +724,7 @@ def run(cfg: PipelineConfig, until: str = STAGES[-1], resume: bool = False, kind
         "rejected": n_rejected,
         "rejected_by_stage": counts["rejected"],
         "selection": selection,
+        "repeated_names": repeats,
         "embed": {p.name: {**((mio.read_marker(rd.fs, rd.path("stages", embed_stage(p))) or {}).get("counts") or {}),
                            "table": mio.to_uri(rd.fs, rd.path("stages", embed_stage(p))), "device": device}
                   for p in plans},

@@ -281,10 +281,12 @@ def parquet_bytes_batch(table: pa.Table, bytes_column: str, key_column: str, max
     over ``max_bytes`` is dropped and the row rejected ``file_too_large``."""
     keys = [None if k is None else str(k) for k in table.column(key_column).to_pylist()]
     paths = table.column("path").to_pylist() if "path" in table.column_names else [""] * len(keys)
-    ids = [stable_id(f"{key_column}={k}") for k in keys]
+    # ids made unique from the metadata rows (stages.ids.parquet_row_ids), else hash(key=value)
+    ids = (table.column("_row_id").to_pylist() if "_row_id" in table.column_names
+           else [stable_id(f"{key_column}={k}") for k in keys])
     uris = [f"{p}#{key_column}={k}" for p, k in zip(paths, keys)]
     blobs, rejects = checked_cells(table.column(bytes_column), max_bytes)
-    table = table.drop_columns([c for c in (bytes_column, "path", ID, URI) if c in table.column_names])
+    table = table.drop_columns([c for c in (bytes_column, "path", ID, URI, "_row_id") if c in table.column_names])
     table = table.append_column(ID, pa.array(ids, pa.string())).append_column(URI, pa.array(uris, pa.string()))
     table = table.append_column(BYTES, blobs)
     return with_reject_columns(table, rejects)
@@ -442,13 +444,20 @@ def column_chunk_bytes(group, column: str) -> int:
                if group.column(j).path_in_schema.split(".", 1)[0] == column)
 
 
-def manifest_rows(table: pa.Table, uri_column: str) -> pa.Table:
-    """Rows of a manifest table -> ``id, uri`` + metadata (bytes fetched later)."""
+def manifest_rows(table: pa.Table, uri_column: str, allowed_protocols: tuple[str, ...] | list[str] = ()) -> pa.Table:
+    """Rows of a manifest table -> ``id, uri`` + metadata (bytes fetched later), and
+    ``_id_base`` (a uri listed twice gets unique ids later: ``stages.ids.unique_ids``).
+    A uri whose protocol may not be read (``stages.ids.unsupported_uri``) is rejected
+    ``unsupported_uri`` here, before any worker reaches for it."""
+    from stages.ids import ID_BASE, with_protocol_rejects
+
     uris = [None if u is None else str(u) for u in table.column(uri_column).to_pylist()]
-    ids = [stable_id(u or "") for u in uris]
-    drop = sorted({c for c in (ID, URI, uri_column) if c in table.column_names})
+    bases = [u or "" for u in uris]
+    drop = sorted({c for c in (ID, URI, ID_BASE, uri_column) if c in table.column_names})
     table = table.drop_columns(drop)
-    return table.append_column(ID, pa.array(ids, pa.string())).append_column(URI, pa.array(uris, pa.string()))
+    table = (table.append_column(ID, pa.array([stable_id(b) for b in bases], pa.string()))
+             .append_column(URI, pa.array(uris, pa.string())).append_column(ID_BASE, pa.array(bases, pa.string())))
+    return with_protocol_rejects(table, allowed_protocols)
 
 
 # --------------------------------------------------------------------------- webdataset
