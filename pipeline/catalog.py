@@ -103,7 +103,8 @@ def parquet_metadata(cfg: PipelineConfig) -> tuple[ray.data.Dataset, str, int]:
                                 fn_kwargs={"storage": cfg.storage}).materialize()
     n = int(groups.sum("rows") or 0) if groups.count() else 0
     rows = groups.map_batches(ingest.parquet_metadata_rows, batch_size=1, batch_format="pyarrow",
-                              fn_kwargs={"storage": cfg.storage, "bytes_column": cfg.input.bytes_column})
+                              fn_kwargs={"storage": cfg.storage, "bytes_column": cfg.input.bytes_column,
+                                         "max_cell_bytes": cfg.input.max_sidecar_bytes})
     rows = rows.map_batches(ids.parquet_row_ids, batch_format="pyarrow",
                             fn_kwargs={"key_column": key, "coordinates": (ingest.PQ_FILE, ingest.PQ_GROUP,
                                                                           ingest.PQ_ROW)})

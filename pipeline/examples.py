@@ -18,7 +18,6 @@ from stages import embed as emb
 from stages import ingest
 from stages.kernels import examples as kx
 from stages.ids import with_protocol_rejects
-from stages.kernels.hashing import stable_id
 
 
 def bank_rows(cfg: PipelineConfig) -> pa.Table:
@@ -40,7 +39,7 @@ def bank_rows(cfg: PipelineConfig) -> pa.Table:
     if not any(c != "natural" for c in cats):
         raise ConfigError(f"examples error: {root} has no sub-folder of unwanted example images "
                           "(one sub-folder per category, natural/ for wanted ones)")
-    return pa.table({"id": [stable_id(u) for u in uris], "uri": uris, "category": cats})
+    return ingest.uri_rows(uris).append_column("category", pa.array(cats, pa.string()))  # unsafe names rejected
 
 
 def is_table(path: str) -> bool:
@@ -82,7 +81,7 @@ def _table_rows(path: str, cfg: PipelineConfig) -> pa.Table:
     if not any(c != "natural" for c in cats):
         raise ConfigError(f"examples error: {path} has no row of an unwanted category (category other than natural)")
     # a uri whose protocol may not be read is an examples_rejected row, never fetched
-    return with_protocol_rejects(pa.table({"id": [stable_id(u) for u in uris], "uri": uris, "category": cats}),
+    return with_protocol_rejects(ingest.uri_rows(uris).append_column("category", pa.array(cats, pa.string())),
                                  cfg.storage.allowed_protocols)
 
 
@@ -101,7 +100,7 @@ def embed_listed(cfg: PipelineConfig, rows: pa.Table, plan: emb.ModelPlan | None
     The set shares the corpus' embedding cache (same keys: sha256, model id,
     preprocessing, dtype): a rerun, a refresh or a changed threshold embeds nothing twice."""
     ds = ray.data.from_arrow(rows).map_batches(ingest.fetch_batch, batch_format="pyarrow",
-                                               fn_kwargs={"storage": cfg.storage})
+                                               fn_kwargs={"storage": cfg.storage, "max_bytes": cfg.validate_.max_bytes})
     if plan is None:
         ds = ds.map_batches(embedding.ValidateForModels(cfg, [], {}), batch_format="pyarrow")
         got = ds.select_columns([*columns, "reason", "sha256", "phash"]).take_all()

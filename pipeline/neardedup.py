@@ -134,7 +134,6 @@ def reference_sets(cfg: PipelineConfig, plan, device: str) -> tuple[pa.Table | N
     from pipeline.examples import embed_listed, is_table, read_small_table
     from stages import ingest
     from stages.ids import with_protocol_rejects
-    from stages.kernels.hashing import stable_id
 
     parts, refmap, report = [], {}, {}
     dtype = plan.arrow_type() if plan else None
@@ -170,8 +169,7 @@ def reference_sets(cfg: PipelineConfig, plan, device: str) -> tuple[pa.Table | N
                     uris = ingest.list_prefix(ref.path, cfg.storage, cfg.input.extensions)
             except (OSError, KeyError, ValueError) as e:
                 raise ConfigError(f"near_dedup.references: cannot list {ref.path}: {e}") from None
-            rows = with_protocol_rejects(pa.table({"id": [stable_id(u) for u in uris], "uri": uris}),
-                                         cfg.storage.allowed_protocols)
+            rows = with_protocol_rejects(ingest.uri_rows(uris), cfg.storage.allowed_protocols)
             got, counts = embed_listed(cfg, rows, plan, device, ["id"]) if uris else ([], {})
             ids = [r["id"] for r in got]
             phash = [r["phash"] for r in got]

@@ -133,6 +133,11 @@ def too_large_detail(fs, path: str, max_bytes: int) -> str:
 def fetch_object(uri: str, storage: StorageConfig, max_bytes: int | None = None) -> bytes | tuple[Reason, str]:
     """An object's bytes, or ``(reason, detail)``; with ``max_bytes``, at most that many are
     kept and a larger object is ``file_too_large`` after reading ``max_bytes + 1``."""
+    from stages.ids import unsupported_uri
+
+    why = unsupported_uri(uri, storage.allowed_protocols)  # defence in depth: tables are checked on reading
+    if why:
+        return Reason.UNSUPPORTED_URI, why
     try:
         fs, path = filesystem(uri, storage)
     except Exception as e:  # noqa: BLE001 - e.g. an unknown protocol in one manifest row

@@ -194,3 +194,10 @@ def test_input_paths_that_overlap_are_refused():
     with pytest.raises(ConfigError, match="overlap"):
         load_config(None, {"input.path": ["s3://b/p/", "s3://b/p"], "output": "/tmp/x"})
     load_config(None, {"input.path": ["/data/photos", "/data/photos2"], "output": "/tmp/x"})
+
+
+def test_fetch_refuses_other_protocols_whoever_asks(http_server):
+    """The backstop: a uri that reached fetch without passing a table check (thumbnails,
+    export, a caller to come) is still not read."""
+    got = ingest.fetch_object(f"{http_server}/latest/meta-data/iam", ingest_storage())
+    assert got[0] == Reason.UNSUPPORTED_URI and _Counter.hits == []

@@ -15,7 +15,7 @@ from manifests.schema import BYTES, Reason
 from pipeline.config import InputConfig, StorageConfig
 from stages import ingest
 
-FAST = StorageConfig(retry_base_s=0.001, max_retries=3)
+FAST = StorageConfig(retry_base_s=0.001, max_retries=3, allowed_protocols=["flaky"])
 
 
 class FlakyFS(MemoryFileSystem):

@@ -103,7 +103,7 @@ def test_object_over_max_bytes_is_not_read_whole():
     fs.pipe_file("/o/ok.jpg", b"y" * 1000)
     CountingFS.given = {}
     rows = ingest.uri_rows(["counting-h2:///o/big.jpg", "counting-h2:///o/ok.jpg"])
-    out = ingest.fetch_batch(rows, StorageConfig(), max_bytes=1000).to_pylist()
+    out = ingest.fetch_batch(rows, StorageConfig(allowed_protocols=["counting-h2"]), max_bytes=1000).to_pylist()
     assert out[0]["reason"] == "file_too_large" and "5000000 bytes > max_bytes 1000" in out[0]["detail"]
     assert out[0][BYTES] is None and CountingFS.given["/o/big.jpg"] <= 1001
     assert out[1]["reason"] is None and out[1][BYTES] == b"y" * 1000
