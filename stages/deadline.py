@@ -5,6 +5,10 @@ Decoders spend their time in C, but Pillow feeds them from a Python loop (one
 decoding thread lands between two chunks. One daemon watchdog thread per process serves
 every deadline; ``signal.alarm`` is not used because Ray may call a stage outside the main
 thread.
+
+It cannot stop one long C call (a whole image in simplejpeg, libwebp or libtiff, or a
+64 KB chunk of a many-scan JPEG): such decodes run in ``stages.decode_pool``'s child
+process, which is killed at the limit.
 """
 
 from __future__ import annotations

@@ -125,6 +125,10 @@ class DecodeProcess:
         ours, theirs = socket.socketpair()
         env = dict(os.environ)
         env["PYTHONPATH"] = os.pathsep.join([_ROOT, *filter(None, [env.get("PYTHONPATH")])])
+        # glibc raises its mmap threshold after a large free, and the next full-size decode
+        # then stays in the heap when freed: a fixed threshold returns every decode's
+        # memory to the system (measured: +84 MB kept after one 4096^2 RGBA PNG without it).
+        env.setdefault("MALLOC_MMAP_THRESHOLD_", str(1 << 20))
         try:
             self._proc = subprocess.Popen(
                 [sys.executable, "-m", "stages.decode_pool", str(theirs.fileno()), self.func],

@@ -58,6 +58,7 @@ _TRANSPOSE = {
     8: lambda a: np.rot90(a, 1),
 }
 cv2.setNumThreads(1)  # one decode per task; Ray gives each task its CPU
+cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_SILENT)  # a WebP OpenCV refuses goes to Pillow, which says why
 
 
 class Rejected(Exception):
@@ -144,24 +145,52 @@ def to_rgb(img: Image.Image, extrema: tuple[float, float] | None = None) -> Imag
     return img.convert("RGB")
 
 
+def _factor(w: int, h: int, short: int) -> int:
+    """The largest integer reduction keeping the short side >= ``short`` (at least 1)."""
+    return max(1, min(w, h) // short) if short > 0 else 1
+
+
+def _reduce_bands(size: tuple[int, int], band, f: int, extrema: tuple[float, float] | None = None) -> Image.Image:
+    """RGB image of ``size`` reduced ``f`` times, built from ``band(y0, y1)`` (rows as a
+    Pillow image of any mode), each band converted (:func:`to_rgb`) and reduced before the
+    next: no full-size conversion is ever held."""
+    w, h = size
+    rows = max(1, _BAND_PIXELS // (w * f)) * f  # a multiple of f: no box straddles two bands
+    out = Image.new("RGB", (-(-w // f), -(-h // f)))
+    for y in range(0, h, rows):
+        part = to_rgb(band(y, min(h, y + rows)), extrema)
+        out.paste(part.reduce(f) if f > 1 else part, (0, y // f))
+    return out
+
+
 def reduce_image(img: Image.Image, short: int) -> Image.Image:
     """A decoded image as RGB, reduced by the largest integer factor that keeps its short
     side >= ``short`` (box average, Pillow's ``reduce``). RGB and L are reduced as they
-    are; other modes are converted (:func:`to_rgb`) band by band, each band reduced
-    before the next, so no full-size conversion is ever held (compositing over white
-    commutes with the box average)."""
+    are; other modes are converted band by band (compositing over white commutes with
+    the box average)."""
     w, h = img.size
-    f = min(w, h) // short if short > 0 else 1
+    f = _factor(w, h, short)
     if f < 2:
         return to_rgb(img)
     if img.mode in ("RGB", "L"):
         return to_rgb(img.reduce(f))
     extrema = img.getextrema() if img.mode in _HIGH_GRAY else None
-    rows = max(1, _BAND_PIXELS // (w * f)) * f
-    out = Image.new("RGB", (-(-w // f), -(-h // f)))
-    for y in range(0, h, rows):
-        out.paste(to_rgb(img.crop((0, y, w, min(h, y + rows))), extrema).reduce(f), (0, y // f))
-    return out
+    return _reduce_bands(img.size, lambda y0, y1: img.crop((0, y0, w, y1)), f, extrema)
+
+
+def decode_webp_reduced(data: bytes, short: int) -> np.ndarray | None:
+    """A WebP's first frame through OpenCV's libwebp binding, reduced as
+    :func:`reduce_image` does (same pixels as Pillow's decode, measured). Pillow's
+    animation decoder holds ~15 bytes per pixel (two canvases, a copy, the image); this
+    holds 3-4 (the decoded BGR(A) array). None when OpenCV cannot decode it: Pillow's
+    decode then says why."""
+    a = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
+    if a is None or a.ndim != 3 or a.shape[2] not in (3, 4) or a.dtype != np.uint8:
+        return None
+    code = cv2.COLOR_BGRA2RGBA if a.shape[2] == 4 else cv2.COLOR_BGR2RGB
+    h, w = a.shape[:2]
+    band = lambda y0, y1: Image.fromarray(cv2.cvtColor(a[y0:y1], code))  # noqa: E731
+    return np.asarray(_reduce_bands((w, h), band, _factor(w, h, short)))
 
 
 def short_side_size(w: int, h: int, short: int) -> tuple[int, int]:
@@ -251,11 +280,13 @@ def _pixels(data: bytes, img: Image.Image, cfg: ValidateConfig, target: int) -> 
             img.draft(img.mode, (max(1, int(w * scale + 0.999)), max(1, int(h * scale + 0.999))))
         img.load()  # raises on truncated / corrupt data
         return np.asarray(to_rgb(img)), _orientation(img)
-    img.load()
-    orientation = _orientation(img)
     # Twice the target: the resizes after it (validate's area average, the models'
     # antialiased bicubic) then still reduce >= 2x, and give what they gave from the full decode.
-    small = np.asarray(reduce_image(img, 2 * target))
+    small = decode_webp_reduced(data, 2 * target) if img.format == "WEBP" else None
+    if small is None:
+        img.load()
+        small = np.asarray(reduce_image(img, 2 * target))
+    orientation = _orientation(img)
     img.close()  # frees the full-size decode now, not when the row is done
     return small, orientation
 
@@ -287,23 +318,32 @@ _OTHER_NS_PER_PX = 110.0  # a format not measured: twice the slowest measured
 _JPEG_NS_PER_PX, _JPEG_NS_PER_PX_SCAN = 1.5, 1.0
 _SOS = b"\xff\xda"
 _STANDALONE = {0x01, *range(0xD0, 0xD9)}  # markers without a length: TEM, RSTn, SOI
+_SOF = {*range(0xC0, 0xD0)} - {0xC4, 0xC8, 0xCC}  # start of frame (not DHT, JPG, DAC)
 
 
 def jpeg_scans(data: bytes) -> int:
-    """Number of scans (SOS markers) of a JPEG, from its bytes. The segments before the
-    first scan are skipped by their lengths (an EXIF thumbnail in APP1 is not counted);
-    from there on 0xFFDA is always a marker, since entropy-coded data stuffs every 0xFF."""
-    pos, n = 2, len(data)
+    """Number of scans (SOS markers) libjpeg would decode in a JPEG, from its bytes. The
+    segments before the first scan are walked by their lengths (an EXIF thumbnail in APP1
+    is not counted). A sequential JPEG whose first scan holds every component is one scan
+    (libjpeg stops at a second one: "Didn't expect more than one scan") -- the fast path
+    needs no more; otherwise SOS markers are counted from there on (0xFFDA is always a
+    marker there: entropy-coded data stuffs every 0xFF)."""
+    pos, n, sof, n_comps = 2, len(data), None, 0
     while pos + 4 <= n and data[pos] == 0xFF:
         marker = data[pos + 1]
         if marker == 0xDA:
+            if sof in (0xC0, 0xC1) and pos + 4 < n and data[pos + 4] == n_comps:
+                return 1
             break
         if marker == 0xFF:  # fill byte
             pos += 1
-        elif marker in _STANDALONE:
+            continue
+        if marker in _STANDALONE:
             pos += 2
-        else:
-            pos += 2 + int.from_bytes(data[pos + 2:pos + 4], "big")
+            continue
+        if marker in _SOF and pos + 9 < n:
+            sof, n_comps = marker, data[pos + 9]
+        pos += 2 + int.from_bytes(data[pos + 2:pos + 4], "big")
     return data.count(_SOS, pos)
 
 
