@@ -32,6 +32,7 @@ import subprocess
 import sys
 import threading
 import time
+from multiprocessing import BufferTooShort
 from multiprocessing.connection import Connection
 from pathlib import Path
 
@@ -171,19 +172,26 @@ class DecodeProcess:
             if spec is None:
                 arrays.append(None)
                 continue
-            buf = self._wait_recv(due, raw=True)
-            arrays.append(np.frombuffer(buf, dtype=np.dtype(spec["dtype"])).reshape(spec["shape"]))
+            dtype = np.dtype(spec["dtype"])
+            buf = bytearray(int(np.prod(spec["shape"])) * dtype.itemsize)  # a writable array, no copy
+            self._wait_recv(due, into=buf)
+            arrays.append(np.frombuffer(buf, dtype=dtype).reshape(spec["shape"]))
         return head["meta"], arrays
 
-    def _wait_recv(self, due: float | None, raw: bool = False):
+    def _wait_recv(self, due: float | None, into: bytearray | None = None):
+        """The next message (a JSON header, or raw bytes received ``into`` a buffer of their
+        exact size), waiting until ``due`` at most."""
         left = None if due is None else max(0.0, due - time.monotonic())
         try:
             if not self._conn.poll(left):
                 raise DecodeTimeout(f"no answer within {left:.3g} s")
-            msg = self._conn.recv_bytes(_MAX_REPLY_BYTES)
-        except (EOFError, OSError) as e:
+            if into is not None:
+                if self._conn.recv_bytes_into(into) != len(into):
+                    raise OSError("array message of the wrong size")
+                return None
+            return json.loads(self._conn.recv_bytes(_MAX_REPLY_BYTES))
+        except (EOFError, OSError, BufferTooShort, ValueError) as e:
             raise DecodeCrashed(self._death(e)) from None
-        return msg if raw else json.loads(msg)
 
     def _recv_header(self) -> dict:
         try:
@@ -195,10 +203,12 @@ class DecodeProcess:
         rc = None
         if self._proc is not None:
             try:
-                rc = self._proc.wait(timeout=5)
+                rc = self._proc.wait(timeout=1)
             except subprocess.TimeoutExpired:
                 pass
-        how = f"signal {-rc}" if rc is not None and rc < 0 else f"exit code {rc}"
+        if rc is None:
+            return f"decode process sent a broken answer ({type(err).__name__}: {err})"
+        how = f"signal {-rc}" if rc < 0 else f"exit code {rc}"
         return f"decode process died ({how}; {type(err).__name__})"
 
 

@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 import tracemalloc
 from pathlib import Path
@@ -77,6 +78,21 @@ def test_decode_stuck_in_native_code_is_killed_and_the_next_rows_decode(good):
     assert rows[2]["format"] == "TIFF" and decodes[2] is not None  # decoded by the replacement child
     assert child.started == started + 1 and child.pid is not None
     assert took < 60, took  # the batch did not wait for the stuck decode
+
+
+def test_decode_process_killed_from_outside_is_a_reject_not_a_dead_worker(good):
+    """What the kernel's OOM killer does to a decode: the row is rejected, the batch goes on."""
+    stuck = hostile.progressive_jpeg(8192, 8192, 883)
+    cfg = ValidateConfig(timeout_s=60, max_jpeg_scans=1000)
+    child = decode_pool.shared(CHILD)
+    assert validate_image(good["rocket.tiff"], cfg).reason is None  # started and ready
+    killer = threading.Timer(1.0, lambda: os.kill(child.pid, signal.SIGKILL))
+    killer.start()
+    out, _ = validate_batch_decodes(_table([stuck, good["rocket.tiff"]]), cfg)
+    killer.join()
+    rows = _rows(out)
+    assert [r["reason"] for r in rows] == [Reason.CORRUPT, None], rows
+    assert "decode process died (signal 9" in rows[0]["detail"]
 
 
 def test_16bit_gray_converts_exactly_with_integer_arithmetic():
