@@ -227,7 +227,7 @@ def build(cfg: PipelineConfig, labels: str | None = None, label_sample: int = 0,
         f.write(json.dumps(report, indent=2, sort_keys=True).encode())
     pictures = [r for side in ("inside", "outside") for rows in got[side].values() for r in rows]
     pictures += [*(report["labels"] or {}).get("disagreements", []), *got["sample"]]
-    images = thumbs.thumbnails(thumbs.reasons_by_uri(pictures), cfg.storage, cfg.validate,
+    images = thumbs.thumbnails(thumbs.reasons_by_uri(pictures), cfg.storage, cfg.validate_,
                                bytes_column=cfg.input.bytes_column)
     page = render(report, got, {u: src for u, (src, _) in images.items()}, bool(label_sample))
     with fs.open(mio.join(out, "index.html"), "wb") as f:
