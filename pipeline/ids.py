@@ -37,6 +37,23 @@ def unique_ids(ds: ray.data.Dataset, rows_estimate: int, order: tuple[str, ...] 
             .map_groups(_unique_partition, batch_format="pyarrow", fn_kwargs={"order": order, "column": column}))
 
 
+def _sorted_group(group: pa.Table, columns: tuple[str, ...]) -> pa.Table:
+    return group.sort_by([(c, "ascending") for c in columns])
+
+
+def by_row_group(ds: ray.data.Dataset, rows_estimate: int,
+                 columns: tuple[str, str] = ("_pq_file", "_pq_row_group")) -> ray.data.Dataset:
+    """Parquet metadata rows grouped by (file, row group), each group's rows contiguous,
+    materialized (a shuffle must not run beside the embedding actors, which hold the CPUs
+    it would wait for)."""
+    ds = ds.materialize()
+    if ds.count() == 0:
+        return ds
+    parts = joins.shuffle_partitions(rows_estimate, 50_000)
+    return ds.groupby(list(columns), num_partitions=parts).map_groups(
+        _sorted_group, batch_format="pyarrow", fn_kwargs={"columns": columns}).materialize()
+
+
 def _repeats(batch: pa.Table) -> pa.Table:
     n = 0 if sids.REPEAT not in batch.column_names else len(batch) - batch[sids.REPEAT].null_count
     return pa.table({"n": [n]})

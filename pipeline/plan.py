@@ -233,6 +233,17 @@ def _list_dir_rows(batch: pa.Table, storage, extensions, rows_per_block, report:
             yield ingest.uri_rows(uris[i : i + rows_per_block])
 
 
+def _read_row_groups(block: pa.Table, **kw):
+    """Metadata rows grouped by (file, row group) -> their images, one row group at a time
+    (a task holds one row group's images, whatever the block's size)."""
+    files, groups = block[ingest.PQ_FILE].to_pylist(), block[ingest.PQ_GROUP].to_pylist()
+    start = 0
+    for i in range(1, len(block) + 1):
+        if i == len(block) or (files[i], groups[i]) != (files[start], groups[start]):
+            yield ingest.parquet_selected_images(block.slice(start, i - start), **kw)
+            start = i
+
+
 def _read_shard_rows(batch: pa.Table, storage, extensions, rows_per_block, key_filter=None, limits=None):
     keep = None
     if key_filter is not None:
@@ -302,7 +313,9 @@ def _ingest_rows(cfg: PipelineConfig, kind: str, flagged: ray.data.Dataset | Non
                 key, base = catalog.input_key_column(cfg, kind, rows.schema().names)
                 rows, counts = catalog.join_catalog(cfg, rows, flagged, key, base)
                 join_counts.update(counts)
-        rows = ids.unique_ids(rows, n_rows)  # a uri listed twice: two rows, two ids
+        # A uri listed twice: two rows, two ids. Materialized here, before the streaming
+        # pass: a shuffle inside it would wait for CPUs the embedding actors hold.
+        rows = ids.unique_ids(rows, n_rows).materialize()
         rows = rows.repartition(target_num_rows_per_block=cfg.run.read_batch_size)
         return rows.map_batches(ingest.fetch_batch, batch_size=cfg.run.read_batch_size, batch_format="pyarrow",
                                 fn_kwargs={"storage": storage, "max_bytes": cfg.validate_.max_bytes}, **remote)
@@ -320,8 +333,9 @@ def _ingest_rows(cfg: PipelineConfig, kind: str, flagged: ray.data.Dataset | Non
                 chosen, counts = catalog.join_catalog(cfg, chosen, flagged, cfg.catalog.input_key or key, False)
                 join_counts.update(counts)
         chosen = ids.unique_ids(chosen, n_rows, (ingest.PQ_FILE, ingest.PQ_GROUP, ingest.PQ_ROW), sids.ROW_ID)
-        return chosen.groupby([ingest.PQ_FILE, ingest.PQ_GROUP]).map_groups(
-            ingest.parquet_selected_images, batch_format="pyarrow",
+        grouped = ids.by_row_group(chosen, n_rows)  # materialized: no shuffle left in the streaming pass
+        return grouped.map_batches(
+            _read_row_groups, batch_format="pyarrow", batch_size=None,
             fn_kwargs={"storage": storage, "bytes_column": inp.bytes_column, "key_column": key,
                        "max_bytes": cfg.validate_.max_bytes}, **remote)
     if kind == "webdataset":

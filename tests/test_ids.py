@@ -6,7 +6,10 @@ from __future__ import annotations
 
 import http.server
 import json
+import subprocess
+import sys
 import threading
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -21,6 +24,8 @@ from stages import ids, ingest
 from stages import select as sel
 from stages.kernels.hashing import stable_id
 from tests.test_pipeline import check_invariant, tables
+
+ROOT = Path(__file__).resolve().parent.parent
 
 # --------------------------------------------------------------------------- kernels
 
@@ -174,16 +179,24 @@ def test_parquet_null_none_and_repeated_keys_and_a_catalog_key_twice(tmp_path, r
     assert got == [0, 1, 2, 3, 4]  # the bug: null keys and "None" shared an id
     assert len({r["id"] for r in curated + rejected}) == 5
     assert s["repeated_names"] == 1
-    # a catalog naming k1 twice (and None once): each image joins one catalog row
+    # A catalog naming k1 twice (and None once): each image joins one catalog row. With an
+    # embedding model, in a process of its own on 2 CPUs: a shuffle left inside the streaming
+    # pass waited forever for the CPUs the embedding actor held (the demo hung that way).
     pacsv.write_csv(pa.table({"uuid": ["k1", "k1", "None"], "species": ["x", "y", "z"]}), tmp_path / "cat.csv")
-    s = plan.run(load_config(None, {"input.path": str(tmp_path / "images.parquet"), "output": str(tmp_path / "r2"),
-                                    "catalog": {"path": str(tmp_path / "cat.csv")}}), until="validate")
+    cfg = {"input": {"path": str(tmp_path / "images.parquet")}, "output": str(tmp_path / "r2"),
+           "catalog": {"path": str(tmp_path / "cat.csv")}, "run": {"num_cpus": 2},
+           "embed": {"models": [{"name": "mobilenet_v2_imagenet"}], "batch_size": 4}}
+    (tmp_path / "cfg.yaml").write_text(json.dumps(cfg))
+    done = subprocess.run([sys.executable, str(ROOT / "pipeline" / "run.py"), "--config", str(tmp_path / "cfg.yaml"),
+                           "--until", "embed"], capture_output=True, text=True, timeout=400)
+    assert done.returncode == 0, done.stderr[-2000:]
     curated, rejected = tables(tmp_path / "r2")
     assert sorted(r["n"] for r in curated + rejected) == [0, 1, 2, 3, 4]
     species = {r["n"]: r.get("species") for r in curated + rejected}
     assert species[0] == species[4] and species[0] in ("x", "y") and species[2] == "z"
-    assert s["selection"]["select"]["duplicate_keys"] == 1
-    assert json.loads((tmp_path / "r2" / "summary.json").read_text())["selection"]["select"]["catalog_rows"] == 2
+    s = json.loads((tmp_path / "r2" / "summary.json").read_text())
+    assert s["selection"]["select"]["duplicate_keys"] == 1 and s["selection"]["select"]["catalog_rows"] == 2
+    assert s["embed"]["mobilenet_v2_imagenet"]["computed"] == 3  # k1, k1#2 and None joined a catalog row
 
 
 def test_input_paths_that_overlap_are_refused():
