@@ -35,7 +35,7 @@ from PIL import Image, ImageFile
 
 from manifests.schema import BYTES, REJECT_FIELDS, VALIDATE_FIELDS, Reason, Stage
 from pipeline.config import ValidateConfig
-from stages import decode_pool
+from stages import decode_pool, webp
 from stages.deadline import DeadlineExceeded, deadline
 from stages.kernels.phash import phash64
 from stages.kernels.quality import measure as measure_quality
@@ -179,11 +179,27 @@ def reduce_image(img: Image.Image, short: int) -> Image.Image:
 
 
 def decode_webp_reduced(data: bytes, short: int) -> np.ndarray | None:
+    """A WebP's first frame reduced by :func:`_factor`: a still one decoded by libwebp
+    straight to that size (``stages.webp``; lossless ~4 bytes/px, libwebp's ARGB plane),
+    an animated one (or any without that libwebp) through OpenCV. None when libwebp
+    refuses it: Pillow's decode then says why."""
+    head = webp.features(data)
+    if head is None or head[3]:
+        return _decode_webp_opencv(data, short)
+    w, h = head[:2]
+    f = _factor(w, h, short)  # whole f x f boxes: the last partial row/column is dropped
+    a = webp.decode_scaled(data, (w // f, h // f), (w // f * f, h // f * f))
+    if a is None or a.shape[2] == 3:
+        return a
+    return np.asarray(to_rgb(Image.fromarray(a, "RGBA")))
+
+
+def _decode_webp_opencv(data: bytes, short: int) -> np.ndarray | None:
     """A WebP's first frame through OpenCV's libwebp binding, reduced as
     :func:`reduce_image` does (the same pixels as Pillow's decode, measured on lossy,
     lossless, alpha and animated files). It peaks at ~7 bytes per pixel (libwebp's RGBA
     canvas and the BGR(A) array), Pillow's animation decoder at ~15 (two canvases, a copy,
-    the image). None when OpenCV cannot decode it: Pillow's decode then says why."""
+    the image). None when OpenCV cannot decode it."""
     a = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
     if a is None or a.ndim != 3 or a.shape[2] not in (3, 4) or a.dtype != np.uint8:
         return None

@@ -19,9 +19,10 @@ from PIL import Image
 from manifests.schema import BYTES, Reason
 from pipeline import hostile, samples
 from pipeline.config import ValidateConfig
-from stages import decode_pool
+from stages import decode_pool, webp
 from stages.ingest import with_reject_columns
-from stages.validate import jpeg_scans, to_rgb, validate_batch_decodes, validate_image
+from stages.validate import (decode_webp_reduced, jpeg_scans, reduce_image, to_rgb, validate_batch_decodes,
+                             validate_image)
 
 ROOT = Path(__file__).resolve().parent.parent
 CHILD = "stages.validate:decode_in_child"
@@ -166,3 +167,64 @@ def test_decode_process_does_not_outlive_a_killed_parent(good, tmp_path):
     while _alive(pid) and time.monotonic() < deadline:
         time.sleep(0.1)
     assert not _alive(pid), f"decode process {pid} outlived its parent"
+
+
+def _reference_reduction(data: bytes, short: int) -> np.ndarray:
+    """Pillow's full decode reduced by the integer factor (:func:`reduce_image`): the pixels
+    the scaled decode must reproduce."""
+    return np.asarray(reduce_image(Image.open(io.BytesIO(data)), short))
+
+
+def test_webp_decoded_scaled_matches_the_full_decode_reduced(photos):
+    big = Image.fromarray(photos["coffee"]).resize((2400, 1600), Image.Resampling.BICUBIC)
+    alpha = big.convert("RGBA")
+    alpha.putalpha(Image.fromarray(np.tile(np.linspace(0, 255, 2400, dtype=np.uint8), (1600, 1))))
+    cases = [(samples.encode(big, "WEBP", lossless=True, quality=0, method=0), 1.0, 0.2),
+             (samples.encode(alpha, "WEBP", lossless=True, quality=0, method=0), 1.0, 0.2),
+             (samples.encode(big, "WEBP", quality=80), 40.0, 1.5)]  # lossy: libwebp scales in YUV
+    for data, max_diff, mean_diff in cases:
+        assert webp.features(data)[:2] == (2400, 1600)
+        got = decode_webp_reduced(data, 448)  # 1600 // 448 = 3: 533 x 800 (the last partial box dropped)
+        ref = _reference_reduction(data, 448)
+        assert got.shape == (533, 800, 3) and ref.shape == (534, 800, 3), (got.shape, ref.shape)
+        diff = np.abs(got.astype(int) - ref[:533].astype(int))
+        assert diff.max() <= max_diff and diff.mean() <= mean_diff, (diff.max(), diff.mean())
+
+
+_WEBP_PEAK = """
+import resource, sys
+import numpy as np
+from stages.validate import decode_webp_reduced
+data = open(sys.argv[1], "rb").read()
+decode_webp_reduced(data[:1000], 448)  # libraries loaded, buffers of a failed decode returned
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+out = decode_webp_reduced(data, 448)
+after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+print(out.shape[0], out.shape[1], (after - before) * 1024)
+"""
+
+
+def test_lossless_webp_decode_peaks_near_libwebps_own_plane(tmp_path):
+    """libwebp's lossless decoder keeps its ARGB plane (4 bytes per pixel) whatever the
+    output; the full-size RGB array of a decode-then-reduce (3 more) is never made."""
+    w, h = 4096, 3072
+    path = tmp_path / "big.webp"
+    path.write_bytes(hostile.large_webp(w, h))
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    done = subprocess.run([sys.executable, "-c", _WEBP_PEAK, str(path)], capture_output=True, text=True, env=env,
+                          timeout=120)
+    assert done.returncode == 0, done.stderr
+    out_h, out_w, grown = map(int, done.stdout.split())
+    assert grown / (w * h) < 5.0, grown / (w * h)  # bytes per pixel (4.0 measured); decode-then-reduce: 7.0
+    assert (out_w, out_h) == (w // 6, h // 6)
+
+
+def test_animated_webp_keeps_its_first_frame_and_a_truncated_one_is_rejected(photos):
+    first, second = Image.new("RGB", (1200, 900), (200, 30, 40)), Image.new("RGB", (1200, 900), (10, 220, 90))
+    animated = samples.encode(first, "WEBP", save_all=True, append_images=[second], lossless=True, duration=100)
+    assert webp.features(animated)[3]  # animated: libwebp's still decoder refuses it, OpenCV decodes frame 0
+    got = decode_webp_reduced(animated, 448)
+    assert got.shape == (450, 600, 3) and np.abs(got.astype(int) - (200, 30, 40)).max() <= 1
+    still = samples.encode(Image.fromarray(photos["chelsea"]), "WEBP", lossless=True)
+    assert decode_webp_reduced(hostile.truncated(still), 128) is None
+    assert validate_image(hostile.truncated(still), IN_PROCESS).reason == Reason.CORRUPT
