@@ -22,10 +22,11 @@ from collections import defaultdict
 from PIL import Image
 from pydantic import ValidationError
 
-from manifests.io import filesystem
 from manifests.schema import Reason
 from pipeline.config import StorageConfig, ValidateConfig
 from stages import ingest, shards
+from stages.ids import unsupported_uri
+from stages.parquet_cells import read_parquet_members
 from stages.validate import validate_image
 
 # Reject reasons that say the bytes themselves are unsafe or unreadable: never fetched again.
@@ -59,7 +60,7 @@ def _container(uri: str) -> tuple[str, str, str] | None:
     base, member = uri.split("#", 1)
     if base.lower().endswith(ingest.TAR_SUFFIXES):
         return "tar", base, member
-    if base.lower().endswith(".parquet") and "=" in member:
+    if base.lower().endswith(".parquet") and ("=" in member or member.startswith("@")):
         return "parquet", base, member
     return None
 
@@ -74,33 +75,25 @@ def fetch_many(uris: list[str], storage: StorageConfig, bytes_column: str = "ima
     for u in uris:
         c = _container(u)
         if c is None:
-            got = ingest.fetch_object(u, storage)
-            out[u] = got if isinstance(got, bytes) and (max_bytes is None or len(got) <= max_bytes) else None
+            got = ingest.fetch_object(u, storage, max_bytes)  # at most max_bytes + 1 read
+            out[u] = got if isinstance(got, bytes) else None
         else:
             grouped[(c[0], c[1])].append((c[2], u))
     for (kind, base), members in grouped.items():
         wanted = dict(members)
         for u in wanted.values():
             out[u] = None
+        if unsupported_uri(base, storage.allowed_protocols):
+            continue
         try:
-            fs, path = filesystem(base, storage)
             if kind == "tar":
                 # members found again by the names their rows' uris hold (stages.shards.member_ref:
                 # non-UTF-8 bytes as \xNN, '#n' for a repeated name), reads bounded as in ingest
                 for ref, data in shards.read_members(base, storage, set(wanted), max_bytes).items():
                     out[wanted[ref]] = data
-            else:
-                import pyarrow as pa
-                import pyarrow.compute as pc
-                import pyarrow.parquet as pq
-
-                column = next(iter(wanted)).split("=", 1)[0]
-                values = [k.split("=", 1)[1] for k in wanted]
-                with fs.open(path, "rb") as f:
-                    t = pq.read_table(f, columns=[column, bytes_column])
-                t = t.filter(pc.is_in(pc.cast(t[column], "string"), value_set=pa.array(values)))
-                for k, b in zip(t[column].to_pylist(), t[bytes_column].to_pylist()):
-                    out[wanted[f"{column}={k}"]] = b if max_bytes is None or b is None or len(b) <= max_bytes else None
+            else:  # the key column, then only the row groups holding wanted rows
+                for ref, data in read_parquet_members(base, storage, set(wanted), bytes_column, max_bytes).items():
+                    out[wanted[ref]] = data
         except Exception:  # noqa: BLE001 - a thumbnail that cannot be read is shown as missing
             continue
     return out

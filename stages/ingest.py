@@ -290,8 +290,11 @@ def parquet_bytes_batch(table: pa.Table, bytes_column: str, key_column: str, max
     ids = (table.column("_row_id").to_pylist() if "_row_id" in table.column_names
            else [stable_id(f"{key_column}={k}") for k in keys])
     uris = [f"{p}#{key_column}={k}" for p, k in zip(paths, keys)]
+    if "_uri" in table.column_names:  # rows a key cannot name alone: their place in the file
+        uris = [c or u for c, u in zip(table.column("_uri").to_pylist(), uris)]
     blobs, rejects = checked_cells(table.column(bytes_column), max_bytes)
-    table = table.drop_columns([c for c in (bytes_column, "path", ID, URI, "_row_id") if c in table.column_names])
+    table = table.drop_columns([c for c in (bytes_column, "path", ID, URI, "_row_id", "_uri")
+                                if c in table.column_names])
     table = table.append_column(ID, pa.array(ids, pa.string())).append_column(URI, pa.array(uris, pa.string()))
     table = table.append_column(BYTES, blobs)
     return with_reject_columns(table, rejects)
@@ -426,9 +429,23 @@ def parquet_selected_images(table: pa.Table, storage: StorageConfig, bytes_colum
     paths = {u: filesystem(u, storage)[1] for u in set(files)}  # as Ray's include_paths gives them
     out = table.drop_columns([PQ_FILE, PQ_GROUP, PQ_ROW]).append_column(bytes_column, pa.array(blobs, pa.binary()))
     out = out.append_column("path", pa.array([paths[u] for u in files], pa.string()))
+    out = out.append_column("_uri", pa.array(_coordinate_uris(table, key_column, [paths[u] for u in files]),
+                                             pa.string()))
     if any(size_rejects):
         out = with_reject_columns(out, size_rejects)
     return parquet_bytes_batch(out, bytes_column, key_column)
+
+
+def _coordinate_uris(table: pa.Table, key_column: str, paths: list[str]) -> list[str | None]:
+    """``path#@G:R`` for rows whose key is null or repeats another row's (``_id_repeat``
+    from ``stages.ids.unique_ids``): a uri that names that row alone; None for the others."""
+    from stages.parquet_cells import coordinate_member
+
+    keys = table.column(key_column).to_pylist()
+    repeats = table.column("_id_repeat").to_pylist() if "_id_repeat" in table.column_names else [None] * len(keys)
+    groups, rows = table.column(PQ_GROUP).to_pylist(), table.column(PQ_ROW).to_pylist()
+    return [f"{p}#{coordinate_member(g, r)}" if k is None or n is not None else None
+            for p, k, n, g, r in zip(paths, keys, repeats, groups, rows)]
 
 
 def _group_over_budget(md, rg: int, column: str, max_bytes: int | None) -> str | None:

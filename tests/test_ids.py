@@ -4,6 +4,7 @@ end-to-end runs on real Ray over real encoded images."""
 
 from __future__ import annotations
 
+import hashlib
 import http.server
 import json
 import subprocess
@@ -18,7 +19,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from manifests.schema import Reason
-from pipeline import plan
+from pipeline import plan, thumbs
 from pipeline.config import load_config
 from stages import ids, ingest
 from stages import select as sel
@@ -179,6 +180,11 @@ def test_parquet_null_none_and_repeated_keys_and_a_catalog_key_twice(tmp_path, r
     assert got == [0, 1, 2, 3, 4]  # the bug: null keys and "None" shared an id
     assert len({r["id"] for r in curated + rejected}) == 5
     assert s["repeated_names"] == 1
+    # every row's uri names that row alone: thumbnails and export find its own bytes again
+    rows = curated + rejected
+    assert len({r["uri"] for r in rows}) == 5
+    got = thumbs.fetch_many([r["uri"] for r in rows], ingest_storage(), "image", max_bytes=10_000_000)
+    assert all(hashlib.sha256(got[r["uri"]]).hexdigest() == r["sha256"] for r in rows)
     # A catalog naming k1 twice (and None once): each image joins one catalog row. With an
     # embedding model, in a process of its own on 2 CPUs: a shuffle left inside the streaming
     # pass waited forever for the CPUs the embedding actor held (the demo hung that way).
