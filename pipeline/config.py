@@ -63,6 +63,18 @@ class StorageConfig(_Section):
 InputKind = Literal["auto", "folder", "manifest", "parquet_bytes", "webdataset"]
 
 
+def _normal_path(p: str) -> str:
+    """A path or URI in one spelling (absolute, no ``./`` or ``//``, ``s3a://`` as
+    ``s3://``), for comparing input paths."""
+    import posixpath
+
+    if "://" in p and not p.startswith("file://"):
+        proto, rest = p.split("://", 1)
+        proto = "s3" if proto.lower() in ("s3", "s3a") else proto.lower()
+        return f"{proto}://{posixpath.normpath('/' + rest)[1:]}"
+    return os.path.realpath(os.path.abspath(p.removeprefix("file://")))
+
+
 class InputConfig(_Section):
     """What to curate."""
 
@@ -112,7 +124,7 @@ class InputConfig(_Section):
         """Two paths where one contains the other would list its files twice (two rows,
         one id each): refused."""
         if isinstance(v, list):
-            norm = [p.rstrip("/") + "/" for p in v]
+            norm = [_normal_path(p).rstrip("/") + "/" for p in v]
             for i, a in enumerate(norm):
                 for b in norm[i + 1:]:
                     if a.startswith(b) or b.startswith(a):

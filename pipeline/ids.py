@@ -72,7 +72,8 @@ def drop_repeat(batch: pa.Table) -> pa.Table:
 
 def table_rows_estimate(files: list[str], storage) -> int:
     """Rows of a table input without reading it: a parquet file's footer count; a CSV or
-    JSONL file's size over 32 bytes (a row holds at least a uri), an over-estimate."""
+    JSONL file's size over 32 bytes (a row with a uri rarely holds less). Only the number
+    of shuffle partitions depends on it, never which rows are kept."""
     from manifests.io import filesystem
     from stages.ingest import parquet_footer
 

@@ -105,7 +105,10 @@ class DecodeProcess:
                 return self._exchange(data, params, timeout)
             except (DecodeTimeout, DecodeCrashed):
                 self.close()
-                self._spawn()
+                try:  # the successor starts while this process goes on with other rows
+                    self._spawn()
+                except OSError:  # cannot start one now: the next run() tries again; this
+                    pass  # row keeps its own reject (a timeout, not a spawn failure)
                 raise
 
     def close(self) -> None:
@@ -251,8 +254,24 @@ def _reply(conn: Connection, meta: dict, arrays: list[np.ndarray | None]) -> Non
             conn.send_bytes(memoryview(a).cast("B"))
 
 
+def _die_with_parent() -> None:
+    """Linux: the kernel kills this process when its parent dies, even while a decoder
+    holds the GIL in C (the watcher thread below cannot run then)."""
+    try:
+        import ctypes
+        import signal
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGKILL))  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):  # not Linux: the watcher alone
+        pass
+
+
 def _serve(fd: int, func_name: str) -> None:
-    threading.Thread(target=_watch_parent, args=(os.getppid(),), daemon=True).start()
+    ppid = os.getppid()
+    _die_with_parent()
+    if os.getppid() != ppid:  # the parent died before the death signal was set
+        os._exit(0)
+    threading.Thread(target=_watch_parent, args=(ppid,), daemon=True).start()
     module, _, attr = func_name.partition(":")
     func = getattr(importlib.import_module(module), attr)
     conn = Connection(fd)

@@ -109,6 +109,7 @@ def protocol_rejects(uris: list[str | None], allowed: tuple[str, ...] | list[str
     plain = pc.invert(pc.or_(pc.match_substring(arr, "://"), pc.match_substring(arr, "::")))
     for proto in (*BUILTIN_PROTOCOLS, "file", *(a.lower() for a in allowed)):
         plain = pc.or_(plain, pc.starts_with(lowered, f"{proto}://"))
+    plain = pc.and_(plain, pc.invert(pc.match_substring(arr, "::")))  # a chain is always looked at
     look = np.flatnonzero(~np.asarray(plain.fill_null(True).to_numpy(zero_copy_only=False), dtype=bool))
     for i in look.tolist():
         why = unsupported_uri(uris[i], allowed)

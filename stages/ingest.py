@@ -78,7 +78,11 @@ def classify_error(exc: BaseException) -> Reason | None:
         return Reason.READ_ERROR
     if isinstance(exc, (TimeoutError, ConnectionError)):
         return None
-    text = f"{type(exc).__name__} {exc}".lower()
+    text = f"{type(exc).__name__} {exc}"
+    for name in (getattr(exc, "filename", None), getattr(exc, "filename2", None)):
+        if name:  # a path such as shard-000503.tar is not an HTTP 503
+            text = text.replace(str(name), "")
+    text = text.lower()
     if any(m in text for m in _TRANSIENT_MARKERS):
         return None
     return Reason.READ_ERROR

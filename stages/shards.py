@@ -61,6 +61,9 @@ READ_CHUNK = 64 << 10
 # A block of rows is emitted once it holds this many image bytes (Ray Data's default
 # target_max_block_size), whatever input.rows_per_block says.
 BLOCK_BYTES = 128 << 20
+# Image bytes one sample (members sharing a key) may hold: its rows are emitted only when
+# the key changes, so a shard of many images under one key would otherwise be held whole.
+SAMPLE_BYTES = 128 << 20
 
 
 @dataclass(frozen=True)
@@ -220,6 +223,7 @@ class _Sample:
     images: list[tuple[str, int, bytes]] = field(default_factory=list)
     sidecars: dict[str, str] = field(default_factory=dict)
     sidecar_bytes: int = 0
+    image_bytes: int = 0  # held until the sample ends: capped by SAMPLE_BYTES
     rejects: list[tuple[str, int, Reason | str, str]] = field(default_factory=list)
     spoiled: tuple[Reason, str] | None = None  # a reject for all its image rows (a sidecar too large, cut off)
 
@@ -314,6 +318,11 @@ class _ShardReader:
             s.rejects.append((name, ordinal, Reason.FILE_TOO_LARGE,
                               f"{member.size} bytes (tar header) > max_bytes {lim.max_bytes}; not read"))
             return
+        if is_image and s.image_bytes + member.size > SAMPLE_BYTES:
+            s.rejects.append((name, ordinal, Reason.FILE_TOO_LARGE, (
+                f"{member.size} bytes (tar header); its sample {printable_name(s.key)!r} already holds "
+                f"{s.image_bytes} bytes of images, at most {SAMPLE_BYTES} per sample; not read")))
+            return
         if not is_image and s.sidecar_bytes + member.size > lim.max_sidecar_bytes:
             s.sidecar_bytes += member.size
             s.spoiled = s.spoiled or (Reason.FILE_TOO_LARGE, (
@@ -333,6 +342,7 @@ class _ShardReader:
             raise
         if is_image:
             s.images.append((name, ordinal, data))
+            s.image_bytes += len(data)
         else:
             s.sidecar_bytes += len(data)
             s.sidecars[printable_name(ext)] = data.decode("utf-8", errors="replace")

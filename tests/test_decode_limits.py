@@ -81,14 +81,27 @@ def test_decode_stuck_in_native_code_is_killed_and_the_next_rows_decode(good):
     assert took < 60, took  # the batch did not wait for the stuck decode
 
 
+def _cpu_s(pid: int) -> float:
+    fields = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime
+
+
+def _kill_once_busy(pid: int, busy_s: float = 0.3, limit_s: float = 50.0) -> None:
+    """SIGKILL ``pid`` once it has spent ``busy_s`` of CPU since now (it is decoding)."""
+    start, t0 = _cpu_s(pid), time.monotonic()
+    while _cpu_s(pid) - start < busy_s and time.monotonic() - t0 < limit_s:
+        time.sleep(0.05)
+    os.kill(pid, signal.SIGKILL)
+
+
 def test_decode_process_killed_from_outside_is_a_reject_not_a_dead_worker(good):
     """What the kernel's OOM killer does to a decode: the row is rejected, the batch goes on."""
     stuck = hostile.progressive_jpeg(8192, 8192, 883)
     cfg = ValidateConfig(timeout_s=60, max_jpeg_scans=1000)
     child = decode_pool.shared(CHILD)
     assert validate_image(good["rocket.tiff"], cfg).reason is None  # started and ready
-    killer = threading.Timer(1.0, lambda: os.kill(child.pid, signal.SIGKILL))
-    killer.start()
+    killer = threading.Thread(target=_kill_once_busy, args=(child.pid,))  # not a timer: a loaded
+    killer.start()  # machine may start the batch late, and the kill must hit the decode
     out, _ = validate_batch_decodes(_table([stuck, good["rocket.tiff"]]), cfg)
     killer.join()
     rows = _rows(out)

@@ -220,3 +220,22 @@ def test_fetch_refuses_other_protocols_whoever_asks(http_server):
     export, a caller to come) is still not read."""
     got = ingest.fetch_object(f"{http_server}/latest/meta-data/iam", ingest_storage())
     assert got[0] == Reason.UNSUPPORTED_URI and _Counter.hits == []
+
+
+def test_input_paths_that_overlap_in_another_spelling_are_refused(tmp_path, monkeypatch):
+    from pipeline.config import ConfigError
+
+    monkeypatch.chdir(tmp_path)
+    for paths in (["data", "./data"], [str(tmp_path / "data"), "data/birds"], ["s3://b/p", "s3a://b/p/q"],
+                  ["/x/data", "/x//data/y"]):
+        with pytest.raises(ConfigError, match="overlap"):
+            load_config(None, {"input.path": paths, "output": "/tmp/x"})
+
+
+def test_a_protocol_chain_is_looked_at_even_behind_an_allowed_prefix():
+    assert ids.protocol_rejects(["file://x::http://169.254.169.254/"], [])[0][0] == Reason.UNSUPPORTED_URI
+
+
+def test_a_file_name_with_503_in_it_is_not_a_transient_error():
+    assert ingest.classify_error(OSError(5, "Input/output error", "/data/shard-000503.tar")) == Reason.READ_ERROR
+    assert ingest.classify_error(OSError("503 Service Unavailable")) is None

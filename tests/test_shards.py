@@ -8,6 +8,7 @@ import hashlib
 import io
 import json
 import time
+import tarfile
 import tracemalloc
 
 import fsspec
@@ -56,6 +57,26 @@ def test_gzip_bomb_member_is_skipped_in_bounded_memory(tmp_path, good):
     assert rows["bomb/0000.jpg"]["reason"] == "file_too_large" and rows["bomb/0000.jpg"][BYTES] is None
     assert str(128 << 20) in rows["bomb/0000.jpg"]["detail"]
     assert rows["s/0001.jpg"]["reason"] is None and rows["s/0001.jpg"][BYTES] == good["astronaut.jpg"]
+
+
+def test_many_images_under_one_key_are_held_at_most_sample_bytes(tmp_path):
+    """Rows of a sample are emitted when its key changes: 40 members of 5 MiB under one key
+    (200 MiB) were all held at once; now past shards.SAMPLE_BYTES they are rejected."""
+    path = tmp_path / "onekey.tar.gz"
+    zeros = b"\0" * (5 << 20)
+    with tarfile.open(path, "w:gz", compresslevel=1) as tar:
+        for i in range(40):
+            info = tarfile.TarInfo(f"x.{i:02d}.jpg")
+            info.size = len(zeros)
+            tar.addfile(info, io.BytesIO(zeros))
+    rows, peak = traced(lambda: read_shard(path))
+    assert len(rows) == 40 and len({r["id"] for r in rows}) == 40
+    held = [r for r in rows if r["reason"] is None]
+    over = [r for r in rows if r["reason"] == "file_too_large"]
+    assert len(held) == shards.SAMPLE_BYTES // len(zeros) and len(held) + len(over) == 40
+    assert all("per sample" in r["detail"] for r in over)
+    # the held bytes and their Arrow copy in the emitted block (was: 200 MiB twice)
+    assert peak < 2 * shards.SAMPLE_BYTES + (32 << 20), f"{peak / 2**20:.0f} MiB held"
 
 
 def test_member_declaring_more_than_max_skip_bytes_stops_the_shard_at_once(tmp_path, good):
