@@ -10,6 +10,7 @@ would be a Python call and a block per row). The rows that got an ordinal carry
 from __future__ import annotations
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import ray
 
 from pipeline import joins
@@ -24,30 +25,69 @@ def _unique_partition(batch: pa.Table, order: tuple[str, ...], column: str) -> p
     return _drop_base(sids.unique_ids(batch, order, column))
 
 
+def _no_repeat(batch: pa.Table, column: str, repeated) -> pa.Table:
+    """Rows whose id no other row has (all of them without ``repeated``): base dropped,
+    ``_id_repeat`` null."""
+    if repeated is not None:
+        batch = batch.filter(pc.invert(pc.is_in(batch[column], value_set=joins.resolve_ref(repeated))))
+    batch = _drop_base(batch).drop_columns([c for c in (sids.REPEAT,) if c in batch.column_names])
+    return batch.append_column(sids.REPEAT, pa.nulls(len(batch), pa.int32()))
+
+
+def _only(batch: pa.Table, column: str, repeated) -> pa.Table:
+    return batch.filter(pc.is_in(batch[column], value_set=joins.resolve_ref(repeated)))
+
+
+def _ids(batch: pa.Table, column: str) -> pa.Table:
+    return batch.select([column])
+
+
 def unique_ids(ds: ray.data.Dataset, rows_estimate: int, order: tuple[str, ...] = (),
-               column: str = sids.ID) -> ray.data.Dataset:
-    """``ds`` (the id ``column``, ``_id_base``, optional ``order`` columns) with every id unique; about
-    250,000 rows per partition from ``rows_estimate`` (an over-estimate only adds
-    partitions). Without rows there is nothing to group: the base column is dropped."""
-    if rows_estimate <= 0:
-        return ds.map_batches(_drop_base, batch_format="pyarrow")
+               column: str = sids.ID, driver_rows: int = 4_000_000) -> ray.data.Dataset:
+    """``ds`` (the id ``column``, ``_id_base``, optional ``order`` columns) with every id
+    unique, materialized (a shuffle must not run inside the streaming pass, beside the
+    embedding actors that hold the CPUs it would wait for).
+
+    Up to ``driver_rows`` rows (~130 MB of ids): the ids are counted on the driver, and only
+    the rows of repeated ids (rare) are renumbered there; no shuffle. Above: a hash shuffle
+    by id partition, ~250,000 rows per partition from ``rows_estimate``."""
+    ds = ds.materialize()
+    if rows_estimate <= driver_rows:
+        ids = [b[column] for b in ds.map_batches(_ids, batch_format="pyarrow", fn_kwargs={"column": column})
+               .iter_batches(batch_format="pyarrow", batch_size=None) if len(b)]
+        if not ids:
+            return ds.map_batches(_no_repeat, batch_format="pyarrow", fn_kwargs={"column": column, "repeated": None})
+        counted = pc.value_counts(pa.chunked_array(ids).combine_chunks())
+        repeated = counted.field("values").filter(pc.greater(counted.field("counts"), 1))
+        if not len(repeated):
+            return ds.map_batches(_no_repeat, batch_format="pyarrow",
+                                  fn_kwargs={"column": column, "repeated": None}).materialize()
+        ref = ray.put(repeated)
+        rows = [b for b in ds.map_batches(_only, batch_format="pyarrow", fn_kwargs={"column": column, "repeated": ref})
+                .iter_batches(batch_format="pyarrow", batch_size=None) if len(b)]
+        fixed = _drop_base(sids.unique_ids(pa.concat_tables(rows, promote_options="default"), order, column))
+        rest = ds.map_batches(_no_repeat, batch_format="pyarrow", fn_kwargs={"column": column, "repeated": ref})
+        return rest.union(ray.data.from_arrow(fixed)).materialize()
     parts = joins.shuffle_partitions(rows_estimate, 250_000)
     return (ds.map_batches(sids.id_partition, batch_format="pyarrow", fn_kwargs={"parts": parts, "column": column})
             .groupby(sids.ID_PART, num_partitions=parts)
-            .map_groups(_unique_partition, batch_format="pyarrow", fn_kwargs={"order": order, "column": column}))
+            .map_groups(_unique_partition, batch_format="pyarrow", fn_kwargs={"order": order, "column": column})
+            .materialize())
 
 
 def _sorted_group(group: pa.Table, columns: tuple[str, ...]) -> pa.Table:
     return group.sort_by([(c, "ascending") for c in columns])
 
 
-def by_row_group(ds: ray.data.Dataset, rows_estimate: int,
+def by_row_group(ds: ray.data.Dataset, rows_estimate: int, regroup: bool = True,
                  columns: tuple[str, str] = ("_pq_file", "_pq_row_group")) -> ray.data.Dataset:
     """Parquet metadata rows grouped by (file, row group), each group's rows contiguous,
     materialized (a shuffle must not run beside the embedding actors, which hold the CPUs
-    it would wait for)."""
+    it would wait for). Without ``regroup`` the rows are taken as they come: metadata read
+    one row group per block is grouped already (a group split over blocks is only read
+    twice, never lost)."""
     ds = ds.materialize()
-    if ds.count() == 0:
+    if not regroup or ds.count() == 0:
         return ds
     parts = joins.shuffle_partitions(rows_estimate, 50_000)
     return ds.groupby(list(columns), num_partitions=parts).map_groups(
@@ -61,7 +101,8 @@ def _repeats(batch: pa.Table) -> pa.Table:
 
 def count_repeats(ds: ray.data.Dataset) -> int:
     """Rows whose source named a place another row also named (they got an ordinal id)."""
-    if sids.REPEAT not in ds.schema().names:
+    schema = ds.schema()
+    if schema is None or sids.REPEAT not in schema.names:
         return 0
     return sum(r["n"] for r in ds.select_columns([sids.REPEAT]).map_batches(_repeats, batch_format="pyarrow").take_all())
 

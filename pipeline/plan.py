@@ -313,9 +313,7 @@ def _ingest_rows(cfg: PipelineConfig, kind: str, flagged: ray.data.Dataset | Non
                 key, base = catalog.input_key_column(cfg, kind, rows.schema().names)
                 rows, counts = catalog.join_catalog(cfg, rows, flagged, key, base)
                 join_counts.update(counts)
-        # A uri listed twice: two rows, two ids. Materialized here, before the streaming
-        # pass: a shuffle inside it would wait for CPUs the embedding actors hold.
-        rows = ids.unique_ids(rows, n_rows).materialize()
+        rows = ids.unique_ids(rows, n_rows)  # a uri listed twice: two rows, two ids (materialized)
         rows = rows.repartition(target_num_rows_per_block=cfg.run.read_batch_size)
         return rows.map_batches(ingest.fetch_batch, batch_size=cfg.run.read_batch_size, batch_format="pyarrow",
                                 fn_kwargs={"storage": storage, "max_bytes": cfg.validate_.max_bytes}, **remote)
@@ -325,6 +323,7 @@ def _ingest_rows(cfg: PipelineConfig, kind: str, flagged: ray.data.Dataset | Non
         # group per call, only for the rows chosen.
         files = ingest.list_tables(inp.paths(), storage, (".parquet",), skipped)
         key = ingest.resolve_key_column(ingest.table_columns(files[0], storage), inp)
+        regroup = flagged is not None  # selected or joined rows come shuffled; plain metadata does not
         if flagged is not None and not cfg.catalog.path:
             chosen, n_rows = catalog.selected_rows(flagged), flagged.count()
         else:
@@ -333,7 +332,7 @@ def _ingest_rows(cfg: PipelineConfig, kind: str, flagged: ray.data.Dataset | Non
                 chosen, counts = catalog.join_catalog(cfg, chosen, flagged, cfg.catalog.input_key or key, False)
                 join_counts.update(counts)
         chosen = ids.unique_ids(chosen, n_rows, (ingest.PQ_FILE, ingest.PQ_GROUP, ingest.PQ_ROW), sids.ROW_ID)
-        grouped = ids.by_row_group(chosen, n_rows)  # materialized: no shuffle left in the streaming pass
+        grouped = ids.by_row_group(chosen, n_rows, regroup)  # materialized: no shuffle in the streaming pass
         return grouped.map_batches(
             _read_row_groups, batch_format="pyarrow", batch_size=None,
             fn_kwargs={"storage": storage, "bytes_column": inp.bytes_column, "key_column": key,

@@ -239,3 +239,20 @@ def test_a_protocol_chain_is_looked_at_even_behind_an_allowed_prefix():
 def test_a_file_name_with_503_in_it_is_not_a_transient_error():
     assert ingest.classify_error(OSError(5, "Input/output error", "/data/shard-000503.tar")) == Reason.READ_ERROR
     assert ingest.classify_error(OSError("503 Service Unavailable")) is None
+
+
+@pytest.mark.slow
+def test_unique_ids_on_the_driver_and_by_shuffle_agree(ray_local):
+    """Small inputs are counted on the driver (no shuffle); large ones by hash partition:
+    the same rows and ids either way."""
+    import ray
+
+    from pipeline import ids as pids
+
+    uris = [f"/d/{i % 37}.jpg" for i in range(200)] + [None, None]
+    t = _rows(uris, {"n": list(range(len(uris)))})
+    ds = ray.data.from_arrow(t).repartition(7)
+    want = {r["n"]: (r["id"], r[ids.REPEAT]) for r in pids.unique_ids(ds, len(t), driver_rows=0).take_all()}
+    got = {r["n"]: (r["id"], r[ids.REPEAT]) for r in pids.unique_ids(ds, len(t)).take_all()}
+    assert got == want and len({v[0] for v in got.values()}) == len(uris)
+    assert sum(v[1] is not None for v in got.values()) == len(uris) - 38
