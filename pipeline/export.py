@@ -18,8 +18,9 @@
 The destination is replaced only when it is empty or holds a previous export (its
 ``.biocurate-export`` file, written before anything else, so an interrupted export is
 recognized too), and then only the files an export writes are deleted. The run directory,
-its parents, any other folder inside the run than ``<run>/export``, and a non-empty
-folder without that file are refused (``ConfigError``, exit 2): nothing is deleted.
+its parents, any other folder inside the run than ``<run>/export``, a bucket root and a
+non-empty folder without that file are refused (``ConfigError``, exit 2): nothing is
+deleted.
 
 Default format: WebP capped at 1,048,576 pixels, as the reference walkthrough did.
 """
@@ -96,8 +97,8 @@ def _is_export(fs, root: str, names: set[str]) -> bool:
 def check_dest(output: str, dest: str, storage: StorageConfig) -> list[str]:
     """Refuse a destination an export must not replace (``ConfigError``, nothing deleted):
     the run directory, one of its parents, a folder inside the run other than
-    ``<run>/export``, a file, a non-empty folder that holds no export. Returns the paths of
-    the files a previous export there wrote (to delete)."""
+    ``<run>/export``, a bucket root, a file, a non-empty folder that holds no export.
+    Returns the paths of the files a previous export there wrote (to delete)."""
     fs, root = mio.filesystem(output, storage)
     dfs, droot = mio.filesystem(dest, storage)
     if mio.is_remote(mio.to_uri(fs, root)) == mio.is_remote(mio.to_uri(dfs, droot)):
@@ -108,6 +109,9 @@ def check_dest(output: str, dest: str, storage: StorageConfig) -> list[str]:
         if _within(target, run) and target != mio.join(run, "export"):
             raise ConfigError(f"export error: --dest {dest} is inside the run directory {output}; the only folder "
                               "an export may use there is export/ (nothing was deleted)")
+    if mio.is_remote(mio.to_uri(dfs, droot)) and "/" not in droot.strip("/"):
+        raise ConfigError(f"export error: --dest {dest} is a bucket root; export into a prefix such as "
+                          f"{dest.rstrip('/')}/export (nothing was deleted)")
     if dfs.isfile(droot):
         raise ConfigError(f"export error: --dest {dest} is a file, not a folder (nothing was deleted)")
     try:

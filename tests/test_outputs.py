@@ -221,6 +221,8 @@ def test_export_to_s3_refuses_a_prefix_holding_other_objects(finished, bucket):
 
     with pytest.raises(ConfigError, match="one of its parents"):  # the prefix holding an S3 run
         check_dest(f"s3://{name}/runs/r1", f"s3://{name}/runs", storage)
+    with pytest.raises(ConfigError, match="bucket root"):
+        check_dest(str(finished["out"]), f"s3://{name}/", storage)
     s3.put_object(Bucket=name, Key=f"exports/v1/{IDENTITY}", Body=json.dumps({"kind": KIND}).encode())
     for key in ("shard-000000.tar", "shard-000007.tar", "README"):
         s3.put_object(Bucket=name, Key=f"exports/v1/{key}", Body=b"old")
