@@ -223,6 +223,16 @@ class NearDedupConfig(_Section):
                            "be stored in different buckets and compared bucket pair by bucket pair.")
     bucket_rows: int = Field(65_536, ge=16, description="Rows (embedding copies) stored together for comparison: a "
                              "worker holds at most two buckets (about 2 x bucket_rows x dim x 2 bytes).")
+    policy: Literal["direct", "component"] = Field(
+        "direct", description="direct: walk each group best first and remove a row only when it directly matches "
+        "(a verified pair) a row already kept, which it names; component: keep one row per connected group and "
+        "remove the rest (A~B and B~C remove C for A although A and C may differ).")
+    report_margin: float = Field(
+        0.1, ge=0, le=1, description="Semantic pairs this far below the threshold are kept (two per row) as near "
+        "misses in stages/near_dedup_pairs, for 'biocurate dedup-report'; 0: none.")
+    decide_in_driver: int = Field(
+        200_000, ge=0, description="Groups holding at most this many rows in all are decided in the driver; more "
+        "are decided by tasks, each group whole inside one task.")
     licence_column: str | None = Field(
         "auto", description="Licence column for the keep policy ('auto': license/licence if present; null: none).")
     permissive: str = Field(

@@ -35,8 +35,12 @@ from stages.kernels import neardup as kn
 ROWS_PER_PARTITION = 2_000_000  # shuffle partitions of the perceptual band rows
 
 
-def _take_pairs(ds: ray.data.Dataset) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    parts = [t for t in ds.iter_batches(batch_format="pyarrow", batch_size=None) if len(t)]
+def _take_pairs(ds: ray.data.Dataset, matched: bool | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The pairs a dataset of pair tables holds (with ``matched``: only those so marked)."""
+    parts = [t for t in ds.iter_batches(batch_format="pyarrow", batch_size=None) if len(t)] \
+        if isinstance(ds, ray.data.Dataset) else [ds]
+    parts = [t.filter(pc.equal(t["matched"], matched)) if matched is not None else t for t in parts]
+    parts = [t for t in parts if len(t)]
     if not parts:
         return np.zeros(0, np.uint64), np.zeros(0, np.uint64), np.zeros(0, np.float32)
     t = pa.concat_tables(parts)
@@ -59,15 +63,17 @@ def perceptual_pairs(cfg: PipelineConfig, alive: ray.data.Dataset, n: int) -> tu
 
 
 def semantic_pairs(cfg: PipelineConfig, rows: ray.data.Dataset, n: int, model: str,
-                   threshold: float) -> tuple[tuple, dict]:
-    """``rows``: alive rows with ``_key`` and the dedup model's ``embedding``."""
+                   threshold: float) -> tuple[tuple, dict, tuple, np.ndarray | None]:
+    """``rows``: alive rows with ``_key`` and the dedup model's ``embedding``. Returns the
+    spanning forest of the pairs at the threshold, the report, the near misses (pairs
+    within ``report_margin`` below it, at most two per row) and the centring mean."""
     c = cfg.near_dedup
     cutoff = min(2**64 - 1, int(c.sample_size / max(1, n) * 2**64))
     got = rows.map_batches(snd.sample_rows, batch_format="pyarrow",
                            fn_kwargs={"seed": cfg.run.seed, "cutoff": cutoff}).take_all()
     empty = (np.zeros(0, np.uint64), np.zeros(0, np.uint64), np.zeros(0, np.float32))
     if len(got) < 2:
-        return empty, {"threshold": threshold, "pairs": 0, "sample": len(got)}
+        return empty, {"threshold": threshold, "pairs": 0, "sample": len(got)}, empty, None
     got.sort(key=lambda r: r["id"])  # the same sample in the same order whatever the blocks
     x = np.asarray([r["embedding"] for r in got], dtype=np.float32)
     mean = x.mean(axis=0) if c.center else None
@@ -109,18 +115,22 @@ def semantic_pairs(cfg: PipelineConfig, rows: ray.data.Dataset, n: int, model: s
         tasks = packing["tasks"]
         pairs = ray.data.from_items([{"u": u, "v": v} for u, v in tasks], override_num_blocks=len(tasks)).map_batches(
             snd.compare_buckets, batch_format="pyarrow", batch_size=1,
-            fn_kwargs={"root": mio.to_uri(fs, scratch), "storage": cfg.storage, "threshold": threshold})
-        a, b, s = _take_pairs(pairs)
+            fn_kwargs={"root": mio.to_uri(fs, scratch), "storage": cfg.storage, "threshold": threshold,
+                       "low": threshold - c.report_margin if c.report_margin > 0 else None})
+        got = pa.concat_tables([t for t in pairs.iter_batches(batch_format="pyarrow", batch_size=None) if len(t)]
+                               or [snd.PAIR_SCHEMA.empty_table().append_column("matched", pa.array([], pa.bool_()))])
     finally:
         fs.rm(scratch, recursive=True)
-    a, b, s = kn.spanning_pairs(*kn.unique_pairs(a, b, s, keep_max=True), keep_max=True)
+    a, b, s = kn.spanning_pairs(*kn.unique_pairs(*_take_pairs(got, True), keep_max=True), keep_max=True)
+    near = kn.top_pairs(*_take_pairs(got, False), 2)
     report = {"model": model, "threshold": threshold, "centred": c.center, "sample": len(xs), "partitions": k,
               "coarse_cells": len(partition.coarse),
               "kmeans_mean_cosine_distance": round(inertia, 5), "assign": m,
               "boundary_recall_at_threshold": {str(i): round(v, 4) for i, v in curve.items()},
               "largest_partition": int(counts.max()), "blocked_partitions": int((packing["blocks"] > 1).sum()),
-              "buckets": int(packing["bucket"].max()) + 1, "tasks": len(packing["tasks"]), "pairs": int(len(a))}
-    return (a, b, s), report
+              "buckets": int(packing["bucket"].max()) + 1, "tasks": len(packing["tasks"]), "pairs": int(len(a)),
+              "near_misses": int(len(near[0])), "report_margin": c.report_margin}
+    return (a, b, s), report, near, mean
 
 
 def reference_sets(cfg: PipelineConfig, plan, device: str) -> tuple[pa.Table | None, dict, dict]:
@@ -233,7 +243,7 @@ def near_dedup_dataset(cfg: PipelineConfig, narrow: ray.data.Dataset, embeddings
     report["alive"] = n
     refs, refmap, report["references"] = reference_sets(cfg, plan if model else None, device)
     n_ref = len(refs) if refs is not None else 0
-    found = []
+    found, near, mean, rows = [], None, None, None
     if c.perceptual and n + n_ref > 1:
         hashed = alive.select_columns(["_key", "phash"])
         if n_ref:
@@ -247,63 +257,32 @@ def near_dedup_dataset(cfg: PipelineConfig, narrow: ray.data.Dataset, embeddings
             with_vec = refs.filter(pc.is_valid(refs["embedding"])).select(["id", "_key", "embedding"])
             rows = rows.union(ray.data.from_arrow(with_vec))
         rows = rows.materialize()  # read twice below
-        (a, b, s), report["semantic"] = semantic_pairs(cfg, rows, n + n_ref, model, threshold)
+        (a, b, s), report["semantic"], near, mean = semantic_pairs(cfg, rows, n + n_ref, model, threshold)
         found.append(("semantic", a, b, s))
     all_a = np.concatenate([f[1] for f in found]) if found else np.zeros(0, np.uint64)
     all_b = np.concatenate([f[2] for f in found]) if found else np.zeros(0, np.uint64)
     nodes, roots = kn.connected_components(all_a, all_b)
-    root = dict(zip(nodes.tolist(), roots.tolist()))
-    edges: dict[int, list] = {}
-    for kind, a, b, s in found:
-        for x, y, v in zip(a.tolist(), b.tolist(), s.tolist()):
-            for node in (x, y):
-                e = edges.setdefault(node, [None, None])
-                if kind == "perceptual":
-                    e[0] = int(v) if e[0] is None else min(e[0], int(v))
-                else:
-                    e[1] = float(v) if e[1] is None else max(e[1], float(v))
     names = alive.schema().names
     quality = "aesthetic" if c.quality_column == "auto" and "aesthetic" in names else (
         "q_blur" if c.quality_column == "auto" else c.quality_column)
     quality = quality if quality in names else None
     licence = resolve_column(names, c.licence_column, ("license", "licence", "License"), "near_dedup.licence_column")
     taxon = resolve_column(names, c.taxon_column, TAXON_COLUMNS, "near_dedup.taxon_column")
-    columns = [col for col in dict.fromkeys(["width", "height", "sha256", quality, licence, taxon]) if col]
-    members = np.asarray(nodes, dtype=np.uint64)
-    if len(members):
-        ref = ray.put(members)
-        member_table = pa.concat_tables([t for t in alive.map_batches(
-            _members, batch_format="pyarrow", fn_kwargs={"members": ref, "columns": columns}).iter_batches(
-            batch_format="pyarrow", batch_size=None)])
-        ref_groups: dict = {}
-        for k, (name, rid) in refmap.items():
-            if k in root:
-                ref_groups.setdefault(root[k], (name, rid))
-        decisions = snd.decide_groups(member_table, root, {k: tuple(v) for k, v in edges.items()}, cfg.run.seed, quality,
-                                      licence, c.permissive, taxon, ref_groups, prior)
-    else:
-        decisions = None
+    params = {"policy": c.policy, "threshold": threshold if model else None,
+              "max_hamming": c.max_hamming if c.perceptual else None, "mean": mean, "flip": False,
+              "seed": cfg.run.seed, "quality": quality, "licence": licence, "permissive": c.permissive, "taxon": taxon}
+    decisions, where = _decide(cfg, alive, rows if model else None, refs, refmap, nodes, roots, params, prior,
+                               [col for col in dict.fromkeys(["width", "height", "sha256", "phash", quality, licence,
+                                                              taxon]) if col])
+    report["decided_in"] = where
     id_of = {k: f"{name}:{rid}" for k, (name, rid) in refmap.items()}
-    if decisions is not None:
-        id_of.update(zip(member_table["_key"].to_pylist(), member_table["id"].to_pylist()))
-    pair_rows = {"group": [], "id_a": [], "id_b": [], "detector": [], "similarity": []}
-    for kind, a, b, s in found:
-        for x, y, v in zip(a.tolist(), b.tolist(), s.tolist()):
-            pair_rows["group"].append(f"{root[x]:016x}")
-            pair_rows["id_a"].append(id_of.get(x))
-            pair_rows["id_b"].append(id_of.get(y))
-            pair_rows["detector"].append(kind)
-            pair_rows["similarity"].append(float(1 - v / 64) if kind == "perceptual" else float(v))
-    pairs_table = pa.table({"group": pa.array(pair_rows["group"], pa.string()),
-                            "id_a": pa.array(pair_rows["id_a"], pa.string()),
-                            "id_b": pa.array(pair_rows["id_b"], pa.string()),
-                            "detector": pa.array(pair_rows["detector"], pa.string()),
-                            "similarity": pa.array(pair_rows["similarity"], pa.float32())})
-    report.update({"groups": int(len(set(roots.tolist()))), "members": int(len(members)),
-                   "removed": int(sum(r is not None for r in decisions["_nd_reason"].to_pylist())) if decisions else 0,
-                   "taxonomy_conflicts": int(len({g for g, f in zip(decisions["_nd_group"].to_pylist(),
-                                                                    decisions["_nd_conflict"].to_pylist()) if f}))
-                   if decisions else 0,
+    group_of = dict(zip(nodes.tolist(), roots.tolist()))
+    pairs_table = _pairs_table(found, near, id_of, group_of, decisions, alive)
+    counts = _decision_counts(decisions)
+    report.update({"groups": int(len(set(roots.tolist()))), "members": int(len(nodes)),
+                   "policy": c.policy, "removed": counts[c.policy], "removed_by_policy": counts,
+                   "kept_in_groups": counts["kept_in_groups"], "undecided": counts["undecided"],
+                   "taxonomy_conflicts": counts["taxonomy_conflicts"],
                    "keep_policy": {"licence_column": licence, "quality_column": quality, "taxon_column": taxon,
                                    "previous_run_first": prior is not None}})
     if decisions is None:
@@ -314,7 +293,113 @@ def near_dedup_dataset(cfg: PipelineConfig, narrow: ray.data.Dataset, embeddings
     return out, report, pairs_table
 
 
-def _members(batch: pa.Table, members, columns: list[str]) -> pa.Table:
+def _decide(cfg: PipelineConfig, alive: ray.data.Dataset, rows: ray.data.Dataset | None, refs: pa.Table | None,
+            refmap: dict, nodes: np.ndarray, roots: np.ndarray, params: dict, prior, columns: list[str]):
+    """Every group's decisions (``snd.decide_groups``): in the driver when the groups hold
+    at most ``near_dedup.decide_in_driver`` rows, else one task per shuffle partition of
+    the groups (a group is never split: it is decided whole, inside its task)."""
+    if len(nodes) == 0:
+        return None, None
+    nodes = np.asarray(nodes, dtype=np.uint64)
+    roots = np.asarray(roots, dtype=np.uint64)
+    ref = ray.put((nodes, roots))
+    members = alive.map_batches(_group_rows, batch_format="pyarrow", fn_kwargs={"graph": ref, "columns": columns})
+    if rows is not None:  # the dedup model's embeddings of the members (corpus rows)
+        vecs = rows.map_batches(_group_rows, batch_format="pyarrow",
+                                fn_kwargs={"graph": ref, "columns": ["embedding"]}).drop_columns(["_key", "_group"])
+        members = joins.join(members, vecs, "id", "left_outer", cfg.run.broadcast_join_mb, rows_hint=len(nodes))
+    extra = None
+    if refs is not None and len(refs):
+        t = snd.group_rows(refs, nodes, roots, ["phash", "embedding"] if rows is not None else ["phash"])
+        sets = [refmap[int(k)] for k in t["_key"].to_pylist()]
+        extra = (t.append_column("_ref_set", pa.array([a for a, _ in sets], pa.string()))
+                 .append_column("_ref_id", pa.array([b for _, b in sets], pa.string())))
+    if len(nodes) <= cfg.near_dedup.decide_in_driver:
+        parts = [t for t in members.iter_batches(batch_format="pyarrow", batch_size=None) if len(t)]
+        if extra is not None:
+            parts.append(extra)
+        table = pa.concat_tables(parts, promote_options="default") if parts else None
+        return (snd.decide_groups(table, params, prior) if table is not None else None), "driver"
+    if extra is not None:
+        members = members.union(ray.data.from_arrow(extra))
+    parts = int(max(1, min(200, math.ceil(len(nodes) / 50_000))))
+    ds = members.groupby("_group", num_partitions=parts).map_groups(
+        _decide_batch, batch_format="pyarrow", fn_kwargs={"params": params, "prior": prior})
+    return pa.concat_tables([t for t in ds.iter_batches(batch_format="pyarrow", batch_size=None)]
+                            or [snd.decide_groups(pa.table({"id": pa.array([], pa.string()),
+                                                            "_group": pa.array([], pa.uint64())}), params)]), "tasks"
+
+
+def _group_rows(batch: pa.Table, graph, columns: list[str]) -> pa.Table:
     from pipeline.joins import resolve_ref
 
-    return snd.member_rows(batch, resolve_ref(members), columns)
+    nodes, roots = resolve_ref(graph)
+    return snd.group_rows(batch, nodes, roots, columns)
+
+
+def _decide_batch(rows: pa.Table, params: dict, prior) -> pa.Table:
+    return snd.decide_groups(rows, params, prior)
+
+
+def _decision_counts(decisions: pa.Table | None) -> dict:
+    if decisions is None or len(decisions) == 0:
+        return {"direct": 0, "component": 0, "kept_in_groups": 0, "undecided": 0, "taxonomy_conflicts": 0}
+    removed = pc.is_valid(decisions["_nd_reason"])
+    groups = decisions["_nd_group"].to_pylist()
+    kept_groups = [g for g, r in zip(groups, removed.to_pylist()) if not r]
+    return {"direct": int(pc.sum(decisions["_nd_direct_removed"]).as_py() or 0),
+            "component": int(pc.sum(decisions["_nd_component_removed"]).as_py() or 0),
+            "kept_in_groups": int(len(kept_groups) - len(set(kept_groups))),
+            "undecided": int(pc.sum(decisions["_nd_undecided"]).as_py() or 0),
+            "taxonomy_conflicts": int(len({g for g, f in zip(groups, decisions["_nd_conflict"].to_pylist()) if f}))}
+
+
+def _pairs_table(found: list, near, id_of: dict, group_of: dict, decisions: pa.Table | None,
+                 alive: ray.data.Dataset) -> pa.Table:
+    """``stages/near_dedup_pairs``: the pairs the detectors found (``kind`` found: the
+    spanning forest of each detector; near_miss: within report_margin below the semantic
+    threshold) and one row per removal (``kind`` removal: the row and the kept row it
+    directly matched)."""
+    keys = set()
+    for _, a, b, _s in found:
+        keys.update(a.tolist())
+        keys.update(b.tolist())
+    if near is not None:
+        keys.update(near[0].tolist())
+        keys.update(near[1].tolist())
+    keys -= set(id_of)
+    if keys:
+        wanted = np.unique(np.fromiter(keys, np.uint64, len(keys)))
+        got = alive.map_batches(_group_rows, batch_format="pyarrow",
+                                fn_kwargs={"graph": ray.put((wanted, wanted)), "columns": []})
+        for t in got.iter_batches(batch_format="pyarrow", batch_size=None):
+            id_of.update(zip(t["_key"].to_pylist(), t["id"].to_pylist()))
+    rows = {"group": [], "id_a": [], "id_b": [], "detector": [], "similarity": [], "kind": []}
+
+    def add(group, a, b, detector, sim, kind):
+        rows["group"].append(group)
+        rows["id_a"].append(a)
+        rows["id_b"].append(b)
+        rows["detector"].append(detector)
+        rows["similarity"].append(sim)
+        rows["kind"].append(kind)
+
+    for kind, a, b, s in found:
+        for x, y, v in zip(a.tolist(), b.tolist(), s.tolist()):
+            add(f"{group_of[x]:016x}", id_of.get(x), id_of.get(y), kind,
+                float(1 - v / 64) if kind == "perceptual" else float(v), "found")
+    if near is not None:
+        for x, y, v in zip(near[0].tolist(), near[1].tolist(), near[2].tolist()):
+            g = group_of.get(x)
+            add(f"{g:016x}" if g is not None and g == group_of.get(y) else None, id_of.get(x), id_of.get(y),
+                "semantic", float(v), "near_miss")
+    if decisions is not None:
+        removed = decisions.filter(pc.is_valid(decisions["_nd_reason"]))
+        for r in removed.to_pylist():
+            add(r["_nd_group"], r["id"], r["_nd_duplicate_of"],
+                "perceptual" if r["_nd_reason"] == "perceptual_duplicate" else "semantic", r["_nd_similarity"],
+                "removal")
+    return pa.table({"group": pa.array(rows["group"], pa.string()), "id_a": pa.array(rows["id_a"], pa.string()),
+                     "id_b": pa.array(rows["id_b"], pa.string()), "detector": pa.array(rows["detector"], pa.string()),
+                     "similarity": pa.array(rows["similarity"], pa.float32()),
+                     "kind": pa.array(rows["kind"], pa.string())})

@@ -147,108 +147,196 @@ def _read_bucket(fs, root: str, bucket: int) -> tuple[np.ndarray, np.ndarray, np
     return t["part"].to_numpy(), t["node"].to_numpy().astype(np.uint64), x
 
 
-def compare_buckets(tasks: pa.Table, root: str, storage, threshold: float) -> pa.Table:
-    """The pairs of comparison tasks (u, v) over buckets written under ``root``."""
+def compare_buckets(tasks: pa.Table, root: str, storage, threshold: float, low: float | None = None,
+                    near_per_row: int = 2) -> pa.Table:
+    """The pairs of comparison tasks (u, v) over buckets written under ``root``: a
+    spanning forest of the pairs at cosine >= ``threshold`` (``matched``), and, with
+    ``low``, each row's ``near_per_row`` best pairs in [low, threshold) (near misses, for
+    the dedup report: what the threshold just left apart)."""
     from manifests import io as mio
 
     fs, path = mio.filesystem(root, storage)
     out = []
+    cut = threshold if low is None else min(low, threshold)
     for u, v in zip(tasks["u"].to_pylist(), tasks["v"].to_pylist()):
         bu = _read_bucket(fs, path, u)
-        out.append(kn.bucket_pairs(bu, None if u == v else _read_bucket(fs, path, v), threshold))
-    return _pairs(*kn.spanning_pairs(*kn.merge_pairs(out), keep_max=True))
+        out.append(kn.bucket_pairs(bu, None if u == v else _read_bucket(fs, path, v), cut))
+    a, b, s = kn.merge_pairs(out)
+    hit = s >= threshold
+    found = _pairs(*kn.spanning_pairs(a[hit], b[hit], s[hit], keep_max=True))
+    near = _pairs(*kn.top_pairs(a[~hit], b[~hit], s[~hit], near_per_row))
+    return pa.concat_tables([found.append_column("matched", pa.array(np.ones(len(found), bool))),
+                             near.append_column("matched", pa.array(np.zeros(len(near), bool)))])
 
 
 # --------------------------------------------------------------------------- members
 
-def member_rows(batch: pa.Table, members: np.ndarray, columns: list[str]) -> pa.Table:
-    """The alive rows that are in a group, with the columns the keep policy reads."""
+MAX_KEPT = 20_000  # kept rows after which a component's remaining rows stay kept undecided
+
+POLICIES = ("direct", "component")
+
+
+def group_rows(batch: pa.Table, nodes: np.ndarray, roots: np.ndarray, columns: list[str]) -> pa.Table:
+    """The rows of ``batch`` that are nodes of the pair graph (``nodes`` sorted), with the
+    columns the keep policy reads and ``_group``, their component's root."""
     key = batch["_key"].to_numpy().astype(np.uint64)
-    pos = np.searchsorted(members, key).clip(0, max(0, len(members) - 1))
-    hit = (members[pos] == key) if len(members) else np.zeros(len(key), bool)
-    return batch.filter(pa.array(hit)).select(["id", "_key", *columns])
+    pos = np.searchsorted(nodes, key).clip(0, max(0, len(nodes) - 1))
+    hit = (nodes[pos] == key) if len(nodes) else np.zeros(len(key), bool)
+    out = batch.filter(pa.array(hit)).select([c for c in dict.fromkeys(["id", "_key", *columns])
+                                              if c in batch.column_names])
+    return out.append_column("_group", pa.array(roots[pos[hit]], pa.uint64()))
 
 
-def decide_groups(rows: pa.Table, root: dict, edges: dict, seed: int, quality: str | None, licence: str | None,
-                  permissive: str, taxon: str | None, ref_groups: dict | None = None,
-                  prior: np.ndarray | None = None) -> pa.Table:
-    """Keep one row per group (kept by a previous run -- ``prior``, sorted sha256 keys --,
-    permissive licence, quality, pixels, hash(seed, id)); the others become rejects naming
-    the kept id. A group holding an image of a reference set
-    (``ref_groups``: group -> (set name, reference id)) keeps none of its corpus rows. One
-    row per member (corpus rows only)."""
-    ref_groups = ref_groups or {}
+def _vectors(rows: pa.Table, column: str, mean: np.ndarray | None) -> tuple[np.ndarray | None, np.ndarray]:
+    if column not in rows.column_names or len(rows) == 0:
+        return None, np.zeros(len(rows), bool)
+    x, valid = embedding_matrix(rows[column])
+    out = np.zeros((len(rows), x.shape[1] if x.ndim == 2 else 1), np.float32)
+    if valid.any():
+        out[valid] = kn.center_normalize(x[valid], mean)
+    return out, valid
+
+
+def decide_groups(rows: pa.Table, params: dict, prior: np.ndarray | None = None) -> pa.Table:
+    """Decide every group (``_group``) of ``rows``: corpus rows and reference rows
+    (``_ref_set`` not null: an image of a reference set, never decided). One row out per
+    corpus row.
+
+    ``params``: ``policy`` -- ``direct`` (:func:`kn.direct_keep`: a row is removed only when
+    it directly matches a kept row, which it names, with that pair's similarity) or
+    ``component`` (one row kept per group, the rest removed naming it, matched or not);
+    ``threshold`` (cosine, None: perceptual only), ``max_hamming`` (None: semantic only),
+    ``mean`` (the centring of the ``embedding`` column), ``flip`` (``embedding_flip``
+    holds the mirror images' embeddings), ``seed``, ``quality``/``licence``/``permissive``/
+    ``taxon`` (keep order and conflicts). ``prior``: sorted sha256 keys kept by a previous
+    run; they come first. Whatever the policy, ``_nd_component_removed`` says whether the
+    component policy would remove the row, so both counts can be reported."""
+    if len(rows) == 0:
+        return _decisions_table({k: [] for k in _OUT})
+    policy = params.get("policy", "direct")
+    rows = rows.sort_by([("_group", "ascending"), ("id", "ascending")])  # independent of arrival order
     n = len(rows)
     ids = rows["id"].to_pylist()
-    keys = rows["_key"].to_numpy().astype(np.uint64)
-    group = np.array([root[int(k)] for k in keys], dtype=np.uint64)
-    if licence:
-        rx = re.compile(permissive, re.I)
+    group = rows["_group"].to_numpy().astype(np.uint64)
+    ref_set = rows["_ref_set"].to_pylist() if "_ref_set" in rows.column_names else [None] * n
+    ref_id = rows["_ref_id"].to_pylist() if "_ref_id" in rows.column_names else [None] * n
+    is_ref = np.array([r is not None for r in ref_set], bool)
+
+    def col(name, fill):
+        if name and name in rows.column_names:
+            return rows[name].to_numpy(zero_copy_only=False)
+        return np.full(n, fill)
+
+    licence = params.get("licence")
+    if licence and licence in rows.column_names:
+        rx = re.compile(params.get("permissive") or "^$", re.I)
         permissive_ok = np.array([bool(v) and bool(rx.search(str(v))) for v in rows[licence].to_pylist()])
     else:
         permissive_ok = np.zeros(n, bool)
-    q = (rows[quality].to_numpy(zero_copy_only=False).astype(np.float64) if quality else np.full(n, np.nan))
-    w = rows["width"].to_numpy(zero_copy_only=False).astype(np.float64)
-    h = rows["height"].to_numpy(zero_copy_only=False).astype(np.float64)
-    rank = seeded_rank(seed, ids)
+    q = col(params.get("quality"), np.nan).astype(np.float64)
+    w = np.nan_to_num(col("width", np.nan).astype(np.float64))
+    h = np.nan_to_num(col("height", np.nan).astype(np.float64))
+    rank = seeded_rank(params.get("seed", 0), ids)
     kept_before = None
-    if prior is not None:
+    if prior is not None and "sha256" in rows.column_names:
         from stages.embed import is_known
 
-        kept_before = is_known(prior, rows["sha256"].to_pylist())
-    order = kn.keep_order(permissive_ok, q, np.nan_to_num(w * h), rank, kept_before)
+        kept_before = is_known(prior, [s or "" for s in rows["sha256"].to_pylist()])
+    order = kn.keep_order(permissive_ok, q, w * h, rank, kept_before)
     order = order[np.argsort(group[order], kind="stable")]  # by group, best first inside
-    taxa = rows[taxon].to_pylist() if taxon else [None] * n
-    out = {k: [] for k in ("id", "near_dup_group", "duplicate_of", "reason", "detail", "near_dup_similarity",
-                           "near_dup_ids", "taxonomy_conflict")}
+    threshold, max_hamming = params.get("threshold"), params.get("max_hamming")
+    x, has_x = _vectors(rows, "embedding", params.get("mean")) if threshold is not None else (None, np.zeros(n, bool))
+    xf = _vectors(rows, "embedding_flip", params.get("mean"))[0] if (x is not None and params.get("flip")) else None
+    has_ph = np.asarray(rows["phash"].is_valid()) if "phash" in rows.column_names else np.zeros(n, bool)
+    ph = (np.array([v or 0 for v in rows["phash"].to_pylist()], dtype=np.uint64) if "phash" in rows.column_names
+          else np.zeros(n, np.uint64))
+    taxa = rows[params["taxon"]].to_pylist() if params.get("taxon") in rows.column_names else [None] * n
+    out = {k: [] for k in _OUT}
     starts = np.flatnonzero(np.r_[True, group[order][1:] != group[order][:-1]])
     for s, e in zip(starts, np.r_[starts[1:], len(order)]):
-        members = order[s:e]
-        kept = members[0]
-        gname = f"{int(group[kept]):016x}"
+        everyone = order[s:e]
+        refs = everyone[is_ref[everyone]]
+        members = everyone[~is_ref[everyone]]
+        if len(members) == 0:
+            continue
+        gname = f"{int(group[members[0]]):016x}"
         labels = {str(taxa[i]) for i in members if taxa[i] is not None}
         conflict = len(labels) > 1
-        ref = ref_groups.get(int(group[kept]))
+        local = np.concatenate([refs, members])  # this group's rows: references, then members best first
+        d = kn.direct_keep(np.arange(len(refs), len(local)), np.arange(len(refs)), ph[local], has_ph[local],
+                           None if x is None else x[local], has_x[local], threshold, max_hamming,
+                           None if xf is None else xf[local], MAX_KEPT)
+        d["match"] = np.where(d["match"] >= 0, local[np.maximum(d["match"], 0)], d["match"])
+        d = {k: dict(zip(local.tolist(), v.tolist())) for k, v in d.items()}  # by table row
+        match = d["match"]
+        removed_by = {}
+        if policy == "direct":
+            for i in members:
+                if match[i] >= 0:
+                    removed_by.setdefault(int(match[i]), []).append(i)
         for i in members:
-            best_h, best_cos = edges.get(int(keys[i]), (None, None))
             out["id"].append(ids[i])
-            out["near_dup_group"].append(gname)
-            out["taxonomy_conflict"].append(conflict)
-            how = f"pHash Hamming {best_h}" if best_h is not None else f"cosine {best_cos:.4f}"
-            sim = float(best_cos) if best_cos is not None else float(1 - best_h / 64)
-            if ref is not None:
-                out["duplicate_of"].append(ref[1])
-                out["reason"].append(Reason.DUPLICATE_OF_REFERENCE.value)
-                out["detail"].append(f"near-duplicate of {ref[1]} in reference set '{ref[0]}' (closest pair: {how})")
-                out["near_dup_similarity"].append(sim)
-                out["near_dup_ids"].append(None)
+            out["_nd_group"].append(gname)
+            out["_nd_conflict"].append(conflict)
+            out["_nd_component_removed"].append(bool(len(refs)) or i != members[0])
+            out["_nd_direct_removed"].append(bool(match[i] >= 0))
+            out["_nd_undecided"].append(bool(match[i] == kn.NOT_DECIDED))
+            if policy == "component":
+                target = refs[0] if len(refs) else (None if i == members[0] else members[0])
+                direct = match[i] >= 0 and match[i] == target
+                how = _how(d, i) if direct else "matched through the group, not directly"
+            else:
+                target = int(match[i]) if match[i] >= 0 else None
+                how = _how(d, i) if target is not None else None
+            if target is None:
+                out["_nd_duplicate_of"].append(None)
+                out["_nd_reason"].append(None)
+                out["_nd_detail"].append(None)
+                out["_nd_similarity"].append(None)
+                if policy == "component":
+                    out["_nd_ids"].append([ids[j] for j in members[1:]])
+                else:
+                    out["_nd_ids"].append([ids[j] for j in removed_by.get(int(i), [])] or None)
                 continue
-            if i == kept:
-                out["duplicate_of"].append(None)
-                out["reason"].append(None)
-                out["detail"].append(None)
-                out["near_dup_similarity"].append(None)
-                out["near_dup_ids"].append([ids[j] for j in members[1:]])
+            sim = d["similarity"][i] if match[i] == target else np.nan
+            out["_nd_similarity"].append(None if np.isnan(sim) else float(sim))
+            out["_nd_ids"].append(None)
+            extra = (f"; group of {len(members)}" if len(members) > 1 else "") + (
+                "; taxonomy conflict in the group" if conflict else "")
+            if is_ref[target]:
+                out["_nd_duplicate_of"].append(ref_id[target])
+                out["_nd_reason"].append(Reason.DUPLICATE_OF_REFERENCE.value)
+                out["_nd_detail"].append(f"near-duplicate of {ref_id[target]} in reference set "
+                                         f"'{ref_set[target]}' ({how}{extra})")
                 continue
-            perceptual = best_h is not None
-            out["duplicate_of"].append(ids[kept])
-            out["reason"].append((Reason.PERCEPTUAL_DUPLICATE if perceptual else Reason.SEMANTIC_DUPLICATE).value)
-            out["detail"].append(f"near-duplicate of {ids[kept]} (group of {len(members)}; closest pair: {how}"
-                                 + ("; taxonomy conflict in the group" if conflict else "") + ")")
-            out["near_dup_similarity"].append(sim)
-            out["near_dup_ids"].append(None)
-    return pa.table({
-        "id": pa.array(out["id"], pa.string()), "_nd_group": pa.array(out["near_dup_group"], pa.string()),
-        "_nd_duplicate_of": pa.array(out["duplicate_of"], pa.string()),
-        "_nd_reason": pa.array(out["reason"], pa.string()), "_nd_detail": pa.array(out["detail"], pa.string()),
-        "_nd_similarity": pa.array(out["near_dup_similarity"], pa.float32()),
-        "_nd_ids": pa.array(out["near_dup_ids"], pa.list_(pa.string())),
-        "_nd_conflict": pa.array(out["taxonomy_conflict"], pa.bool_()),
-    })
+            perceptual = bool(d["hamming"][i] >= 0 and match[i] == target)
+            out["_nd_duplicate_of"].append(ids[target])
+            out["_nd_reason"].append((Reason.PERCEPTUAL_DUPLICATE if perceptual else Reason.SEMANTIC_DUPLICATE).value)
+            out["_nd_detail"].append(f"near-duplicate of {ids[target]} ({how}{extra})")
+    return _decisions_table(out)
+
+
+def _how(d: dict, i: int) -> str:
+    parts = []
+    if d["hamming"][i] >= 0:
+        parts.append(f"pHash Hamming {int(d['hamming'][i])}")
+    if not np.isnan(d["cosine"][i]):
+        parts.append(f"cosine {float(d['cosine'][i]):.4f}")
+    return ", ".join(parts) or "matched"
+
+
+_OUT = {"id": pa.string(), "_nd_group": pa.string(), "_nd_duplicate_of": pa.string(), "_nd_reason": pa.string(),
+        "_nd_detail": pa.string(), "_nd_similarity": pa.float32(), "_nd_ids": pa.list_(pa.string()),
+        "_nd_conflict": pa.bool_(), "_nd_component_removed": pa.bool_(), "_nd_direct_removed": pa.bool_(),
+        "_nd_undecided": pa.bool_()}
+
+
+def _decisions_table(out: dict) -> pa.Table:
+    return pa.table({k: pa.array(out[k], t) for k, t in _OUT.items()})
 
 
 DECISION_COLUMNS = ["_nd_group", "_nd_duplicate_of", "_nd_reason", "_nd_detail", "_nd_similarity", "_nd_ids",
-                    "_nd_conflict"]
+                    "_nd_conflict", "_nd_component_removed", "_nd_direct_removed", "_nd_undecided"]
 
 
 def apply_decisions(batch: pa.Table) -> pa.Table:

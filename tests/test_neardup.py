@@ -308,38 +308,95 @@ def test_bf16_screen_then_float32_check_is_exact():
         assert ok and n > 10
 
 
-def test_decide_groups_licence_quality_taxonomy_and_reference():
+def _rows(ids, group, phash, x, **cols):
+    import pyarrow as pa
+
+    t = pa.table({"id": ids, "_key": pa.array(kn.id_keys(ids), pa.uint64()), "_group": pa.array(group, pa.uint64()),
+                  "phash": pa.array(phash, pa.uint64()),
+                  "embedding": pa.array([None if v is None else list(map(float, v)) for v in x],
+                                        pa.list_(pa.float32(), 3)), **cols})
+    return t
+
+
+def _unit(*v):
+    v = np.asarray(v, dtype=np.float32)
+    return v / np.linalg.norm(v)
+
+
+def test_direct_keep_chain_keeps_both_ends():
+    """A~B and B~C, A and C apart: direct keeps A and C and removes B naming the row it
+    matches; the component policy removes B and C (C for a photo it does not match)."""
+    x = np.stack([_unit(1, 0, 0), _unit(1, 1, 0), _unit(0, 1, 0)])  # cos(A,B)=cos(B,C)=0.71, cos(A,C)=0
+    has = np.ones(3, bool)
+    ph = np.array([0, 2**40 - 1, 2**64 - 1], np.uint64)  # pHashes far apart
+    d = kn.direct_keep(np.array([0, 1, 2]), np.zeros(0, np.int64), ph, has, x, has, 0.7, 8)
+    assert d["match"].tolist() == [-1, 0, -1]
+    assert abs(d["similarity"][1] - 0.7071) < 1e-3 and d["hamming"][1] == -1
+    # walked in another order (B best): B kept, A and C both directly match it
+    d = kn.direct_keep(np.array([1, 0, 2]), np.zeros(0, np.int64), ph, has, x, has, 0.7, 8)
+    assert d["match"].tolist() == [1, -1, 1]
+    # pHash alone: within max_hamming of a kept row
+    ph2 = np.array([0, 0b111, 0b111111111], np.uint64)  # A-B 3, B-C 6, A-C 9
+    d = kn.direct_keep(np.array([0, 1, 2]), np.zeros(0, np.int64), ph2, has, None, np.zeros(3, bool), None, 8)
+    assert d["match"].tolist() == [-1, 0, -1] and d["hamming"][1] == 3
+    # a reference (kept from the start) is named first; the mirror image counts with x_flip
+    flip = np.stack([_unit(0, 1, 0), _unit(1, 1, 0), _unit(1, 0, 0)])
+    d = kn.direct_keep(np.array([1, 2]), np.array([0]), ph, has, x, has, 0.9, None, x_flip=flip)
+    assert d["match"].tolist() == [-1, -1, 0]  # C's mirror is A
+    # max_kept: past it, the rest stays kept undecided
+    d = kn.direct_keep(np.array([0, 2, 1]), np.zeros(0, np.int64), ph, has, x, has, 0.7, None, max_kept=1)
+    assert d["match"].tolist() == [-1, kn.NOT_DECIDED, kn.NOT_DECIDED]
+
+
+def test_decide_groups_policies_licence_quality_taxonomy_and_reference():
     """The keep policy on one table: a permissive licence beats a higher quality score; a
-    group labelled with two species is flagged; a group holding a reference image keeps
-    none of its corpus rows."""
+    group labelled with two species is flagged; a removal names the kept row it matches
+    (direct), or the group's kept row (component); a reference is named by the rows that
+    match it and only by those."""
     import pyarrow as pa
 
     from stages.neardup import decide_groups
 
-    ids = ["a", "b", "c", "d", "e"]
-    keys = kn.id_keys(ids)
-    rows = pa.table({"id": ids, "_key": pa.array(keys, pa.uint64()),
-                     "width": [100, 100, 100, 50, 50], "height": [100, 100, 100, 50, 50],
-                     "q_blur": [900.0, 10.0, 50.0, 1.0, 2.0],
-                     "license": ["CC BY-NC 4.0", "CC BY 4.0", "cc0", None, None],
-                     "species": ["Vulpes vulpes", "Vulpes vulpes", "Vulpes lagopus", "Bufo bufo", "Bufo bufo"]})
-    g1, g2 = int(keys[0]), int(keys[3])
-    root = {int(keys[i]): g1 for i in range(3)} | {int(keys[3]): g2, int(keys[4]): g2}
-    edges = {int(keys[0]): (3, None), int(keys[1]): (3, None), int(keys[2]): (None, 0.91),
-             int(keys[3]): (None, 0.8), int(keys[4]): (None, 0.8)}
-    out = {r["id"]: r for r in decide_groups(rows, root, edges, 0, "q_blur", "license",
-                                             r"^\s*(cc0|cc[- ]?by(?![- a-z]*(nc|nd)))", "species").to_pylist()}
+    ids = ["a", "b", "c", "d", "e", "f"]
+    g1, g2 = 11, 22
+    # a, b, c: pHashes within 3 of c; d, e: one vector; f: in d/e's group (a chain) but apart
+    ph = [0b111, 0b111000, 0, 0xFFFF << 48, 0xFFFF << 32, 0xFFFF << 16]  # d, e, f: 32 apart
+    x = [None, None, None, _unit(1, 0.1, 0), _unit(1, 0, 0.1), _unit(0, 1, 0)]
+    cols = {"width": [100, 100, 100, 50, 50, 50], "height": [100, 100, 100, 50, 50, 50],
+            "q_blur": [900.0, 10.0, 50.0, 1.0, 2.0, 0.5],
+            "license": ["CC BY-NC 4.0", "CC BY 4.0", "cc0", None, None, None],
+            "species": ["Vulpes vulpes", "Vulpes vulpes", "Vulpes lagopus", "Bufo bufo", "Bufo bufo", None]}
+    rows = _rows(ids, [g1, g1, g1, g2, g2, g2], ph, x, **cols)
+    params = {"policy": "direct", "threshold": 0.9, "max_hamming": 8, "mean": None, "seed": 0, "quality": "q_blur",
+              "licence": "license", "permissive": r"^\s*(cc0|cc[- ]?by(?![- a-z]*(nc|nd)))", "taxon": "species"}
+    out = {r["id"]: r for r in decide_groups(rows, params).to_pylist()}
     # among the permissive b (CC BY) and c (CC0), c has the higher quality; a (NC) is not first
     assert out["c"]["_nd_reason"] is None and sorted(out["c"]["_nd_ids"]) == ["a", "b"]
     assert out["a"]["_nd_duplicate_of"] == "c" and out["a"]["_nd_reason"] == "perceptual_duplicate"
     assert out["b"]["_nd_reason"] == "perceptual_duplicate" and "pHash Hamming 3" in out["b"]["_nd_detail"]
     assert all(out[i]["_nd_conflict"] for i in "abc") and not out["d"]["_nd_conflict"]
     assert out["e"]["_nd_reason"] is None and out["d"]["_nd_reason"] == "semantic_duplicate"  # q_blur 2 > 1
-    ref = decide_groups(rows, root, edges, 0, "q_blur", "license", r"^cc0", "species", {g2: ("eval", "r1")})
-    ref = {r["id"]: r for r in ref.to_pylist()}
+    assert out["d"]["_nd_duplicate_of"] == "e" and abs(out["d"]["_nd_similarity"] - 1 / 1.01) < 1e-4
+    assert out["f"]["_nd_reason"] is None and out["f"]["_nd_group"] == out["e"]["_nd_group"]  # kept: no match
+    assert [out[i]["_nd_component_removed"] for i in "abcdef"] == [True, True, False, True, False, True]
+    comp = {r["id"]: r for r in decide_groups(rows, {**params, "policy": "component"}).to_pylist()}
+    assert comp["f"]["_nd_duplicate_of"] == "e" and "not directly" in comp["f"]["_nd_detail"]
+    assert comp["f"]["_nd_similarity"] is None and comp["d"]["_nd_duplicate_of"] == "e"
+    # a reference image r1 in group 2 that matches d only
+    ref = pa.concat_tables([rows.append_column("_ref_set", pa.nulls(6, pa.string()))
+                            .append_column("_ref_id", pa.nulls(6, pa.string())),
+                            _rows(["eval:r1"], [g2], [0xFFFF], [_unit(1, 0.12, 0)],
+                                  **{k: pa.nulls(1, rows[k].type) for k in cols},
+                                  _ref_set=["eval"], _ref_id=["r1"])])
+    got = {r["id"]: r for r in decide_groups(ref, params).to_pylist()}
+    assert "eval:r1" not in got and len(got) == 6
     for i in "de":
-        assert ref[i]["_nd_reason"] == "duplicate_of_reference" and ref[i]["_nd_duplicate_of"] == "r1"
-        assert "reference set 'eval'" in ref[i]["_nd_detail"]
+        assert got[i]["_nd_reason"] == "duplicate_of_reference" and got[i]["_nd_duplicate_of"] == "r1"
+        assert "reference set 'eval'" in got[i]["_nd_detail"]
+    assert got["f"]["_nd_reason"] is None
+    # arrival order does not matter
+    assert decide_groups(rows.take(np.array([5, 3, 1, 0, 4, 2])), params).sort_by("id").equals(
+        decide_groups(rows, params).sort_by("id"))
 
 
 def test_pack_cells_covers_every_pair_of_a_partition_once():

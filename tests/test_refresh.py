@@ -134,7 +134,8 @@ def test_deterministic_every_stage_concurrency_and_block_sizes(clean, corpus, tm
     for name, more in (("c1", {"run.concurrency": 1, "run.batch_size": 3, "run.read_batch_size": 7}),
                        ("c2", {"run.concurrency": 2, "run.batch_size": 16, "run.read_batch_size": 2,
                                "embed.concurrency": 2, "embed.num_cpus": 0.5,
-                               "run.broadcast_join_mb": 0})):  # every join a hash shuffle, not a broadcast
+                               "run.broadcast_join_mb": 0,  # every join a hash shuffle, not a broadcast
+                               "near_dedup.decide_in_driver": 0})):  # groups decided by tasks
         plan.run(load_config(None, overrides(corpus, tmp_path / name, **more)))
         assert rows(tmp_path / name) == want, name
 

@@ -396,3 +396,101 @@ def keep_order(permissive: np.ndarray, quality: np.ndarray, pixels: np.ndarray, 
     prior = np.zeros(len(q), dtype=bool) if prior is None else np.asarray(prior, dtype=bool)
     return np.lexsort((np.asarray(rank, dtype=np.uint64), -np.asarray(pixels, dtype=np.float64), -q,
                        ~np.asarray(permissive, dtype=bool), ~prior))
+
+
+# --------------------------------------------------------------------------- direct keep
+
+NOT_DECIDED = -2  # a row left kept because its component passed max_kept kept rows
+
+
+def direct_keep(order: np.ndarray, refs: np.ndarray, phash: np.ndarray, has_phash: np.ndarray,
+                x: np.ndarray | None, has_x: np.ndarray, threshold: float | None, max_hamming: int | None,
+                x_flip: np.ndarray | None = None, max_kept: int = 20_000) -> dict:
+    """Greedy, exact keep inside one group of rows (one connected component of the pair
+    graph): walk ``order`` (row indices, best first) and remove a row only when it
+    *directly* matches a row already kept -- pHash within ``max_hamming``, or cosine of
+    the normalized rows of ``x`` at least ``threshold`` (with ``x_flip``, each row's
+    mirror image embedded too: the larger of cos(a, b) and cos(flip a, b)) -- naming the
+    best such row; otherwise it is kept, whatever the rest of its group matches. A~B and
+    B~C say nothing of A and C: a chain A~B~C with A and C apart keeps both A and C.
+
+    ``refs``: rows kept from the start and never decided (reference images); a row that
+    matches one names it first. Cost: one product per row against the kept rows so far;
+    once ``max_kept`` rows are kept, the rest of ``order`` is kept undecided
+    (``match == NOT_DECIDED``): a component of that many distinct images is not a
+    duplicate cluster, and keeping is the safe side.
+
+    Returns ``match`` (row matched, -1 kept), ``similarity`` (that pair's cosine, else
+    1 - h/64), ``hamming`` (-1: not matched by pHash), ``cosine`` (nan: no embedding pair)."""
+    n = len(phash)
+    order = np.asarray(order, dtype=np.int64)
+    refs = np.asarray(refs, dtype=np.int64)
+    match = np.full(n, -1, np.int64)
+    sim = np.full(n, np.nan, np.float32)
+    ham = np.full(n, -1, np.int16)
+    cos = np.full(n, np.nan, np.float32)
+    use_x = x is not None and threshold is not None
+    use_h = max_hamming is not None
+    ph = np.asarray(phash, dtype=np.uint64)
+    kept = np.empty(len(refs) + len(order), np.int64)
+    nk = 0
+    is_ref = np.zeros(n, bool)
+    is_ref[refs] = True
+    kx = np.zeros((len(kept), x.shape[1]), np.float32) if use_x else None
+    for r in refs:
+        kept[nk] = r
+        if use_x:
+            kx[nk] = x[r] if has_x[r] else 0.0
+        nk += 1
+    for pos, v in enumerate(order):
+        if nk - len(refs) >= max_kept:
+            match[order[pos:]] = NOT_DECIDED
+            break
+        ks = kept[:nk]
+        s = h = None
+        if use_x and has_x[v] and nk:
+            s = kx[:nk] @ x[v]
+            if x_flip is not None:
+                s = np.maximum(s, kx[:nk] @ x_flip[v])
+            s = np.where(has_x[ks], s, -np.inf)
+        if use_h and has_phash[v] and nk:
+            h = hamming64(ph[ks], np.full(nk, ph[v], np.uint64))
+            h = np.where(has_phash[ks], h, 65)
+        hit_s = s >= threshold if s is not None else np.zeros(nk, bool)
+        hit_h = h <= max_hamming if h is not None else np.zeros(nk, bool)
+        hit = hit_s | hit_h
+        if not hit.any():
+            kept[nk] = v
+            if use_x:
+                kx[nk] = x[v] if has_x[v] else 0.0
+            nk += 1
+            continue
+        strength = np.maximum(np.where(hit_s, s if s is not None else 0, -np.inf),
+                              np.where(hit_h, 1 - (h if h is not None else 0) / 64, -np.inf))
+        strength = np.where(hit, strength + 4 * is_ref[ks], -np.inf)  # a reference first
+        best = int(np.argmax(strength))  # ties: the earlier kept (better) row
+        match[v] = ks[best]
+        ham[v] = int(h[best]) if hit_h[best] else -1
+        cos[v] = float(s[best]) if s is not None and np.isfinite(s[best]) else np.nan
+        sim[v] = float(s[best]) if hit_s[best] else 1 - float(h[best]) / 64
+    return {"match": match, "similarity": sim, "hamming": ham, "cosine": cos}
+
+
+def top_pairs(a: np.ndarray, b: np.ndarray, score: np.ndarray, per_node: int) -> tuple:
+    """The pairs that are among the ``per_node`` highest-scoring pairs of either of their
+    nodes (ties by the pair): a bounded sample, at most ``per_node`` x nodes pairs."""
+    a, b, score = (np.asarray(v) for v in unique_pairs(np.asarray(a), np.asarray(b), np.asarray(score),
+                                                      keep_max=True))
+    if len(a) == 0 or per_node <= 0:
+        return a[:0], b[:0], score[:0]
+    node = np.concatenate([a, b])
+    other = np.concatenate([b, a])
+    s2 = np.concatenate([score, score])
+    edge = np.concatenate([np.arange(len(a)), np.arange(len(a))])
+    order = np.lexsort((other, -s2, node))
+    node_sorted = node[order]
+    start = np.flatnonzero(np.r_[True, node_sorted[1:] != node_sorted[:-1]])
+    rank = np.arange(len(order)) - np.repeat(start, np.diff(np.r_[start, len(order)]))
+    keep = np.zeros(len(a), bool)
+    keep[edge[order[rank < per_node]]] = True
+    return a[keep], b[keep], score[keep]
