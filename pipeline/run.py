@@ -5,6 +5,7 @@
     ray job submit --working-dir . -- python pipeline/run.py --config my.yaml
     biocurate --input ./images --output ./run      # same entry point, documented defaults
     biocurate examples-report --config my.yaml [--labels labels.csv] [--label-sample 200]
+    biocurate dedup-report --output RUN_DIR [--labels pairs.csv]   # near-duplicates around the threshold
     biocurate report --output RUN_DIR          # report.html again for a finished run
     biocurate export --output RUN_DIR [--dest DIR] [--format webp] [--max-pixels 1048576] [--shard-size 1000]
 
@@ -31,7 +32,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "Writes <output>/curated, <output>/rejected (every input exactly once across the two) and "
         "<output>/summary.json.",
         epilog="Without --config, --input and --output run the pipeline on documented defaults. "
-        "See --print-config for every option. 'biocurate examples-report --help': the non-natural filter's report.",
+        "See --print-config for every option. 'biocurate examples-report --help': the non-natural filter's report; "
+        "'biocurate dedup-report --help': the near-duplicate report (pick a threshold).",
     )
     p.add_argument("--config", help="YAML config file (see README 'Config reference').")
     p.add_argument("--input", help="Overrides input.path: folder, s3://bucket/prefix, manifest, parquet or shards.")
@@ -103,6 +105,10 @@ def main(argv: list[str] | None = None) -> int:
         from pipeline import examples_report
 
         return examples_report.main(argv[1:])
+    if argv and argv[0] == "dedup-report":
+        from pipeline import dedup_report
+
+        return dedup_report.main(argv[1:])
     if argv and argv[0] == "report":
         from pipeline import report
 
