@@ -199,7 +199,8 @@ class ReferenceSet(_Section):
 
 class NearDedupConfig(_Section):
     """Near-duplicates among the rows that passed the filters: perceptual (pHash) and
-    semantic (embeddings of embed.roles.dedup), one kept per group."""
+    semantic (embeddings of embed.roles.dedup); a row is removed when it directly matches a
+    better row kept (policy direct)."""
 
     enabled: bool = Field(True, description="Run near-duplicate removal (after the filter stage).")
     perceptual: bool = Field(True, description="pHash pairs within max_hamming (re-encodes, resizes, small edits).")
@@ -227,6 +228,10 @@ class NearDedupConfig(_Section):
         "direct", description="direct: walk each group best first and remove a row only when it directly matches "
         "(a verified pair) a row already kept, which it names; component: keep one row per connected group and "
         "remove the rest (A~B and B~C remove C for A although A and C may differ).")
+    flip: bool = Field(
+        False, description="The dedup model also embeds every image mirrored left-right, and a pair counts at the "
+        "larger of its plain and mirrored similarities: mirror copies are caught (costs one more model call per "
+        "image and about 4x the semantic comparisons).")
     report_margin: float = Field(
         0.1, ge=0, le=1, description="Semantic pairs this far below the threshold are kept (two per row) as near "
         "misses in stages/near_dedup_pairs, for 'biocurate dedup-report'; 0: none.")

@@ -53,6 +53,11 @@ def model_plans(cfg: PipelineConfig) -> list[emb.ModelPlan]:
         # Weights found through the models dir or an installed package are looked up again
         # on each worker (its paths may differ from the driver's); explicit ones are passed.
         plans.append(emb.ModelPlan(s, m.weights, model_id, emb.prep_signature(s), e.dtype))
+    nd = cfg.near_dedup
+    if nd.enabled and nd.semantic and nd.flip and plans:
+        base = next(p for p in plans if p.name == e.model_for("dedup"))  # its mirror images too
+        plans.append(emb.ModelPlan(base.spec, base.weights, base.model_id, emb.prep_signature(base.spec, True),
+                                   base.dtype, flip=True))
     return plans
 
 

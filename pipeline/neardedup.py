@@ -226,9 +226,12 @@ def references_fingerprint(cfg: PipelineConfig) -> str:
 
 def near_dedup_dataset(cfg: PipelineConfig, narrow: ray.data.Dataset, embeddings: ray.data.Dataset | None,
                        plan=None, device: str = "cpu", prior: np.ndarray | None = None,
-                       ) -> tuple[ray.data.Dataset, dict, pa.Table]:
+                       flips: ray.data.Dataset | None = None) -> tuple[ray.data.Dataset, dict, pa.Table]:
     """The narrow table with near-duplicates rejected; the report; the pairs table.
     ``plan``: the dedup model (``embeddings`` its table: id, embedding), None: perceptual only.
+    ``flips`` (``near_dedup.flip``): the same model's embeddings of the mirrored images;
+    each row then takes part twice in the semantic search (as itself and mirrored), and a
+    pair's similarity is the larger one.
     ``prior`` (a refresh): sorted sha256 keys of images a previous run kept; they come
     first in their groups."""
     c = cfg.near_dedup
@@ -256,6 +259,10 @@ def near_dedup_dataset(cfg: PipelineConfig, narrow: ray.data.Dataset, embeddings
         if n_ref:
             with_vec = refs.filter(pc.is_valid(refs["embedding"])).select(["id", "_key", "embedding"])
             rows = rows.union(ray.data.from_arrow(with_vec))
+        if flips is not None:
+            mirrored = joins.join(flips, alive.select_columns(["id", "_key"]), "id", "inner",
+                                  cfg.run.broadcast_join_mb, rows_hint=n)
+            rows = rows.union(mirrored.select_columns(rows.schema().names))
         rows = rows.materialize()  # read twice below
         (a, b, s), report["semantic"], near, mean = semantic_pairs(cfg, rows, n + n_ref, model, threshold)
         found.append(("semantic", a, b, s))
@@ -269,22 +276,30 @@ def near_dedup_dataset(cfg: PipelineConfig, narrow: ray.data.Dataset, embeddings
     licence = resolve_column(names, c.licence_column, ("license", "licence", "License"), "near_dedup.licence_column")
     taxon = resolve_column(names, c.taxon_column, TAXON_COLUMNS, "near_dedup.taxon_column")
     params = {"policy": c.policy, "threshold": threshold if model else None,
-              "max_hamming": c.max_hamming if c.perceptual else None, "mean": mean, "flip": False,
+              "max_hamming": c.max_hamming if c.perceptual else None, "mean": mean, "flip": flips is not None,
               "seed": cfg.run.seed, "quality": quality, "licence": licence, "permissive": c.permissive, "taxon": taxon}
-    decisions, where = _decide(cfg, alive, rows if model else None, refs, refmap, nodes, roots, params, prior,
+    decisions, where = _decide(cfg, alive, embeddings if model else None, flips if model else None, refs, refmap,
+                               nodes, roots, params, prior,
                                [col for col in dict.fromkeys(["width", "height", "sha256", "phash", quality, licence,
                                                               taxon]) if col])
     report["decided_in"] = where
+    if mean is not None:  # the centring of the semantic similarities, for dedup-report (popped by the plan)
+        report["_centre"] = np.asarray(mean, dtype=np.float32)
     id_of = {k: f"{name}:{rid}" for k, (name, rid) in refmap.items()}
     group_of = dict(zip(nodes.tolist(), roots.tolist()))
     pairs_table = _pairs_table(found, near, id_of, group_of, decisions, alive)
     counts = _decision_counts(decisions)
     report.update({"groups": int(len(set(roots.tolist()))), "members": int(len(nodes)),
-                   "policy": c.policy, "removed": counts[c.policy], "removed_by_policy": counts,
+                   "policy": c.policy, "removed": counts[c.policy],
+                   "removed_by_policy": {k: counts[k] for k in ("direct", "component")},
                    "kept_in_groups": counts["kept_in_groups"], "undecided": counts["undecided"],
                    "taxonomy_conflicts": counts["taxonomy_conflicts"],
                    "keep_policy": {"licence_column": licence, "quality_column": quality, "taxon_column": taxon,
                                    "previous_run_first": prior is not None}})
+    if c.policy == "component" and counts["component"] > counts["direct"]:
+        report["warnings"] = [
+            f"near_dedup: policy component removed {counts['component'] - counts['direct']} rows that match no kept "
+            f"row directly (only through their group); policy direct would keep them ({counts['direct']} removed)"]
     if decisions is None:
         out = narrow.map_batches(snd.apply_decisions, batch_format="pyarrow")
     else:
@@ -293,8 +308,9 @@ def near_dedup_dataset(cfg: PipelineConfig, narrow: ray.data.Dataset, embeddings
     return out, report, pairs_table
 
 
-def _decide(cfg: PipelineConfig, alive: ray.data.Dataset, rows: ray.data.Dataset | None, refs: pa.Table | None,
-            refmap: dict, nodes: np.ndarray, roots: np.ndarray, params: dict, prior, columns: list[str]):
+def _decide(cfg: PipelineConfig, alive: ray.data.Dataset, rows: ray.data.Dataset | None,
+            flips: ray.data.Dataset | None, refs: pa.Table | None, refmap: dict, nodes: np.ndarray,
+            roots: np.ndarray, params: dict, prior, columns: list[str]):
     """Every group's decisions (``snd.decide_groups``): in the driver when the groups hold
     at most ``near_dedup.decide_in_driver`` rows, else one task per shuffle partition of
     the groups (a group is never split: it is decided whole, inside its task)."""
@@ -304,10 +320,11 @@ def _decide(cfg: PipelineConfig, alive: ray.data.Dataset, rows: ray.data.Dataset
     roots = np.asarray(roots, dtype=np.uint64)
     ref = ray.put((nodes, roots))
     members = alive.map_batches(_group_rows, batch_format="pyarrow", fn_kwargs={"graph": ref, "columns": columns})
-    if rows is not None:  # the dedup model's embeddings of the members (corpus rows)
-        vecs = rows.map_batches(_group_rows, batch_format="pyarrow",
-                                fn_kwargs={"graph": ref, "columns": ["embedding"]}).drop_columns(["_key", "_group"])
-        members = joins.join(members, vecs, "id", "left_outer", cfg.run.broadcast_join_mb, rows_hint=len(nodes))
+    for table, name in ((rows, "embedding"), (flips, "embedding_flip")):  # the members' embeddings (by id)
+        if table is not None:
+            vecs = table.map_batches(_member_vectors, batch_format="pyarrow",
+                                     fn_kwargs={"graph": ref, "name": name})
+            members = joins.join(members, vecs, "id", "left_outer", cfg.run.broadcast_join_mb, rows_hint=len(nodes))
     extra = None
     if refs is not None and len(refs):
         t = snd.group_rows(refs, nodes, roots, ["phash", "embedding"] if rows is not None else ["phash"])
@@ -320,7 +337,11 @@ def _decide(cfg: PipelineConfig, alive: ray.data.Dataset, rows: ray.data.Dataset
             parts.append(extra)
         table = pa.concat_tables(parts, promote_options="default") if parts else None
         return (snd.decide_groups(table, params, prior) if table is not None else None), "driver"
-    if extra is not None:
+    if extra is not None:  # one schema for the union: corpus rows get null reference columns
+        members = members.map_batches(_no_reference, batch_format="pyarrow")
+        schema = members.schema().base_schema
+        extra = pa.table({f.name: (extra[f.name].cast(f.type) if f.name in extra.column_names
+                                   else pa.nulls(len(extra), f.type)) for f in schema})
         members = members.union(ray.data.from_arrow(extra))
     parts = int(max(1, min(200, math.ceil(len(nodes) / 50_000))))
     ds = members.groupby("_group", num_partitions=parts).map_groups(
@@ -335,6 +356,24 @@ def _group_rows(batch: pa.Table, graph, columns: list[str]) -> pa.Table:
 
     nodes, roots = resolve_ref(graph)
     return snd.group_rows(batch, nodes, roots, columns)
+
+
+def _no_reference(batch: pa.Table) -> pa.Table:
+    return (batch.append_column("_ref_set", pa.nulls(len(batch), pa.string()))
+            .append_column("_ref_id", pa.nulls(len(batch), pa.string())))
+
+
+def _member_vectors(batch: pa.Table, graph, name: str) -> pa.Table:
+    """``id`` and the embedding (as ``name``) of the rows of an embeddings table that are
+    nodes of the pair graph."""
+    from pipeline.joins import resolve_ref
+
+    nodes, _ = resolve_ref(graph)
+    keys = kn.id_keys(batch["id"].to_pylist())
+    pos = np.searchsorted(nodes, keys).clip(0, max(0, len(nodes) - 1))
+    hit = (nodes[pos] == keys) if len(nodes) else np.zeros(len(keys), bool)
+    got = batch.filter(pa.array(hit))
+    return pa.table({"id": got["id"], name: got["embedding"]})
 
 
 def _decide_batch(rows: pa.Table, params: dict, prior) -> pa.Table:

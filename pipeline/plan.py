@@ -674,13 +674,20 @@ def run(cfg: PipelineConfig, until: str = STAGES[-1], resume: bool = False, kind
         elif name == "near_dedup":
             model = cfg.embed.model_for("dedup") if plans else None
             dplan = next((p for p in plans if p.name == model), None)
-            embs = None
+            embs = flips = None
             if dplan is not None and cfg.near_dedup.semantic:
                 embs = rd.read(rd.path("stages", embed_stage(dplan))).select_columns(["id", "embedding"])
+                fplan = next((p for p in plans if p.flip and p.spec.name == dplan.name), None)
+                if fplan is not None:
+                    flips = rd.read(rd.path("stages", embed_stage(fplan))).select_columns(["id", "embedding"])
             prior = refresh.prior_keys(prev) if prev is not None else None
             ds, stage_counts, pairs = neardedup.near_dedup_dataset(cfg, rd.read(upstream), embs, dplan, device,
-                                                                   prior)
+                                                                   prior, flips)
+            centre = stage_counts.pop("_centre", None)
             rd.write(ray.data.from_arrow(pairs), rd.path("stages", "near_dedup_pairs"), {"fingerprint": fp})
+            if centre is not None:  # the mean subtracted before the semantic cosine (dedup-report recomputes pairs)
+                rd.write(ray.data.from_arrow(pa.table({"model_id": [dplan.model_id], "mean": [centre.tolist()]})),
+                         rd.path("stages", "near_dedup_centre"), {"fingerprint": fp})
         elif name == "sample":
             splan = next(p for p in plans if p.name == cfg.embed.model_for("sample"))
             embs = rd.read(rd.path("stages", embed_stage(splan))).select_columns(["id", "embedding"])
@@ -749,6 +756,9 @@ def run(cfg: PipelineConfig, until: str = STAGES[-1], resume: bool = False, kind
                    if "sample" in fps else None),
         "aesthetic": {"head": cfg.aesthetic.head, "scored": scoring_aesthetic,
                       "min_score": cfg.aesthetic.min_score if scoring_aesthetic else None},
+        "warnings": [w for stage in ("filter", "near_dedup", "sample") if stage in fps
+                     for w in ((mio.read_marker(rd.fs, rd.path("stages", stage)) or {}).get("counts") or {}).get(
+                         "warnings") or []],
         "input_kind": kind,
         "input_skipped": ((mio.read_marker(rd.fs, rd.path("stages", "scan")) or {}).get("counts") or {}).get(
             "input_skipped") or listing.Skipped().to_dict(),

@@ -206,7 +206,9 @@ def dup_groups(fs, root: str, seed: int) -> list[dict]:
     streamed: only the pairs of the groups chosen so far are held."""
     kept: dict[str, tuple[int, list]] = {}
     for t in _batches(fs, _files(fs, root, "stages/near_dedup_pairs"), ["group", "id_a", "id_b", "detector",
-                                                                       "similarity"]):
+                                                                       "similarity", "kind"]):
+        if "kind" in t.column_names:  # near misses (below the threshold) are dedup-report's, not a group's
+            t = t.filter(pc.and_kleene(pc.is_valid(t["group"]), pc.not_equal(t["kind"], "near_miss")))
         gs = t["group"].to_pylist()
         rank = seeded_rank(seed, gs)
         for i, row in enumerate(t.to_pylist()):
@@ -291,6 +293,7 @@ body{font:14px/1.4 system-ui,sans-serif;margin:24px;color:#222;max-width:1200px}
 h1{font-size:22px}h2{font-size:18px;margin-top:32px;border-bottom:1px solid #ddd}
 table{border-collapse:collapse}td,th{padding:3px 10px;text-align:left;border-bottom:1px solid #eee}
 td.n{text-align:right;font-variant-numeric:tabular-nums}
+.warn{background:#fff4d6;border-left:4px solid #e0a800;padding:4px 8px}
 .hbar{position:relative;width:420px;height:16px;background:#f2f2f2;margin:2px 0}
 .hbar div{height:100%;background:#7aa6d6}.hbar span{position:absolute;left:6px;top:0;font-size:12px}
 .bar{fill:#7aa6d6}.thr{stroke:#d33;stroke-width:2}.thrlabel{fill:#d33;font-size:11px}.axis{font-size:11px;fill:#555}
@@ -323,6 +326,7 @@ def render(summary: dict, got: dict, groups: list[dict], shown: dict[str, tuple]
            f"<code>{esc((cfg.get('input') or {}).get('path'))}</code> &rarr; <code>{esc(cfg.get('output'))}</code>"
            f", version {esc(summary.get('version', 1))}, biocurate {esc((summary.get('versions') or {}).get('biocurate'))}"
            "</p>"]
+    out.extend(f"<p class=warn>warning: {esc(w)}</p>" for w in summary.get("warnings") or [])
     # funnel
     out.append("<h2 id=funnel>Funnel</h2><table><tr><th>step</th><th>rows</th><th></th></tr>")
     out.append(f"<tr><td>images in</td><td class=n>{inputs}</td><td>{bar(inputs, inputs, '100%')}</td></tr>")

@@ -154,6 +154,8 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     print(f"biocurate: {summary['inputs']} inputs -> {summary['curated']} curated, {summary['rejected']} rejected "
           f"({summary['timings_s']['total']} s); manifest in {cfg.output}")
+    for line in summary.get("warnings") or []:  # the run's own numbers say a decision is poor
+        print(f"biocurate: warning: {line}")
     skipped = summary.get("input_skipped") or {}
     if skipped.get("count"):
         print(f"biocurate: {skipped['count']} files skipped by their name, not read {skipped['by_extension']} "

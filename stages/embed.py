@@ -54,10 +54,14 @@ def pixels_column(size: int) -> str:
     return f"_px_{size}"
 
 
-def prep_signature(s: BackboneSpec) -> str:
-    """What the model sees, as a short hash: decode, orientation, resize, normalization."""
-    blob = json.dumps({"v": PREP_VERSION, "decode": "libjpeg-dct-cover+exif", "resize": "squash-pil-bicubic-aa",
-                       "size": s.size, "output": s.output, "l2": s.l2_normalize}, sort_keys=True)
+def prep_signature(s: BackboneSpec, flip: bool = False) -> str:
+    """What the model sees, as a short hash: decode, orientation, resize, normalization
+    (and the horizontal mirror, for a flip plan)."""
+    what = {"v": PREP_VERSION, "decode": "libjpeg-dct-cover+exif", "resize": "squash-pil-bicubic-aa",
+            "size": s.size, "output": s.output, "l2": s.l2_normalize}
+    if flip:
+        what["mirror"] = "horizontal"
+    blob = json.dumps(what, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
 
@@ -68,16 +72,17 @@ class ModelPlan:
     spec: BackboneSpec
     weights: str | None  # local path or s3:// URI, resolved by the driver
     model_id: str  # name@weights-identity
-    prep: str  # prep_signature(spec)
+    prep: str  # prep_signature(spec, flip)
     dtype: str = "float16"
+    flip: bool = False  # the model sees each image mirrored left-right (near_dedup.flip)
 
     @property
     def name(self) -> str:
-        return self.spec.name
+        return self.spec.name + ("_flip" if self.flip else "")
 
     @property
     def column(self) -> str:
-        return emb_column(self.spec.name)
+        return emb_column(self.name)
 
     def arrow_type(self) -> pa.DataType:
         return pa.list_(pa.float16() if self.dtype == "float16" else pa.float32(), self.spec.dim)
@@ -190,7 +195,12 @@ class EmbedModels:
         if self.num_threads and self.device == "cpu":
             torch.set_num_threads(self.num_threads)
         self.models = {}
+        loaded = {}  # one network per model: a flip plan shares its model's
         for p in self.plans:
+            if p.spec.name in loaded:
+                self.models[p.name] = loaded[p.spec.name]
+                self.calls[p.name] = 0
+                continue
             if self.random_init:
                 torch.manual_seed(0)
             bb = load_backbone(p.spec, weights=p.weights, models_dir=self.models_dir, device=self.device,
@@ -198,7 +208,7 @@ class EmbedModels:
             bb.check_dim()  # a wrong dimension fails here, once, not on the first batch
             if self.compile:
                 bb.compile()
-            self.models[p.name] = bb
+            self.models[p.name] = loaded[p.spec.name] = bb
             self.calls[p.name] = 0
 
     def embed(self, plan: ModelPlan, images: np.ndarray) -> np.ndarray:
@@ -216,6 +226,8 @@ class EmbedModels:
             n = len(chunk)
             if n < self.batch_size:
                 chunk = np.concatenate([chunk, np.zeros((self.batch_size - n, *chunk.shape[1:]), chunk.dtype)])
+            if plan.flip:
+                chunk = chunk[:, :, ::-1]  # (n, h, w, 3): mirror left-right
             x = torch.from_numpy(np.ascontiguousarray(chunk))
             if bb.device.type == "cuda":
                 x = x.pin_memory()

@@ -136,8 +136,10 @@ def test_deterministic_every_stage_concurrency_and_block_sizes(clean, corpus, tm
                                "embed.concurrency": 2, "embed.num_cpus": 0.5,
                                "run.broadcast_join_mb": 0,  # every join a hash shuffle, not a broadcast
                                "near_dedup.decide_in_driver": 0})):  # groups decided by tasks
-        plan.run(load_config(None, overrides(corpus, tmp_path / name, **more)))
+        s = plan.run(load_config(None, overrides(corpus, tmp_path / name, **more)))
         assert rows(tmp_path / name) == want, name
+        assert s["near_dedup"]["decided_in"] == ("tasks" if name == "c2" else "driver")
+        assert s["near_dedup"]["members"] > 0 and s["near_dedup"]["removed"] > 0
 
 
 def _cache_blocks(cache: Path) -> list[Path]:
