@@ -437,11 +437,19 @@ def direct_keep(order: np.ndarray, refs: np.ndarray, phash: np.ndarray, has_phas
     is_ref = np.zeros(n, bool)
     is_ref[refs] = True
     kx = np.zeros((len(kept), x.shape[1]), np.float32) if use_x else None
-    for r in refs:
+    kxf = np.zeros_like(kx) if use_x and x_flip is not None else None
+
+    def keep(r):
+        nonlocal nk
         kept[nk] = r
         if use_x:
             kx[nk] = x[r] if has_x[r] else 0.0
+            if kxf is not None:
+                kxf[nk] = x_flip[r] if has_x[r] else 0.0
         nk += 1
+
+    for r in refs:
+        keep(r)
     for pos, v in enumerate(order):
         if nk - len(refs) >= max_kept:
             match[order[pos:]] = NOT_DECIDED
@@ -450,8 +458,8 @@ def direct_keep(order: np.ndarray, refs: np.ndarray, phash: np.ndarray, has_phas
         s = h = None
         if use_x and has_x[v] and nk:
             s = kx[:nk] @ x[v]
-            if x_flip is not None:
-                s = np.maximum(s, kx[:nk] @ x_flip[v])
+            if kxf is not None:  # as the search: the largest of plain/mirrored on either side
+                s = np.maximum.reduce([s, kx[:nk] @ x_flip[v], kxf[:nk] @ x[v], kxf[:nk] @ x_flip[v]])
             s = np.where(has_x[ks], s, -np.inf)
         if use_h and has_phash[v] and nk:
             h = hamming64(ph[ks], np.full(nk, ph[v], np.uint64))
@@ -460,10 +468,7 @@ def direct_keep(order: np.ndarray, refs: np.ndarray, phash: np.ndarray, has_phas
         hit_h = h <= max_hamming if h is not None else np.zeros(nk, bool)
         hit = hit_s | hit_h
         if not hit.any():
-            kept[nk] = v
-            if use_x:
-                kx[nk] = x[v] if has_x[v] else 0.0
-            nk += 1
+            keep(v)
             continue
         strength = np.maximum(np.where(hit_s, s if s is not None else 0, -np.inf),
                               np.where(hit_h, 1 - (h if h is not None else 0) / 64, -np.inf))
