@@ -205,13 +205,15 @@ class NearDedupConfig(_Section):
     enabled: bool = Field(True, description="Run near-duplicate removal (after the filter stage).")
     perceptual: bool = Field(True, description="pHash pairs within max_hamming (re-encodes, resizes, small edits).")
     max_hamming: int = Field(
-        8, ge=0, le=24, description="Max Hamming distance of two 64-bit pHashes (measured: re-encode/resize/"
-        "brightness/caption edits <= 8, distinct photos >= 24).")
+        8, ge=0, le=24, description="Max Hamming distance of two 64-bit pHashes (measured on 65 real photos: "
+        "re-encodes, resizes and colour edits <= 8, 97% of brightened and 95% of captioned copies <= 8; distinct "
+        "photos >= 14, a stereo pair 4 apart).")
     perceptual_bits: int = Field(16, ge=4, le=32, description="Hash bits per LSH table (tables follow from recall).")
     semantic: bool = Field(True, description="Embedding pairs above the threshold (needs an embedding model).")
     threshold: float | None = Field(
         None, gt=-1, le=1, description="Cosine similarity of centred, L2-normalized embeddings. Null: the dedup "
-        "model's default (SSCD 0.75, MobileNetV2 0.6; other models must set it).")
+        "model's default (SSCD 0.75; MobileNetV2 0.77, measured: distinct photos <= 0.764; other models must set "
+        "it).")
     center: bool = Field(True, description="Subtract the corpus mean (from the sample) before normalizing.")
     recall: float = Field(
         0.99, gt=0, lt=1, description="Candidate recall aimed at for a pair at the threshold (sets LSH tables and "

@@ -412,39 +412,3 @@ def check_dedup_report(out: Path, labels: list[tuple[str, str, int]]) -> dict:
         _, ham = dr.score_pairs(ppairs, rows, {}, None, False)
         assert [hrun[tuple(sorted((a, b)))] for a, b, _ in ppairs] == ham.tolist()
     return rep
-
-
-@pytest.mark.slow
-def test_dedup_report_on_a_real_run(tmp_path, ray_local, photos):
-    from pipeline import plan, samples
-
-    corpus = tmp_path / "in"
-    corpus.mkdir()
-    originals = {n: photos[n] for n in ("astronaut", "coffee", "china")}
-    distinct = {n: photos[n] for n in ("camera", "flower", "chelsea")}
-    family = {}
-    for name, a in {**originals, **distinct}.items():
-        a = np.stack([a] * 3, -1) if a.ndim == 2 else a[..., :3]
-        (corpus / f"{name}.jpg").write_bytes(samples.encode(Image.fromarray(a), "JPEG", quality=92))
-        family[f"{name}.jpg"] = name
-    for name, a in originals.items():
-        for edit, im in samples.edited_copies(a).items():
-            (corpus / f"{name}_{edit}.jpg").write_bytes(samples.encode(im, "JPEG", quality=90))
-            family[f"{name}_{edit}.jpg"] = name
-    out = tmp_path / "run"
-    cfg = load_config(None, {"input.path": str(corpus), "output": str(out), "quality.min_entropy": None,
-                             "embed.models": [{"name": "mobilenet_v2_imagenet"}]})
-    plan.run(cfg)
-    from stages.kernels.hashing import stable_id
-
-    ids = {f: stable_id(str(corpus / f)) for f in family}
-    files = sorted(family)
-    labels = [(ids[x], ids[y], int(family[x] == family[y])) for i, x in enumerate(files) for y in files[i + 1:]]
-    rep = check_dedup_report(out, labels)
-    lab = rep["labels"]
-    assert sum(rep["pairs"]["removal"].values()) == rep["removed"] == 3 * 7
-    assert lab["without_embedding"] == 0 and lab["pairs_scored"] == len(labels)
-    # every edited copy is found, no two distinct photos merged (as the run decided)
-    assert lab["at_run"]["fp"] == 0 and lab["at_run"]["precision"]["value"] == 1.0
-    assert lab["best_threshold"]["precision"]["value"] == 1.0
-    print("\ndedup-report:", json.dumps({k: lab[k] for k in ("at_run", "best_threshold", "best_max_hamming")}))
