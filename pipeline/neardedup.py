@@ -296,10 +296,18 @@ def near_dedup_dataset(cfg: PipelineConfig, narrow: ray.data.Dataset, embeddings
                    "taxonomy_conflicts": counts["taxonomy_conflicts"],
                    "keep_policy": {"licence_column": licence, "quality_column": quality, "taxon_column": taxon,
                                    "previous_run_first": prior is not None}})
+    warnings = []
+    if model and decisions is not None:
+        sem = decisions.filter(pc.equal(decisions["_nd_reason"], "semantic_duplicate"))
+        line = snd.margin_warning(sem["_nd_similarity"].to_pylist(), threshold)
+        if line:
+            warnings.append(line)
     if c.policy == "component" and counts["component"] > counts["direct"]:
-        report["warnings"] = [
+        warnings += [
             f"near_dedup: policy component removed {counts['component'] - counts['direct']} rows that match no kept "
             f"row directly (only through their group); policy direct would keep them ({counts['direct']} removed)"]
+    if warnings:
+        report["warnings"] = warnings
     if decisions is None:
         out = narrow.map_batches(snd.apply_decisions, batch_format="pyarrow")
     else:

@@ -32,6 +32,21 @@ DEFAULT_THRESHOLDS = {
 }
 
 
+MARGIN_BAND = 0.02  # removals this close above the threshold are the ones a small shift would keep
+
+
+def margin_warning(similarities: list[float], threshold: float, band: float = MARGIN_BAND) -> str | None:
+    """One line when the semantic removals crowd the threshold: at least 3 of them, and at
+    least a tenth, within ``band`` above it (the calibrated MobileNetV2 margin is 0.012): the
+    threshold then decides many removals by a hair, and they deserve a look."""
+    sims = np.asarray([s for s in similarities if s is not None], dtype=np.float64)
+    close = int(np.sum(sims < threshold + band))
+    if close >= 3 and close >= 0.1 * len(sims):
+        return (f"near_dedup: {close} of {len(sims)} semantic removals are within {band} of the threshold "
+                f"{threshold} (cosine < {threshold + band:.2f}); check them with biocurate dedup-report")
+    return None
+
+
 def semantic_threshold(cfg) -> tuple[float | None, str | None]:
     """The cosine threshold of the dedup model: ``near_dedup.threshold``, else the model's
     default. A model without one is a config error when ``embed.roles.dedup`` names it; when

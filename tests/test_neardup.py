@@ -401,6 +401,15 @@ def test_direct_keep_chain_keeps_both_ends():
     assert d["match"].tolist() == [-1, kn.NOT_DECIDED, kn.NOT_DECIDED]
 
 
+def test_margin_warning_when_removals_crowd_the_threshold():
+    from stages.neardup import margin_warning
+
+    assert margin_warning([0.95, 0.9, 0.99, 0.78], 0.77) is None  # one close removal
+    line = margin_warning([0.775, 0.771, 0.789, 0.95, None], 0.77)
+    assert line.startswith("near_dedup: 3 of 4 semantic removals are within 0.02 of the threshold 0.77")
+    assert margin_warning([0.771] * 3 + [0.99] * 40, 0.77) is None  # 3 of 43: under a tenth
+
+
 def test_decide_groups_policies_licence_quality_taxonomy_and_reference():
     """The keep policy on one table: a permissive licence beats a higher quality score; a
     group labelled with two species is flagged; a removal names the kept row it matches
