@@ -8,12 +8,15 @@
    recall target at the threshold); partition sizes are counted first and a partition
    above ``max_block`` rows is compared block pair by block pair; pairs at cosine >=
    threshold are verified exactly inside each group.
-3. the pairs (a few per duplicate, not per row) become groups by union-find in the driver;
-   the group members' keep-policy columns are fetched, one row is kept per group, and
-   the decisions are joined back to the narrow table by id.
+3. the pairs (a spanning forest per detector: a few per duplicate, not per row) become
+   groups by union-find in the driver; the members' keep-policy columns, pHashes and
+   embeddings are fetched, and each group is decided whole (``near_dedup.policy``; direct:
+   a row is removed only when it matches a kept row itself, recomputed exactly inside the
+   group), in the driver or, above ``decide_in_driver`` rows, in tasks after a shuffle by
+   group; the decisions are joined back to the narrow table by id.
 
-Memory per worker is bounded by a shuffle partition / two blocks, never by the corpus; the
-driver holds the pair graph (proportional to the duplicates found).
+Memory per worker is bounded by a shuffle partition / two blocks / one group, never by the
+corpus; the driver holds the pair graph (proportional to the duplicates found).
 """
 
 from __future__ import annotations
