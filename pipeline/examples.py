@@ -138,36 +138,71 @@ def embed_bank(cfg: PipelineConfig, rows: pa.Table, plan: emb.ModelPlan, device:
 
 
 def fit(cfg: PipelineConfig, bank: dict[str, np.ndarray]) -> tuple[dict, dict]:
-    """The fitted filter (plain data for the filter tasks) and its report."""
+    """The fitted filter (plain data for the filter tasks) and its report.
+
+    Both methods are cross-validated on the bank (naturals folded by source); with
+    ``examples.method: auto`` the estimates choose the method (``kx.choose_method``), and
+    the report says which and why. A category with fewer than
+    ``kx.MIN_CATEGORY_EXAMPLES`` examples is listed in ``small_categories`` and in the
+    run's warnings."""
     e = cfg.examples
     cats = [c for c in bank if c != "natural"]
     natural = bank.get("natural")
     has_natural = natural is not None and len(natural) >= 2
-    report: dict = {"method": e.method, "n_examples": {c: len(v) for c, v in bank.items()},
-                    "target_frr": e.target_frr}
-    if e.method == "min_distance":
-        thresholds = {c: (kx.distance_threshold(kx.min_cosine_distance(natural, bank[c]), e.target_frr)
-                          if has_natural else e.default_threshold) for c in cats}
-        model = {"method": "min_distance", "categories": cats, "thresholds": thresholds,
-                 "bank": {c: kx.normalize(bank[c]) for c in cats}}
-    else:
-        if not has_natural:
-            raise ConfigError("examples error: method probe needs natural/ examples (at least 2)")
-        probe, pthr = kx.probe_with_threshold(bank, e.target_frr, k=e.folds)
-        model = {"method": "probe", "categories": cats, "classes": probe.classes, "weight": probe.weight,
-                 "bias": probe.bias, "threshold": pthr}
-        thresholds = {c: pthr for c in cats}
-    report["thresholds"] = {c: round(float(t), 5) for c, t in thresholds.items()}
+    n_examples = {c: len(v) for c, v in bank.items()}
+    small = kx.small_categories(n_examples)
+    report: dict = {"method": e.method, "n_examples": n_examples, "target_frr": e.target_frr,
+                    "small_categories": small}
+    if small:
+        report["warnings"] = [kx.small_category_warning(c, n) for c, n in small.items()]
+    groups = kx.natural_groups(natural) if has_natural else None
+    cv = None
     if has_natural and all(len(bank[c]) >= 2 for c in cats):
-        cv = kx.cross_validate(bank, e.target_frr, k=e.folds)
-        report["cross_validation"] = {("min_distance" if m == "A" else "probe"): r for m, r in cv.items()}
+        cv = kx.cross_validate(bank, e.target_frr, k=e.folds, seed=cfg.run.seed, groups=groups)
+        report["cross_validation"] = {"min_distance": cv["A"], "probe": cv["B"]}
+        report["cross_validation_disagreements"] = cv["paired"]
     else:
         report["cross_validation"] = None
         report["note"] = ("no natural/ examples: thresholds are examples.default_threshold; the natural "
                           "false-rejection rate cannot be estimated, only recall by leave-one-out" if not has_natural
                           else "a category has fewer than 2 examples: no cross-validation")
-        if not has_natural:
-            report["leave_one_out_recall"] = {
-                c: float(np.mean(kx.loo_min_distance(bank[c]) < thresholds[c])) if len(bank[c]) >= 2 else None
-                for c in cats}
+    if has_natural:
+        report["natural_sources"] = int(len(np.unique(groups)))
+    if e.method != "auto":
+        chosen, why = e.method, f"examples.method is {e.method}"
+    elif cv is None:
+        chosen, why = "min_distance", f"min_distance, as nothing could be cross-validated ({report['note']})"
+    else:
+        chosen, why = kx.choose_method(cv, len(natural), report["natural_sources"])
+    report["chosen"], report["why"] = chosen, why
+    model, extra = fit_method(bank, chosen, e.target_frr, k=e.folds, seed=cfg.run.seed, groups=groups,
+                              default_threshold=e.default_threshold)
+    report.update(extra)
+    thresholds = model["thresholds"] if chosen == "min_distance" else {c: model["threshold"] for c in cats}
+    report["thresholds"] = {c: round(float(t), 5) for c, t in thresholds.items()}
+    if not has_natural:
+        report["leave_one_out_recall"] = {
+            c: float(np.mean(kx.loo_min_distance(bank[c]) < thresholds[c])) if len(bank[c]) >= 2 else None
+            for c in cats}
     return model, report
+
+
+def fit_method(bank: dict[str, np.ndarray], method: str, target_frr: float, k: int = 5, seed: int = 0,
+               groups: np.ndarray | None = None, default_threshold: float = 0.15) -> tuple[dict, dict]:
+    """One method fitted on the whole bank: the model (plain data for the filter tasks) and
+    what the report adds for it. min_distance: one distance threshold from the bank
+    (``default_threshold`` without natural examples); probe: penalty and threshold by
+    k-fold cross-validation (``kx.fit_probe_cv``)."""
+    cats = [c for c in bank if c != "natural"]
+    natural = bank.get("natural")
+    has_natural = natural is not None and len(natural) >= 2
+    if method == "min_distance":
+        t = kx.min_distance_threshold(bank, target_frr) if has_natural else default_threshold
+        return {"method": "min_distance", "categories": cats, "thresholds": {c: t for c in cats},
+                "bank": {c: kx.normalize(bank[c]) for c in cats}}, {}
+    if not has_natural:
+        raise ConfigError("examples error: method probe needs natural/ examples (at least 2)")
+    pf = kx.fit_probe_cv(bank, target_frr, k=k, seed=seed, groups=groups)
+    return ({"method": "probe", "categories": cats, "classes": pf.probe.classes, "weight": pf.probe.weight,
+             "bias": pf.probe.bias, "threshold": pf.threshold},
+            {"probe": {"l2": pf.l2, "oof_log_loss": {f"{k:g}": v for k, v in pf.oof_loss.items()}}})

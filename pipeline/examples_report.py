@@ -202,6 +202,8 @@ def build(cfg: PipelineConfig, labels: str | None = None, label_sample: int = 0,
     categories = sorted(fit["thresholds"])
     report = {
         "run": cfg.output, "model_id": fit.get("model_id"), "method": fit["method"], "target_frr": fit["target_frr"],
+        "chosen": fit.get("chosen", fit["method"]), "why": fit.get("why"),
+        "small_categories": fit.get("small_categories") or {}, "warnings": fit.get("warnings") or [],
         "thresholds": fit["thresholds"], "n_examples": fit["n_examples"],
         "cross_validation": fit.get("cross_validation"), "note": fit.get("note"),
         "corpus": {"rows": got["n_rows"], "scored": got["n_scored"],
@@ -210,7 +212,7 @@ def build(cfg: PipelineConfig, labels: str | None = None, label_sample: int = 0,
         "nearest": {c: {side: [{k: r[k] for k in ("id", "uri", "nonnatural_margin", "nonnatural_score", "reason")}
                                for r in got[side].get(c, [])] for side in ("inside", "outside")} for c in categories},
     }
-    cv = (report["cross_validation"] or {}).get(fit["method"])
+    cv = (report["cross_validation"] or {}).get(report["chosen"])
     inside = sum(v.get("inside", 0) for v in report["corpus"]["categories"].values())
     if cv and cv.get("natural_frr_ci95") and inside:
         # At most every scored row is natural: the 95% upper bound of the natural
@@ -271,7 +273,9 @@ def _figure(r: dict, src: str | None, extra: str = "") -> str:
 
 def render(report: dict, got: dict, src: dict, with_sample: bool) -> str:
     e = html.escape
-    parts = [f"<h1>Non-natural filter: {e(report['method'])}</h1>",
+    parts = [f"<h1>Non-natural filter: {e(report['chosen'])}</h1>",
+             f"<p>examples.method {e(report['method'])}" + (f": {e(report['why'])}" if report.get("why") else "")
+             + "</p>", *(f"<p class=warn>warning: {e(w)}</p>" for w in report["warnings"]),
              f"<p>Model {e(str(report['model_id']))}; thresholds aim at a natural false-rejection rate of "
              f"{report['target_frr']:g}. Corpus: {report['corpus']['rows']} rows, {report['corpus']['scored']} scored.</p>"]
     if report.get("note"):
@@ -329,7 +333,8 @@ def render(report: dict, got: dict, src: dict, with_sample: bool) -> str:
         parts.append("</div>")
     style = ("body{font-family:sans-serif;margin:2em}table{border-collapse:collapse}td,th{border:1px solid #ccc;"
              "padding:3px 8px}.grid{display:flex;flex-wrap:wrap;gap:8px}figure{margin:0;width:170px;font-size:11px}"
-             "img{max-width:160px;max-height:160px}.missing{width:160px;height:100px;background:#eee}")
+             "img{max-width:160px;max-height:160px}.missing{width:160px;height:100px;background:#eee}"
+             ".warn{background:#fff4d6;border-left:4px solid #e0a800;padding:4px 8px}")
     return (f"<!doctype html><html><head><meta charset=utf-8><title>biocurate examples report</title>"
             f"<style>{style}</style></head><body>{''.join(parts)}</body></html>")
 
@@ -365,4 +370,6 @@ def main(argv: list[str] | None = None) -> int:
     lab = report["labels"]
     extra = f"; labelled natural FRR {_fmt(lab['natural_frr'])}" if lab else ""
     print(f"biocurate: examples report in {report['files']['html']}{extra}")
+    for line in report["warnings"]:
+        print(f"biocurate: warning: {line}")
     return 0

@@ -342,6 +342,9 @@ def render(summary: dict, got: dict, groups: list[dict], shown: dict[str, tuple]
             out.append(f"<tr><td>&nbsp;&nbsp;{esc(reason)}</td><td class=n>{k}</td><td></td></tr>")
     out.append(f"<tr><td><b>kept</b></td><td class=n>{curated}</td><td>{bar(curated, inputs, 'curated')}</td></tr>"
                "</table>" + skipped_line(summary))
+    ex = summary.get("examples") or {}
+    if ex.get("chosen"):  # which filter method ran, and why (examples.method auto: the bank's CV)
+        out.append(f"<p id=filter-method>Non-natural filter: <b>{esc(ex['chosen'])}</b> ({esc(ex.get('why'))})</p>")
     if summary.get("refresh"):
         d = (summary["refresh"] or {}).get("diff") or {}
         out.append("<p>Refresh of <code>" + esc(summary["refresh"].get("previous")) + "</code>: "

@@ -79,8 +79,9 @@ def nonnatural_scores(x: np.ndarray, model: dict) -> tuple[np.ndarray, np.ndarra
 
     min_distance: score = max cosine similarity to an unwanted example; the category is the
     one whose threshold the row is deepest inside (or nearest to); margin = distance -
-    threshold. probe: score = the highest unwanted-class probability; margin = threshold -
-    probability."""
+    threshold (one threshold for all categories since it comes from cross-validation).
+    probe: score = p(unwanted) = 1 - p(natural), the category the most probable unwanted
+    class; margin = threshold - p(unwanted)."""
     from stages.kernels.examples import min_cosine_distance, normalize
 
     cats = model["categories"]
@@ -99,10 +100,10 @@ def nonnatural_scores(x: np.ndarray, model: dict) -> tuple[np.ndarray, np.ndarra
     p = np.exp(logits)
     p /= p.sum(axis=1, keepdims=True)
     idx = [model["classes"].index(c) for c in cats]
-    pu = p[:, idx]
-    best = pu.argmax(axis=1)
-    score = pu.max(axis=1)
-    detail = [f"p('{cats[b]}') {s:.4f} > threshold {model['threshold']:.4f}" for b, s in zip(best, score)]
+    best = p[:, idx].argmax(axis=1)
+    score = 1.0 - p[:, model["classes"].index("natural")]  # p(unwanted): any unwanted class
+    detail = [f"p(unwanted) {s:.4f} > threshold {model['threshold']:.4f}, most likely '{cats[b]}'"
+              for b, s in zip(best, score)]
     return score, best, model["threshold"] - score, detail
 
 

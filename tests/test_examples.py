@@ -12,8 +12,9 @@ import torch
 from PIL import Image
 
 from pipeline import samples
+from stages.kernels import examples as kx
 from stages.kernels.examples import (cross_validate, distance_threshold, fit_probe, loo_min_distance,
-                                     min_cosine_distance, probability_threshold, probe_with_threshold, wilson)
+                                     min_cosine_distance, probability_threshold, wilson)
 
 
 def test_wilson_interval_known_values():
@@ -40,6 +41,51 @@ def test_thresholds_reject_the_target_fraction_of_naturals():
     assert np.mean(p > probability_threshold(p, 0.02)) <= 0.02
 
 
+def test_gap_threshold_sources_and_folds():
+    natural, unwanted = np.arange(10.0), np.arange(20.0, 30.0)
+    # at most 10% of naturals above it (9 is the highest), then into the gap up to 20
+    assert kx.gap_threshold(natural, unwanted, 0.1) == 14.5
+    assert kx.gap_threshold(natural, unwanted, 0.1, into_gap=1.0) == 20.0
+    assert kx.gap_threshold(natural, np.r_[0.0, unwanted], 0.1, into_gap=1.0, unwanted_q=0.0) == 9.0
+    assert kx.gap_threshold(natural, unwanted, 0.1, into_gap=1.0, unwanted_q=0.0) == 20.0
+    assert kx.gap_threshold(natural, np.arange(5.0, 15.0), 0.1) == 9.0  # overlap: the natural side binds
+    assert np.mean(natural > kx.gap_threshold(natural, np.arange(5.0, 15.0), 0.2)) <= 0.2
+    x = np.array([[1, 0, 0], [0.99, 0.1, 0], [0, 1, 0], [0, 0, 1], [0.1, 0.99, 0]], np.float32)
+    assert kx.natural_groups(x).tolist() == [0, 0, 1, 2, 1]  # cosine >= 0.8 links, transitively
+    groups = np.array([0, 0, 1, 1, 1, 2, 3, 3, 4])
+    f = kx.group_folds(groups, 3, seed=0)
+    assert all(len(set(f[groups == g])) == 1 for g in np.unique(groups)) and len(set(f)) == 3
+
+
+def test_sign_test_and_method_choice():
+    assert kx.sign_test(0, 0) == 1.0 and kx.sign_test(3, 3) == 1.0
+    assert kx.sign_test(6, 0) == pytest.approx(2 / 64) and kx.sign_test(5, 0) == pytest.approx(2 / 32)
+    assert kx.sign_test(1, 7) == pytest.approx(2 * 9 / 256)
+
+    def cv(nat_only, miss_only, frr=(0, 0), rec=(84, 84)):
+        out = {m: {"natural_k": frr[i], "natural_n": 24, "natural_frr": frr[i] / 24, "recall_k": rec[i],
+                   "recall_n": 84, "recall": rec[i] / 84} for i, m in enumerate("AB")}
+        out["paired"] = {"natural_rejected_only_by": dict(zip(("min_distance", "probe"), nat_only)),
+                         "unwanted_missed_only_by": dict(zip(("min_distance", "probe"), miss_only))}
+        return out
+
+    # the issue's bank: min_distance rejected 17% of naturals, the probe none -- beyond chance at 6 vs 0
+    m, why = kx.choose_method(cv((6, 0), (0, 0), frr=(6, 0)), 24, 3)
+    assert m == "probe" and "the probe is better" in why and "6/24" in why
+    assert kx.choose_method(cv((0, 0), (0, 6), rec=(84, 78)), 24, 30)[0] == "min_distance"
+    # 4 vs 0 is within chance: a tie, decided by the bank
+    assert kx.choose_method(cv((4, 0), (0, 0), frr=(4, 0)), 24, 12)[0] == "probe"
+    m, why = kx.choose_method(cv((4, 0), (0, 0), frr=(4, 0)), 24, 5)
+    assert m == "min_distance" and "5 sources" in why and "equal within chance" in why
+    assert kx.choose_method(cv((0, 0), (0, 0)), 19, 19)[0] == "min_distance"  # < 20 natural examples
+    # each better at one: decided by the bank too
+    m, why = kx.choose_method(cv((6, 0), (0, 6), frr=(6, 0), rec=(84, 78)), 24, 5)
+    assert m == "min_distance" and "each better at one" in why
+    assert kx.choose_method({"A": {}, "B": {}}, 24, 12)[0] == "min_distance"
+    assert kx.small_categories({"natural": 3, "chart": 12, "map": 4, "logo": 1}) == {"logo": 1, "map": 4}
+    assert kx.small_category_warning("logo", 1) == "category 'logo' has 1 example: its recall cannot be estimated"
+
+
 def test_probe_separates_clusters():
     rng = np.random.default_rng(0)
     centers = {"natural": [1, 0, 0, 0], "chart": [0, 1, 0, 0], "text": [0, 0, 1, 0]}
@@ -56,78 +102,177 @@ def _rgb(a):
     return np.stack([a] * 3, -1).astype(np.uint8) if a.ndim == 2 else a[..., :3]
 
 
+CATEGORIES = ("chart", "text", "map", "drawing", "screenshot", "slide", "document")
+NARROW_PHOTOS = ("skimage/chelsea", "skimage/coffee", "sklearn/china", "skimage/rocket", "skimage/coins")
+
+
 @pytest.fixture(scope="module")
-def embedded(photos):
+def real():
+    """Embeddings (the real ImageNet MobileNetV2) of real photographs and rendered
+    non-natural images, split into example banks and held-out sets:
+
+    * photos: the 65 packaged photos (``samples.photo_bank``, six sources), split *by
+      photo* -- 20% of each source's photos to the bank (two random crops of each: 24
+      natural examples from 12 photos), the rest held out (the whole photo and one crop);
+    * unwanted: seven rendered kinds (charts, text pages, maps, drawings, screenshots,
+      slides, documents), seeds 0-11 in the bank and 12-19 held out; and, apart, the scanned
+      page, text and horse silhouette scikit-image ships (real images of kinds the renderers
+      only approximate: reported, not part of the targets);
+    * the narrow bank: three crops of each of five photos and grey copies of every other
+      crop (the bank the min_distance default was chosen on), with the same unwanted
+      examples; it is evaluated on the held-out photos that are not those five.
+
+    Bank: 24 + 84 examples; held out: 106 photos, 56 unwanted (``bench/examples_filter.py``
+    measures on a larger held-out set, with 20% of the data in the bank)."""
     import skimage.data as sd
 
+    from pipeline import nonnatural
     from stages.backbones import load_backbone, model_input
 
     bb = load_backbone("mobilenet_v2_imagenet")
 
     def emb(images):
         x = torch.from_numpy(np.stack([model_input(_rgb(a), 224) for a in images]))
-        return bb(x).numpy()
+        with torch.no_grad():
+            return bb(x).numpy()
 
-    bank_photos = [photos["chelsea"], photos["coffee"], photos["china"], photos["rocket"], sd.coins()]
-    held_photos = {"cat": sd.cat(), "flower": photos["flower"], "astronaut": photos["astronaut"],
-                   "camera": photos["camera"], "moon": sd.moon(), "grass": sd.grass()}
-    natural = [c for i, a in enumerate(bank_photos) for c in samples.crops(_rgb(a), 3, i)]
-    # Natural examples also as grayscale copies (IR camera traps, old scans): without them a
-    # gray photograph sits nearer the white-background drawings than the color examples.
-    natural += [_rgb(np.asarray(Image.fromarray(c).convert("L"))) for c in natural[::2]]
-    bank = {
-        "natural": emb(natural),
-        "chart": emb([samples.chart_image(s) for s in range(16)]),
-        "text": emb([samples.text_page(s) for s in range(16)]),
-    }
-    held = {
-        "natural": emb([c for i, a in enumerate(held_photos.values()) for c in samples.crops(a, 2, 50 + i)]),
-        "chart": emb([samples.chart_image(s) for s in range(100, 110)]),
-        "text": emb([samples.text_page(s) for s in range(100, 106)] + samples.crops(sd.page(), 2, 7) + samples.crops(sd.text(), 2, 8)),
-    }
-    return bank, held
+    photos = samples.photo_bank()
+    rng = np.random.default_rng(0)
+    names = sorted(photos)
+    in_bank = set()
+    for src in sorted({samples.photo_source(n) for n in names}):
+        mine = [n for n in names if samples.photo_source(n) == src]
+        in_bank |= set(rng.choice(mine, int(round(0.2 * len(mine))), replace=False).tolist())
+    held_names = [n for n in names if n not in in_bank]
+    bank_nat = [c for i, n in enumerate(sorted(in_bank)) for c in samples.crops(photos[n], 2, 100 + i)]
+    held_imgs = [v for i, n in enumerate(held_names) for v in (photos[n], *samples.crops(photos[n], 1, 500 + i))]
+    held_of = [n for n in held_names for _ in range(2)]
+    rendered = {c: emb([nonnatural.render(c, s) for s in range(20)]) for c in CATEGORIES}
+    unwanted_bank = {c: v[:12] for c, v in rendered.items()}
+    held = {c: v[12:] for c, v in rendered.items()}
+    held["natural"] = emb(held_imgs)
+    scans = {"text": emb([sd.page(), sd.text()]), "drawing": emb([(~sd.horse()).astype(np.uint8) * 255])}
+    narrow = [c for i, n in enumerate(NARROW_PHOTOS) for c in samples.crops(photos[n], 3, i)]
+    narrow += [_rgb(np.asarray(Image.fromarray(c).convert("L"))) for c in narrow[::2]]
+    not_narrow = np.array([n not in NARROW_PHOTOS for n in held_of])
+    return {"realistic": {"natural": emb(bank_nat), **unwanted_bank}, "narrow": {"natural": emb(narrow), **unwanted_bank},
+            "held": held, "held_narrow": {**held, "natural": held["natural"][not_narrow]}, "scans": scans,
+            "bank_photos": sorted(in_bank)}
 
 
-def test_both_methods_on_held_out_real_images(embedded):
-    bank, held = embedded
-    target = 0.05
-    cats = ["chart", "text"]
-    # method A: per category min distance, thresholds from the natural examples
-    thr = {c: distance_threshold(min_cosine_distance(bank["natural"], bank[c]), target) for c in cats}
+def _config(tmp_path, **over):
+    from pipeline.config import load_config
 
-    def rejected_a(x):
-        return np.any([min_cosine_distance(x, bank[c]) < thr[c] for c in cats], axis=0)
+    return load_config(None, {"input.path": str(tmp_path), "output": str(tmp_path / "o"),
+                              "examples.path": str(tmp_path / "bank"), "embed.models": [{"name": "mobilenet_v2_imagenet"}],
+                              **over})
 
-    probe, pthr = probe_with_threshold(bank, target)
-    unwanted = [probe.classes.index(c) for c in cats]
 
-    def rejected_b(x):
-        return probe.proba(x)[:, unwanted].max(1) > pthr
+def _caught(model: dict, held: dict) -> str:
+    from stages.filters import nonnatural_scores
 
-    report = {}
-    for m, rej in (("A_min_distance", rejected_a), ("B_linear_probe", rejected_b)):
-        rec = {c: int(rej(held[c]).sum()) for c in cats}
-        n_un = sum(len(held[c]) for c in cats)
-        k_un = sum(rec.values())
-        frr = int(rej(held["natural"]).sum())
-        report[m] = {"recall": round(k_un / n_un, 3), "recall_ci95": [round(v, 3) for v in wilson(k_un, n_un)],
-                     "per_category": {c: f"{rec[c]}/{len(held[c])}" for c in cats},
-                     "natural_frr": round(frr / len(held["natural"]), 3),
-                     "natural_frr_ci95": [round(v, 3) for v in wilson(frr, len(held["natural"]))]}
-        assert k_un / n_un >= 0.8, (m, report[m])
-    print("\nheld-out:", json.dumps(report))
-    # The measurement that picks the default method: on natural photos never in the bank,
-    # the min-distance method keeps its false rejections low; the probe, fitted to crops of
-    # five photos, takes most new photos for drawings (it learns the examples, not 'natural').
-    assert report["A_min_distance"]["natural_frr"] <= 0.25
-    assert report["A_min_distance"]["natural_frr"] < report["B_linear_probe"]["natural_frr"]
-    cv = cross_validate(bank, target, k=4)
-    print("bank 4-fold CV:", json.dumps({m: {k: v for k, v in r.items() if k != "categories"} for m, r in cv.items()}))
-    for m in ("A", "B"):
-        assert cv[m]["recall"] >= 0.8 and cv[m]["natural_n"] == len(bank["natural"])
-        for c in cats:
-            v = cv[m]["categories"][c]
-            assert v["n"] == len(bank[c]) and v["precision"] >= 0.8, (m, c, v)
+    return f"{sum(int((nonnatural_scores(x, model)[2] < 0).sum()) for x in held.values())}/{sum(map(len, held.values()))}"
+
+
+def _held_out(model: dict, held: dict) -> dict:
+    """Held-out confusion of a fitted filter through the filter stage's own scoring: natural
+    false rejection (k/n, Wilson 95%), recall, F1 with 'unwanted' as the positive class."""
+    from stages.filters import nonnatural_scores
+
+    rejected = {c: int((nonnatural_scores(x, model)[2] < 0).sum()) for c, x in held.items()}
+    fr, n_nat = rejected["natural"], len(held["natural"])
+    tp = sum(k for c, k in rejected.items() if c != "natural")
+    n_un = sum(len(x) for c, x in held.items() if c != "natural")
+    lo, hi = wilson(fr, n_nat)
+    return {"natural_frr": round(fr / n_nat, 4), "natural_k_n": f"{fr}/{n_nat}", "natural_ci95": [round(lo, 3), round(hi, 3)],
+            "recall": round(tp / n_un, 4), "recall_k_n": f"{tp}/{n_un}",
+            "f1": round(2 * tp / (2 * tp + fr + (n_un - tp)), 4)}
+
+
+def _fit_all(tmp_path, bank):
+    """fit() with method auto (both methods cross-validated), and the other method fitted
+    alone, for its held-out figures."""
+    from pipeline.examples import fit, fit_method
+
+    model, report = fit(_config(tmp_path), bank)
+    other = "probe" if report["chosen"] == "min_distance" else "min_distance"
+    return {"auto": (model, report), report["chosen"]: (model, report),
+            other: fit_method(bank, other, report["target_frr"])}
+
+
+def test_auto_picks_the_probe_on_a_realistic_bank(real, tmp_path):
+    """A bank of 24 natural examples from 12 photos of four sources: auto picks the probe,
+    and the filter holds natural false rejection <= 1% on 106 held-out photos (F1 >= 0.99).
+    The old per-category min_distance thresholds rejected 25/159 of them (16%) here."""
+    fits = _fit_all(tmp_path, real["realistic"])
+    model, report = fits["auto"]
+    got = {m: {**_held_out(fits[m][0], real["held"]), "scans_caught": _caught(fits[m][0], real["scans"])}
+           for m in ("min_distance", "probe")}
+    cv = report["cross_validation"]
+    print("\nrealistic bank:", report["n_examples"], "sources", report["natural_sources"], "| chosen", report["chosen"],
+          "|", report["why"], "| held-out:", json.dumps(got))
+    assert report["method"] == "auto" and report["chosen"] == "probe" and model["method"] == "probe"
+    # two crops of a photo are found to be one source (or, cropped far apart, two)
+    assert len(real["bank_photos"]) == 12 <= report["natural_sources"] <= 14
+    assert "natural false rejection" in report["why"] and report["probe"]["l2"] in kx.L2_GRID
+    assert report["small_categories"] == {} and "warnings" not in report
+    held = got["probe"]
+    assert held["natural_frr"] <= 0.01 and held["f1"] >= 0.99, held
+    # The thresholds hold the cross-validated natural false rejection to the target: its
+    # Wilson interval reaches target_frr. The old rule -- one threshold per category, each
+    # the target_frr quantile of the training naturals' distances -- does not, on the same
+    # folds: each is about the lowest of ~19 distances, and a natural is rejected when it
+    # falls below any of seven.
+    old = _old_rule_cv_frr(real["realistic"], report["target_frr"])
+    print("old per-category rule, cross-validated natural false rejection:", old)
+    assert wilson(*old)[0] > report["target_frr"]
+    for m in ("min_distance", "probe"):
+        k, n = cv[m]["natural_k"], cv[m]["natural_n"]
+        assert n == 24 and wilson(k, n)[0] <= report["target_frr"], (m, cv[m])
+        assert cv[m]["recall"] >= 0.95, (m, cv[m])
+    assert got["min_distance"]["natural_frr"] <= 0.02
+
+
+def _old_rule_cv_frr(bank: dict, target: float, k: int = 5) -> tuple[int, int]:
+    """Cross-validated natural false rejections of the previous min_distance thresholds (per
+    category, the target quantile of the training naturals' distances), same folds."""
+    nat = bank["natural"]
+    fold = kx.group_folds(kx.natural_groups(nat), k, 0)
+    cats = [c for c in bank if c != "natural"]
+    rejected = 0
+    for f in np.unique(fold):
+        train, test = nat[fold != f], nat[fold == f]
+        thr = {c: distance_threshold(min_cosine_distance(train, bank[c]), target) for c in cats}
+        rejected += int(np.any([min_cosine_distance(test, bank[c]) < thr[c] for c in cats], axis=0).sum())
+    return rejected, len(nat)
+
+
+def test_auto_picks_min_distance_on_a_narrow_bank(real, tmp_path):
+    """Crops of five photos (23 natural examples, 5 sources): cross-validation over five
+    sources cannot show how a probe fitted to them does on other photos, so a tie goes to
+    min_distance."""
+    fits = _fit_all(tmp_path, real["narrow"])
+    model, report = fits["auto"]
+    got = {m: {**_held_out(fits[m][0], real["held_narrow"]), "scans_caught": _caught(fits[m][0], real["scans"])}
+           for m in ("min_distance", "probe")}
+    print("\nnarrow bank:", report["n_examples"], "sources", report["natural_sources"], "| chosen", report["chosen"],
+          "|", report["why"], "| held-out:", json.dumps(got))
+    assert report["natural_sources"] == 5
+    assert report["chosen"] == "min_distance" and model["method"] == "min_distance", report["why"]
+    assert "5 sources" in report["why"]
+    assert got["min_distance"]["natural_frr"] <= 0.02 and got["min_distance"]["f1"] >= 0.98, got
+
+
+def test_small_category_is_flagged(real, tmp_path):
+    from pipeline.examples import fit
+
+    bank = {"natural": real["realistic"]["natural"], "chart": real["realistic"]["chart"],
+            "document": real["realistic"]["document"][:2], "map": real["realistic"]["map"][:4]}
+    _, report = fit(_config(tmp_path), bank)
+    assert report["small_categories"] == {"document": 2, "map": 4}
+    assert report["warnings"] == ["category 'document' has 2 examples: its recall cannot be estimated",
+                                  "category 'map' has 4 examples: its recall cannot be estimated"]
+    assert report["cross_validation"]["probe"]["categories"]["document"]["n"] == 2
 
 
 @pytest.mark.slow
@@ -181,12 +326,15 @@ def test_pipeline_rejects_nonnatural_by_example(tmp_path, ray_local, photos):
     false_rejections = [n for n, c in expect.items() if c is None and got[n].get("reason") is not None]
     print("\nfalse rejections of held-out natural photos:", false_rejections,
           {n: got[n].get("detail") for n in false_rejections})
-    # Measured: 2 of 6 (flower, camera: both nearer the 'text' pages than any of the 23
-    # natural examples were, so below its threshold). The natural false-rejection rate is
-    # only as good as the natural/ examples are representative; the report says so.
-    assert len(false_rejections) <= 2, false_rejections
+    # Measured: none of 6 (the previous per-category thresholds rejected 2: flower and
+    # camera, nearer the 'text' pages than any of the 23 natural examples were). The natural
+    # false-rejection rate is only as good as the natural/ examples are representative.
+    assert not false_rejections, false_rejections
     ex = summary["examples"]
-    assert ex["method"] == "min_distance" and set(ex["thresholds"]) == {"chart", "text"}
+    # five photos' crops: a tie goes to min_distance, and the summary says why
+    assert ex["method"] == "auto" and ex["chosen"] == "min_distance" and "5 sources" in ex["why"], ex["why"]
+    assert set(ex["thresholds"]) == {"chart", "text"} and ex["small_categories"] == {}
+    assert "id=filter-method>Non-natural filter: <b>min_distance</b>" in (out / "report.html").read_text()
     assert ex["n_examples"]["chart"] == 12 and ex["examples_rejected"] == 0
     assert ex["cross_validation"]["min_distance"]["recall"] >= 0.8
     assert summary["rejected_by_stage"]["filter"] == {"nonnatural": 8 + len(false_rejections)}
@@ -282,7 +430,7 @@ def test_cross_validation_confusion_counts():
     centers = {"natural": [1, 0, 0, 0], "chart": [0, 1, 0, 0], "text": [0, 0, 1, 0]}
     bank = {c: (np.array(v) + rng.normal(0, 0.05, (20, 4))).astype(np.float32) for c, v in centers.items()}
     bank["natural"][0] = bank["chart"][0] + 0.01
-    cv = cross_validate(bank, 0.05, k=5)
+    cv = cross_validate(bank, 0.05, k=5, groups=np.arange(20))  # (one tight cluster: one source by similarity)
     for m in ("A", "B"):
         r = cv[m]
         per = r["categories"]
