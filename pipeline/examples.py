@@ -202,6 +202,10 @@ def fit_method(bank: dict[str, np.ndarray], method: str, target_frr: float, k: i
                 "bank": {c: kx.normalize(bank[c]) for c in cats}}, {}
     if not has_natural:
         raise ConfigError("examples error: method probe needs natural/ examples (at least 2)")
+    if groups is not None and len(np.unique(groups)) < 2:
+        raise ConfigError("examples error: method probe needs natural/ examples from at least 2 different photos "
+                          "(all are crops or copies of one): its threshold cannot be cross-validated; use "
+                          "method min_distance or auto")
     pf = kx.fit_probe_cv(bank, target_frr, k=k, seed=seed, groups=groups)
     return ({"method": "probe", "categories": cats, "classes": pf.probe.classes, "weight": pf.probe.weight,
              "bias": pf.probe.bias, "threshold": pf.threshold},

@@ -77,7 +77,8 @@ def semantic_pairs(cfg: PipelineConfig, rows: ray.data.Dataset, n: int, model: s
     empty = (np.zeros(0, np.uint64), np.zeros(0, np.uint64), np.zeros(0, np.float32))
     if len(got) < 2:
         return empty, {"threshold": threshold, "pairs": 0, "sample": len(got)}, empty, None
-    got.sort(key=lambda r: r["id"])  # the same sample in the same order whatever the blocks
+    # the same sample in the same order whatever the blocks (with flip an id has two rows)
+    got.sort(key=lambda r: (r["id"], np.asarray(r["embedding"], dtype=np.float32).tobytes()))
     x = np.asarray([r["embedding"] for r in got], dtype=np.float32)
     mean = x.mean(axis=0) if c.center else None
     xs = kn.center_normalize(x, mean)
@@ -267,7 +268,8 @@ def near_dedup_dataset(cfg: PipelineConfig, narrow: ray.data.Dataset, embeddings
                                   cfg.run.broadcast_join_mb, rows_hint=n)
             rows = rows.union(mirrored.select_columns(rows.schema().names))
         rows = rows.materialize()  # read twice below
-        (a, b, s), report["semantic"], near, mean = semantic_pairs(cfg, rows, n + n_ref, model, threshold)
+        n_rows = (2 * n if flips is not None else n) + n_ref  # with flip every row is there twice
+        (a, b, s), report["semantic"], near, mean = semantic_pairs(cfg, rows, n_rows, model, threshold)
         found.append(("semantic", a, b, s))
     all_a = np.concatenate([f[1] for f in found]) if found else np.zeros(0, np.uint64)
     all_b = np.concatenate([f[2] for f in found]) if found else np.zeros(0, np.uint64)
@@ -349,7 +351,9 @@ def _decide(cfg: PipelineConfig, alive: ray.data.Dataset, rows: ray.data.Dataset
         table = pa.concat_tables(parts, promote_options="default") if parts else None
         return (snd.decide_groups(table, params, prior) if table is not None else None), "driver"
     if extra is not None:  # one schema for the union: corpus rows get null reference columns
-        members = members.map_batches(_no_reference, batch_format="pyarrow")
+        members = members.map_batches(_no_reference, batch_format="pyarrow").materialize()
+        if members.count() == 0:  # only reference images are near-duplicates: no corpus row to decide
+            return None, "tasks"
         schema = members.schema().base_schema
         extra = pa.table({f.name: (extra[f.name].cast(f.type) if f.name in extra.column_names
                                    else pa.nulls(len(extra), f.type)) for f in schema})

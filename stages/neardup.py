@@ -302,11 +302,8 @@ def decide_groups(rows: pa.Table, params: dict, prior: np.ndarray | None = None)
             out["_nd_undecided"].append(bool(match[i] == kn.NOT_DECIDED))
             if policy == "component":
                 target = refs[0] if len(refs) else (None if i == members[0] else members[0])
-                direct = match[i] >= 0 and match[i] == target
-                how = _how(d, i) if direct else "matched through the group, not directly"
             else:
                 target = int(match[i]) if match[i] >= 0 else None
-                how = _how(d, i) if target is not None else None
             if target is None:
                 out["_nd_duplicate_of"].append(None)
                 out["_nd_reason"].append(None)
@@ -317,8 +314,23 @@ def decide_groups(rows: pa.Table, params: dict, prior: np.ndarray | None = None)
                 else:
                     out["_nd_ids"].append([ids[j] for j in removed_by.get(int(i), [])] or None)
                 continue
-            sim = d["similarity"][i] if match[i] == target else np.nan
-            out["_nd_similarity"].append(None if np.isnan(sim) else float(sim))
+            # the pair (row, the row it is removed for), measured here: what the reject says is of this pair
+            ham = int(kn.hamming64(ph[i:i + 1], ph[target:target + 1])[0]) if has_ph[i] and has_ph[target] else None
+            cos = None
+            if x is not None and has_x[i] and has_x[target]:
+                c = [x[i] @ x[target]]
+                if xf is not None:
+                    c += [xf[i] @ x[target], x[i] @ xf[target], xf[i] @ xf[target]]
+                cos = float(max(c))
+            by_h = ham is not None and max_hamming is not None and ham <= max_hamming
+            by_s = cos is not None and cos >= threshold
+            numbers = ", ".join([*([f"pHash Hamming {ham}"] if ham is not None else []),
+                                 *([f"cosine {cos:.4f}"] if cos is not None else [])])
+            how = numbers if (by_h or by_s) else "matched through the group, not directly" + (
+                f": {numbers}" if numbers else "")
+            perceptual = by_h or (not by_s and (threshold is None or d["hamming"][i] >= 0))
+            sim = (1 - ham / 64 if by_h else cos) if (by_h or by_s) else None
+            out["_nd_similarity"].append(None if sim is None else float(sim))
             out["_nd_ids"].append(None)
             extra = (f"; group of {len(members)}" if len(members) > 1 else "") + (
                 "; taxonomy conflict in the group" if conflict else "")
@@ -328,20 +340,10 @@ def decide_groups(rows: pa.Table, params: dict, prior: np.ndarray | None = None)
                 out["_nd_detail"].append(f"near-duplicate of {ref_id[target]} in reference set "
                                          f"'{ref_set[target]}' ({how}{extra})")
                 continue
-            perceptual = bool(d["hamming"][i] >= 0 and match[i] == target)
             out["_nd_duplicate_of"].append(ids[target])
             out["_nd_reason"].append((Reason.PERCEPTUAL_DUPLICATE if perceptual else Reason.SEMANTIC_DUPLICATE).value)
             out["_nd_detail"].append(f"near-duplicate of {ids[target]} ({how}{extra})")
     return _decisions_table(out)
-
-
-def _how(d: dict, i: int) -> str:
-    parts = []
-    if d["hamming"][i] >= 0:
-        parts.append(f"pHash Hamming {int(d['hamming'][i])}")
-    if not np.isnan(d["cosine"][i]):
-        parts.append(f"cosine {float(d['cosine'][i]):.4f}")
-    return ", ".join(parts) or "matched"
 
 
 _OUT = {"id": pa.string(), "_nd_group": pa.string(), "_nd_duplicate_of": pa.string(), "_nd_reason": pa.string(),

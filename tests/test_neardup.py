@@ -363,7 +363,7 @@ def test_bf16_screen_then_float32_check_is_exact():
 def _rows(ids, group, phash, x, **cols):
     import pyarrow as pa
 
-    dim = len(next(v for v in x if v is not None))
+    dim = len(next((v for v in x if v is not None), [0, 0, 0]))
     t = pa.table({"id": ids, "_key": pa.array(kn.id_keys(ids), pa.uint64()), "_group": pa.array(group, pa.uint64()),
                   "phash": pa.array(phash, pa.uint64()),
                   "embedding": pa.array([None if v is None else list(map(float, v)) for v in x],
@@ -408,6 +408,25 @@ def test_margin_warning_when_removals_crowd_the_threshold():
     line = margin_warning([0.775, 0.771, 0.789, 0.95, None], 0.77)
     assert line.startswith("near_dedup: 3 of 4 semantic removals are within 0.02 of the threshold 0.77")
     assert margin_warning([0.771] * 3 + [0.99] * 40, 0.77) is None  # 3 of 43: under a tenth
+
+
+def test_component_policy_reject_says_what_is_true_of_its_pair():
+    """Perceptual only, a~b~c (6 bits each, a and c 12 apart): under the component policy c
+    is removed for a through the group -- its reject says so, with the pair's own numbers,
+    and names the detector that ran (perceptual); b's pair with a is a direct match."""
+    from stages.neardup import decide_groups
+
+    rows = _rows(["a", "b", "c"], [5] * 3, [0, 0b111111, 0b111111111111], [None, None, None],
+                 q_blur=[3.0, 2.0, 1.0])
+    params = {"policy": "component", "threshold": None, "max_hamming": 8, "mean": None, "seed": 0,
+              "quality": "q_blur"}
+    out = {r["id"]: r for r in decide_groups(rows, params).to_pylist()}
+    assert out["c"]["_nd_duplicate_of"] == "a" and out["c"]["_nd_reason"] == "perceptual_duplicate"
+    assert "not directly: pHash Hamming 12" in out["c"]["_nd_detail"] and out["c"]["_nd_similarity"] is None
+    assert out["b"]["_nd_detail"].startswith("near-duplicate of a (pHash Hamming 6")
+    assert out["b"]["_nd_similarity"] == pytest.approx(1 - 6 / 64)
+    direct = {r["id"]: r for r in decide_groups(rows, {**params, "policy": "direct"}).to_pylist()}
+    assert direct["c"]["_nd_reason"] is None and direct["b"]["_nd_duplicate_of"] == "a"
 
 
 def test_decide_groups_policies_licence_quality_taxonomy_and_reference():
