@@ -86,6 +86,16 @@ def read_marker(fs: fsspec.AbstractFileSystem, path: str) -> dict | None:
     return json.loads(raw or b"{}")
 
 
+def read_run_summary(fs: fsspec.AbstractFileSystem, root: str, prog: str, output: str) -> dict:
+    """A finished run's ``summary.json``; a one-line :class:`ValueError` naming ``prog`` when
+    there is none (the reports turn it into their config error)."""
+    try:
+        with fs.open(join(root, "summary.json"), "rb") as f:
+            return json.loads(f.read())
+    except FileNotFoundError:
+        raise ValueError(f"{prog}: {output} has no summary.json (run the pipeline first)") from None
+
+
 def temp_path(fs: fsspec.AbstractFileSystem, final: str) -> str:
     """Where to write ``final`` before committing it."""
     parent, name = posixpath.split(final.rstrip("/"))

@@ -44,7 +44,7 @@ import pyarrow.dataset as pads
 
 from manifests import io as mio
 from pipeline import thumbs
-from pipeline.config import ConfigError, PipelineConfig, load_config
+from pipeline.config import ConfigError, PipelineConfig
 from stages.export import spreadsheet_safe
 from stages.kernels.examples import wilson
 from stages.kernels.phash import hamming64
@@ -455,10 +455,9 @@ def labelled_report(pairs: list[tuple[str, str, bool]], counts: dict, rows: dict
 def build(cfg: PipelineConfig, labels: str | None = None, per_side: int = 8, label_sample: int = 0) -> dict:
     fs, root = mio.filesystem(cfg.output, cfg.storage)
     try:
-        with fs.open(mio.join(root, "summary.json"), "rb") as f:
-            summary = json.loads(f.read())
-    except FileNotFoundError:
-        raise ConfigError(f"dedup-report: {cfg.output} has no summary.json (run the pipeline first)") from None
+        summary = mio.read_run_summary(fs, root, "dedup-report", cfg.output)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
     nd = summary.get("near_dedup")
     stage = mio.join(root, "stages", "near_dedup_pairs")
     if not nd or not mio.is_committed(fs, stage):
@@ -746,22 +745,9 @@ def render(report: dict, rows: dict, src: dict, why: dict) -> str:
 
 def run_config(config: str | None, output: str | None) -> PipelineConfig:
     """The config given, else the one the run in ``output`` recorded."""
-    if config or not output:
-        if not config:
-            raise ConfigError("dedup-report: give --output (the run directory) or --config")
-        return load_config(config, {"output": output} if output else {})
-    try:
-        fs, root = mio.filesystem(output)
-        with fs.open(mio.join(root, "summary.json"), "rb") as f:
-            recorded = json.loads(f.read())["config"]
-    except (OSError, KeyError, ValueError, TypeError):
-        raise ConfigError(f"dedup-report: {output} has no summary.json of a finished run "
-                          "(run the pipeline first, or give --config)") from None
-    try:
-        return PipelineConfig.model_validate({**recorded, "output": output})
-    except ValueError as e:
-        raise ConfigError(f"dedup-report: the config recorded in {output} no longer validates: "
-                          f"{str(e).splitlines()[0]}; give --config") from None
+    from pipeline.examples_report import run_config as recorded
+
+    return recorded(config, output, "dedup-report")
 
 
 def main(argv: list[str] | None = None) -> int:

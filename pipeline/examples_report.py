@@ -187,10 +187,9 @@ def labelled_metrics(rows: list[dict], by_id: dict, by_uri: dict, categories: li
 def build(cfg: PipelineConfig, labels: str | None = None, label_sample: int = 0, per_category: int = 8) -> dict:
     fs, root = mio.filesystem(cfg.output, cfg.storage)
     try:
-        with fs.open(mio.join(root, "summary.json"), "rb") as f:
-            summary = json.loads(f.read())
-    except FileNotFoundError:
-        raise ConfigError(f"examples-report: {cfg.output} has no summary.json (run the pipeline first)") from None
+        summary = mio.read_run_summary(fs, root, "examples-report", cfg.output)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
     fit = summary.get("examples")
     stage = mio.join(root, "stages", "filter")
     if not fit or not mio.is_committed(fs, stage):
@@ -339,23 +338,24 @@ def render(report: dict, got: dict, src: dict, with_sample: bool) -> str:
             f"<style>{style}</style></head><body>{''.join(parts)}</body></html>")
 
 
-def run_config(config: str | None, output: str | None) -> PipelineConfig:
-    """The config given, else the one the run in ``output`` recorded."""
+def run_config(config: str | None, output: str | None, prog: str = "examples-report") -> PipelineConfig:
+    """The config given, else the one the run in ``output`` recorded (``prog`` names the
+    report in the one-line errors)."""
     if config or not output:
         if not config:
-            raise ConfigError("examples-report: give --config or --output (the run directory)")
+            raise ConfigError(f"{prog}: give --config or --output (the run directory)")
         return load_config(config, {"output": output} if output else {})
     try:
         fs, root = mio.filesystem(output)
         with fs.open(mio.join(root, "summary.json"), "rb") as f:
             recorded = json.loads(f.read())["config"]
-    except (OSError, KeyError, ValueError):
-        raise ConfigError(f"examples-report: {output} has no summary.json of a finished run "
+    except (OSError, KeyError, ValueError, TypeError):
+        raise ConfigError(f"{prog}: {output} has no summary.json of a finished run "
                           "(run the pipeline first, or give --config)") from None
     try:
         return PipelineConfig.model_validate({**recorded, "output": output})
     except ValueError as e:
-        raise ConfigError(f"examples-report: the config recorded in {output} no longer validates: "
+        raise ConfigError(f"{prog}: the config recorded in {output} no longer validates: "
                           f"{str(e).splitlines()[0]}; give --config") from None
 
 
