@@ -385,8 +385,7 @@ def _member_vectors(batch: pa.Table, graph, name: str) -> pa.Table:
 
     nodes, _ = resolve_ref(graph)
     keys = kn.id_keys(batch["id"].to_pylist())
-    pos = np.searchsorted(nodes, keys).clip(0, max(0, len(nodes) - 1))
-    hit = (nodes[pos] == keys) if len(nodes) else np.zeros(len(keys), bool)
+    _, hit = kn.sorted_lookup(nodes, keys)
     got = batch.filter(pa.array(hit))
     return pa.table({"id": got["id"], name: got["embedding"]})
 

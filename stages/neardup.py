@@ -199,8 +199,7 @@ def group_rows(batch: pa.Table, nodes: np.ndarray, roots: np.ndarray, columns: l
     """The rows of ``batch`` that are nodes of the pair graph (``nodes`` sorted), with the
     columns the keep policy reads and ``_group``, their component's root."""
     key = batch["_key"].to_numpy().astype(np.uint64)
-    pos = np.searchsorted(nodes, key).clip(0, max(0, len(nodes) - 1))
-    hit = (nodes[pos] == key) if len(nodes) else np.zeros(len(key), bool)
+    pos, hit = kn.sorted_lookup(nodes, key)
     out = batch.filter(pa.array(hit)).select([c for c in dict.fromkeys(["id", "_key", *columns])
                                               if c in batch.column_names])
     return out.append_column("_group", pa.array(roots[pos[hit]], pa.uint64()))

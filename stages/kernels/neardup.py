@@ -37,6 +37,12 @@ def id_keys(ids: list[str]) -> np.ndarray:
                     dtype=np.uint64)
 
 
+def sorted_lookup(nodes: np.ndarray, keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """For each of ``keys``, its position in the sorted ``nodes`` and whether it is there."""
+    pos = np.searchsorted(nodes, keys).clip(0, max(0, len(nodes) - 1))
+    return pos, ((nodes[pos] == keys) if len(nodes) else np.zeros(len(keys), bool))
+
+
 def _hook(parent: np.ndarray, ea: np.ndarray, eb: np.ndarray) -> np.ndarray:
     """Union the sets of ``parent`` (node -> root, roots point at themselves) joined by
     the edges ``ea[i] -- eb[i]`` (indices); every node then points at its set's smallest
