@@ -122,7 +122,7 @@ def run_one(n: int, dim: int, threshold: float, seed: int, cfg, isotropic: bool 
     import ray
 
     from pipeline.neardedup import semantic_pairs
-    from stages.kernels import neardup as kn
+    from stages.kernels import near_dedup as kn
 
     x = clustered(n, dim, 2000, seed, isotropic=isotropic)
     plant(x, threshold, fraction, seed)
@@ -169,7 +169,7 @@ def main() -> None:
     args = ap.parse_args()
     import ray
 
-    from pipeline.config import load_config
+    from manifests.config import load_config
 
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, object_store_memory=10 * 2**30,
              runtime_env={"env_vars": {"PYTHONPATH": str(Path(__file__).resolve().parent.parent)}})

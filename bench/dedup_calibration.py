@@ -1,9 +1,9 @@
 """Calibrating the near-duplicate defaults on real photos: the MobileNetV2 (ImageNet)
 semantic threshold, pHash at max_hamming 8, and what ``near_dedup.flip`` costs.
 
-Corpus: every photo of ``pipeline.samples.photo_bank()`` (65 real photos from six packages;
+Corpus: every photo of ``pipeline.testdata.images.photo_bank()`` (65 real photos from six packages;
 39 Pexels interiors, several of one staged room from other angles: distinct photos of one
-kind of subject, the hard negatives) plus, for each, the edits of ``samples.edited_copies``
+kind of subject, the hard negatives) plus, for each, the edits of ``images.edited_copies``
 (JPEG q30, 50% resize, centre crop 85%, brightness 1.3, rotation 5 degrees, mirror,
 caption: the target set) and three more (saturation 1.5, two JPEG generations q75 then q50,
 a white border). Every item is stored as a JPEG file would be (originals q92, edits q90,
@@ -12,7 +12,7 @@ as in tests/test_neardup.py) and goes through the pipeline's own
 ``stages.backbones.model_input`` + ``load_backbone`` (the embedding stage's input).
 
 Similarity is the pipeline's: cosine of centred (corpus mean subtracted), L2-normalized
-embeddings (``stages.kernels.neardup.center_normalize``). The mean is over the whole corpus
+embeddings (``stages.kernels.near_dedup.center_normalize``). The mean is over the whole corpus
 (originals and edits) as in a real run; ``--mean originals`` / ``none`` and the
 sensitivity table show how much it matters. Flip-aware similarity (``near_dedup.flip``):
 the model also embeds the horizontally mirrored input, and a pair counts at
@@ -59,7 +59,7 @@ EXTRA_EDITS = ("colour", "jpeg2", "border")
 MODEL = "mobilenet_v2_imagenet"
 
 def _default_max_hamming() -> int:
-    from pipeline.config import NearDedupConfig
+    from manifests.config import NearDedupConfig
 
     return int(NearDedupConfig().max_hamming)
 
@@ -77,7 +77,7 @@ BLANK_CLIPPED = 0.95  # an edit with this share of its pixels at 255 has lost it
 def extra_edits(a: np.ndarray) -> dict[str, Image.Image]:
     """More aggregator edits: saturation 1.5, two JPEG generations (q75 then q50), a white
     border of 1/40 of the width."""
-    from pipeline.samples import encode
+    from pipeline.testdata.images import encode
 
     im = Image.fromarray(np.asarray(a)[..., :3])
     gen1 = Image.open(io.BytesIO(encode(im, "JPEG", quality=75))).convert("RGB")
@@ -101,12 +101,12 @@ class Corpus:
 def build_corpus(edits: tuple[str, ...] = TARGET_EDITS + EXTRA_EDITS, bank: dict | None = None) -> Corpus:
     """Originals (JPEG q92) and their ``edits`` (JPEG q90), each through validate_image and
     model_input as the pipeline does."""
-    from pipeline import samples
-    from pipeline.config import ValidateConfig
+    from pipeline.testdata import images
+    from manifests.config import ValidateConfig
     from stages.backbones import model_input
     from stages.validate import validate_image
 
-    bank = bank if bank is not None else samples.photo_bank()
+    bank = bank if bank is not None else images.photo_bank()
     cfg = ValidateConfig()
     names = sorted(bank)
     photo, edit, hashes, inputs, clipped = [], [], [], [], []
@@ -124,12 +124,12 @@ def build_corpus(edits: tuple[str, ...] = TARGET_EDITS + EXTRA_EDITS, bank: dict
     want_extra = [e for e in edits if e in EXTRA_EDITS]
     for i, n in enumerate(names):
         a = bank[n]
-        add(i, "orig", samples.encode(Image.fromarray(a), "JPEG", quality=92))
-        ed = samples.edited_copies(a)
+        add(i, "orig", images.encode(Image.fromarray(a), "JPEG", quality=92))
+        ed = images.edited_copies(a)
         if want_extra:
             ed.update(extra_edits(a))
         for e in edits:
-            add(i, e, samples.encode(ed[e], "JPEG", quality=90))
+            add(i, e, images.encode(ed[e], "JPEG", quality=90))
     return Corpus(np.array(photo), np.array(edit), names, np.array(hashes, dtype=np.uint64), np.stack(inputs),
                   np.array(clipped))
 
@@ -174,7 +174,7 @@ def similarities(e: np.ndarray, ef: np.ndarray | None, mean: np.ndarray | None,
     Flip-aware: max(cos(a, b), cos(a, flip(b)), cos(flip(a), b)), ``ef`` holding the mirrors
     of every row, or of the rows ``flip_rows`` only (then the terms with a mirror missing
     are left out)."""
-    from stages.kernels.neardup import center_normalize
+    from stages.kernels.near_dedup import center_normalize
 
     z = center_normalize(e, mean)
     s = z @ z.T
@@ -283,7 +283,7 @@ def compare_cost(z: np.ndarray, zf: np.ndarray, t: float, rows: int = 2000, repe
     with a little noise): plain (the rows among themselves); flip with the mirrors as 2x rows
     (plus every row against every mirror: all of cos(a, flip(b)) and cos(flip(a), b)); flip
     4x (rows and mirrors all among themselves)."""
-    from stages.kernels.neardup import cosine_pairs
+    from stages.kernels.near_dedup import cosine_pairs
 
     reps = -(-rows // len(z))
     rng = np.random.default_rng(0)
@@ -492,7 +492,7 @@ def main(argv=None) -> dict:
                     "recall_at_t": round(ev["recall"], 4), "recall_at_t_flip": round(evf["recall"], 4)}
         print(f"    {mk:9s}: {r2['max_distinct']:.3f}, {r2['threshold']}, {sens[mk]['min_edit_accepted']}; "
               f"{sens[mk]['merged_at_t']}, {ev['recall']:.4f} / {evf['recall']:.4f}")
-    from stages.neardup import DEFAULT_THRESHOLDS
+    from stages.near_dedup import DEFAULT_THRESHOLDS
 
     cur = DEFAULT_THRESHOLDS.get(MODEL)
     if cur is not None:
@@ -501,7 +501,7 @@ def main(argv=None) -> dict:
               f"(flip-aware {ecf['semantic_merged']}), recall {ec['recall']:.4f} / {ecf['recall']:.4f}")
 
     # (5) flip cost
-    from stages.kernels.neardup import center_normalize
+    from stages.kernels.near_dedup import center_normalize
 
     cc = compare_cost(center_normalize(e, means[args.mean]), center_normalize(ef, means[args.mean]), t)
     embed_ratio = cost["flip_cpu_s"] / cost["plain_cpu_s"] if cost.get("plain_cpu_s") else float("nan")

@@ -191,10 +191,10 @@ def _corpus(n: int, seed: int) -> list[bytes]:
     from PIL import Image
 
     sys.path.insert(0, str(HERE.parent))
-    from pipeline import samples
+    from pipeline.testdata import images
 
     rng = np.random.default_rng(seed)
-    photos = list(samples.photos().values())
+    photos = list(images.photos().values())
     out = []
     for i in range(n):
         src = photos[i % len(photos)]
@@ -218,7 +218,7 @@ def cpu_mode(args) -> dict:
     from PIL import Image
 
     sys.path.insert(0, str(HERE.parent))
-    from pipeline.config import ValidateConfig
+    from manifests.config import ValidateConfig
     from stages import embed as emb
     from stages.backbones import load_backbone, model_input, spec
     from stages.validate import validate_image

@@ -2,9 +2,9 @@
 data in the example bank: which method ``examples.method: auto`` picks, and the held-out
 natural false rejection, recall and F1 of both methods, for a realistic and a narrow bank.
 
-Data (no network): the 65 photos of ``pipeline.samples.photo_bank()`` (six sources), split
+Data (no network): the 65 photos of ``pipeline.testdata.images.photo_bank()`` (six sources), split
 *by photo* per source, 20% to the bank (two random crops of each) and the rest held out
-(the whole photo and one crop); seven rendered kinds (``pipeline.nonnatural``: charts,
+(the whole photo and one crop); seven rendered kinds (``pipeline.testdata.renders``: charts,
 text pages, maps, drawings, screenshots, slides, documents), seeds 0..N/5-1 in the bank and
 the rest held out. The narrow bank is three crops of each of five photos plus grey copies
 (the bank the old min_distance default was chosen on) with the same unwanted examples,
@@ -31,8 +31,8 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from pipeline import nonnatural, samples  # noqa: E402
-from pipeline.config import load_config  # noqa: E402
+from pipeline.testdata import renders, images  # noqa: E402
+from manifests.config import load_config  # noqa: E402
 from stages.kernels import examples as kx  # noqa: E402
 
 CATEGORIES = ("chart", "text", "map", "drawing", "screenshot", "slide", "document")
@@ -57,20 +57,20 @@ def embedder():
 
 def data(per_category: int, fraction: float, split_seed: int):
     emb = embedder()
-    photos = samples.photo_bank()
+    photos = images.photo_bank()
     rng = np.random.default_rng(split_seed)
     names = sorted(photos)
     in_bank = set()
-    for src in sorted({samples.photo_source(n) for n in names}):
-        mine = [n for n in names if samples.photo_source(n) == src]
+    for src in sorted({images.photo_source(n) for n in names}):
+        mine = [n for n in names if images.photo_source(n) == src]
         in_bank |= set(rng.choice(mine, int(round(fraction * len(mine))), replace=False).tolist())
     held_names = [n for n in names if n not in in_bank]
-    bank_nat = [c for i, n in enumerate(sorted(in_bank)) for c in samples.crops(photos[n], 2, 100 + i)]
-    held_imgs = [v for i, n in enumerate(held_names) for v in (photos[n], *samples.crops(photos[n], 1, 500 + i))]
+    bank_nat = [c for i, n in enumerate(sorted(in_bank)) for c in images.crops(photos[n], 2, 100 + i)]
+    held_imgs = [v for i, n in enumerate(held_names) for v in (photos[n], *images.crops(photos[n], 1, 500 + i))]
     held_of = np.array([n for n in held_names for _ in range(2)])
     n_bank = int(round(fraction * per_category))
-    rendered = {c: emb([nonnatural.render(c, s) for s in range(per_category)]) for c in CATEGORIES}
-    narrow = [c for i, n in enumerate(NARROW) for c in samples.crops(photos[n], 3, i)]
+    rendered = {c: emb([renders.render(c, s) for s in range(per_category)]) for c in CATEGORIES}
+    narrow = [c for i, n in enumerate(NARROW) for c in images.crops(photos[n], 3, i)]
     narrow += [np.stack([np.asarray(Image.fromarray(c).convert("L"))] * 3, -1) for c in narrow[::2]]
     unwanted = {c: v[:n_bank] for c, v in rendered.items()}
     held = {"natural": emb(held_imgs), **{c: v[n_bank:] for c, v in rendered.items()}}

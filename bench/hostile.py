@@ -4,11 +4,11 @@ Usage (from the repo root)::
 
     python bench/hostile.py [--copies 10] [--batch 32] [--cover 224] [--seed 0] [--small]
 
-Builds the suite on the fly (``pipeline.hostile``, no binary fixtures): progressive JPEGs
+Builds the suite on the fly (``pipeline.testdata.hostile``, no binary fixtures): progressive JPEGs
 with hundreds of scans (4096x4096 and near ``max_pixels``), a 10-scan and a 100-scan
 progressive JPEG near ``max_pixels``, 16-bit and RGBA PNGs near ``max_pixels``, a
 near-max lossless WebP and deflate TIFF, decompression-bomb headers (PNG, GIF, TIFF, WebP),
-truncated files, a few ordinary images, and -- when ``pipeline.hostile`` has them -- the
+truncated files, a few ordinary images, and -- when ``pipeline.testdata.hostile`` has them -- the
 webdataset shards (a gzip bomb ``.tar.gz``, a huge sidecar), read through
 ``stages.ingest.iter_shard`` (their rows join the suite).
 
@@ -49,8 +49,8 @@ import numpy as np  # noqa: E402
 import pyarrow as pa  # noqa: E402
 
 from manifests.schema import BYTES  # noqa: E402
-from pipeline import hostile, samples  # noqa: E402
-from pipeline.config import StorageConfig, ValidateConfig  # noqa: E402
+from pipeline.testdata import hostile, images  # noqa: E402
+from manifests.config import StorageConfig, ValidateConfig  # noqa: E402
 from stages import decode_pool  # noqa: E402
 from stages.ingest import with_reject_columns  # noqa: E402
 from stages.validate import validate_batch_decodes  # noqa: E402
@@ -112,7 +112,7 @@ def decode_suite(small: bool) -> list[tuple[str, bytes]]:
         (f"png_rgba_{side}", hostile.large_png(side, side, "RGBA")),
         (f"webp_lossless_{webp_w}x{webp_h}", hostile.large_webp(webp_w, webp_h)),
         (f"tiff_deflate_{side}", hostile.large_tiff(side, side)),
-        ("bomb_png_40000", samples.png_with_header_size(40000, 40000)),
+        ("bomb_png_40000", images.png_with_header_size(40000, 40000)),
         ("bomb_gif_65535", hostile.gif_with_header_size(65535, 65535)),
         ("bomb_tiff_100000", hostile.tiff_with_header_size(100000, 100000)),
         ("bomb_webp_16384", hostile.webp_with_header_size(16384, 16384)),
@@ -121,7 +121,7 @@ def decode_suite(small: bool) -> list[tuple[str, bytes]]:
         ("truncated_webp", hostile.truncated(webp)),
         ("truncated_tiff", hostile.truncated(tiff)),
     ]
-    suite += [(f"good_{name}", data) for name, data in samples.good_images().items()]
+    suite += [(f"good_{name}", data) for name, data in images.good_images().items()]
     sizes = ", ".join(f"{n} {len(d) / 1e3:.0f} KB" for n, d in suite[:8])
     print(f"built {len(suite)} files in {time.perf_counter() - t:.1f}s: {sizes}", flush=True)
     return suite
@@ -129,13 +129,13 @@ def decode_suite(small: bool) -> list[tuple[str, bytes]]:
 
 def shard_rows(tmp: Path, small: bool) -> tuple[list[tuple[str, pa.Table]], list[dict]]:
     """Rows of the hostile shards (read through stages.ingest.iter_shard) and one measure
-    per shard read; empty when pipeline.hostile has no shard builders."""
+    per shard read; empty when pipeline.testdata.hostile has no shard builders."""
     if not (hasattr(hostile, "gzip_bomb_tar") and hasattr(hostile, "huge_sidecar_tar")):
-        print("shards: pipeline.hostile has no shard builders; skipped", flush=True)
+        print("shards: pipeline.testdata.hostile has no shard builders; skipped", flush=True)
         return [], []
     from stages.ingest import iter_shard
 
-    jpg = samples.good_images()["astronaut.jpg"]
+    jpg = images.good_images()["astronaut.jpg"]
     shards = {
         "gzip_bomb.tar.gz": hostile.gzip_bomb_tar(tmp / "gzip_bomb.tar.gz", (256 if small else 2048) * MB,
                                                   after=[("s/0001.jpg", jpg)]),

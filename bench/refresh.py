@@ -40,7 +40,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 def collages(n: int, seed: int, copies: float = 0.05) -> list[bytes]:
     """``n`` JPEGs of 0.3-1 MP, each a collage of 4-9 tiles cut from the real photographs
-    of ``pipeline.samples`` (random photo, crop, flip, quarter turn and colour gain per
+    of ``pipeline.testdata.images`` (random photo, crop, flip, quarter turn and colour gain per
     tile, random grid): distinct pictures, as most of a real corpus is. A fraction
     ``copies`` are edited copies (re-encoded, resized, cropped) of an earlier image: the
     near-duplicates a real corpus also holds."""
@@ -49,10 +49,10 @@ def collages(n: int, seed: int, copies: float = 0.05) -> list[bytes]:
     import numpy as np
     from PIL import Image
 
-    from pipeline import samples
+    from pipeline.testdata import images
 
     rng = np.random.default_rng(seed)
-    photos = list(samples.photos().values())
+    photos = list(images.photos().values())
     out: list[bytes] = []
     for i in range(n):
         if i and rng.random() < copies:  # an edited copy of an earlier image
@@ -100,7 +100,7 @@ def main(argv: list[str] | None = None) -> dict:
     import ray
 
     from pipeline import plan
-    from pipeline.config import load_config
+    from manifests.config import load_config
 
     work = Path(args.workdir or tempfile.mkdtemp(prefix="bench-refresh-"))
     if work.exists():

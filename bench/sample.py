@@ -41,7 +41,7 @@ from dedup import PeakRSS, clustered  # noqa: E402
 def ours(x16: np.ndarray, levels: list[int], iters: int, sample: int, seed: int) -> dict:
     import ray
 
-    from pipeline.config import load_config
+    from manifests.config import load_config
     from pipeline.sampling import fit_sample
     from stages import sample as ssa
 

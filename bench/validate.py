@@ -52,7 +52,7 @@ import PIL  # noqa: E402
 from PIL import Image, ImageEnhance  # noqa: E402
 
 from manifests.schema import Reason  # noqa: E402
-from pipeline.config import ValidateConfig  # noqa: E402
+from manifests.config import ValidateConfig  # noqa: E402
 from stages.validate import short_side_size, validate_image  # noqa: E402
 
 SHORT_SIDE = 256

@@ -16,7 +16,7 @@ from typing import Any
 import fsspec
 import pyarrow.fs as pafs
 
-from pipeline.config import StorageConfig
+from manifests.config import StorageConfig
 
 SUCCESS = "_SUCCESS"
 

@@ -17,15 +17,27 @@ import pyarrow as pa
 
 
 class Stage(StrEnum):
-    """Stage ids, as written in the ``stage`` column and in ``summary.json``."""
+    """The pipeline's stages, in the order they run: the one vocabulary of the CLI's
+    ``--until``, the manifests' ``stage`` column, the run directory
+    (``stages/<stage>`` and ``stages/<stage>.<part>``), ``summary.json`` and the report.
+    Each has one declaration in ``pipeline/stages/`` (the plan: ``pipeline/plan.py``)."""
 
-    INGEST = "ingest"
-    SELECT = "select"
-    VALIDATE = "validate"
+    SELECT = "select"  # catalog join and subset selection, before any pixel is read
+    INGEST = "ingest"  # list and read the inputs
+    VALIDATE = "validate"  # decode checks, hashes, technical quality
+    EMBED = "embed"  # model embeddings (in the streaming pass), cached by content
     EXACT_DEDUP = "exact_dedup"
-    FILTER = "filter"
+    FILTER = "filter"  # quality thresholds, non-natural examples, aesthetic
     NEAR_DEDUP = "near_dedup"
     SAMPLE = "sample"
+
+
+STAGE_ORDER = tuple(Stage)
+
+
+def reaches(until: str, stage: str) -> bool:
+    """Whether a run ``--until until`` runs ``stage``."""
+    return STAGE_ORDER.index(Stage(stage)) <= STAGE_ORDER.index(Stage(until))
 
 
 class Reason(StrEnum):

@@ -20,7 +20,7 @@ from manifests import io as mio
 from manifests.schema import ID, check_columns
 from pipeline import ids as pipeline_ids
 from pipeline import joins
-from pipeline.config import PipelineConfig
+from manifests.config import PipelineConfig
 from stages import ids, ingest
 from stages.kernels.bloom import bloom_add, new_bloom
 from stages.kernels.select import check_predicates

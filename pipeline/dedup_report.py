@@ -44,7 +44,7 @@ import pyarrow.dataset as pads
 
 from manifests import io as mio
 from pipeline import thumbs
-from pipeline.config import ConfigError, PipelineConfig
+from manifests.config import ConfigError, PipelineConfig
 from stages.export import spreadsheet_safe
 from stages.kernels.examples import wilson
 from stages.kernels.phash import hamming64
@@ -375,7 +375,7 @@ def score_pairs(pairs: list[tuple[str, str, bool]], rows: dict, vecs: dict, mean
     """(cosine, Hamming) of each labelled pair: nan / -1 where a side lacks an embedding / pHash.
     With ``flips`` (near_dedup.flip: the mirrored images' embeddings) the cosine is the
     largest over the plain and mirrored images of both sides, as the run's search measured."""
-    from stages.kernels.neardup import center_normalize
+    from stages.kernels.near_dedup import center_normalize
 
     cos = np.full(len(pairs), np.nan)
     ham = np.full(len(pairs), -1, np.int64)

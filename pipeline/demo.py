@@ -22,7 +22,7 @@ if __package__ in (None, ""):
 import numpy as np  # noqa: E402
 from PIL import Image, ImageOps  # noqa: E402
 
-from pipeline import samples  # noqa: E402
+from pipeline.testdata import images  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 LABELS = {  # what the sample photos show, as a catalog would say it
@@ -52,32 +52,32 @@ def build_corpus(root: Path) -> Path:
         rows.append({"uri": str(img_dir / rel), **dict(zip(RANKS, labels)), "source": source,
                      "license": ["cc0", "cc-by", "cc-by-nc"][len(rows) % 3]})
 
-    photos = samples.photos()
+    photos = images.photos()
     for name, arr in photos.items():
         img = Image.fromarray(arr)
         w, h = img.size
-        add(f"{name}/original.jpg", samples.encode(img, "JPEG", quality=92), name, "eol")
-        add(f"{name}/original_copy.jpg", samples.encode(img, "JPEG", quality=92), name, "gbif")  # exact dup
-        add(f"{name}/lossless.png", samples.encode(img, "PNG"), name, "inat")
-        add(f"{name}/web.webp", samples.encode(img.resize((w * 3 // 4, h * 3 // 4)), "WEBP", quality=80), name, "inat")
+        add(f"{name}/original.jpg", images.encode(img, "JPEG", quality=92), name, "eol")
+        add(f"{name}/original_copy.jpg", images.encode(img, "JPEG", quality=92), name, "gbif")  # exact dup
+        add(f"{name}/lossless.png", images.encode(img, "PNG"), name, "inat")
+        add(f"{name}/web.webp", images.encode(img.resize((w * 3 // 4, h * 3 // 4)), "WEBP", quality=80), name, "inat")
         for k in range(3):
             x0, y0 = int(rng.integers(0, w // 5)), int(rng.integers(0, h // 5))
             crop = img.crop((x0, y0, x0 + w * 3 // 4, y0 + h * 3 // 4))
             if k == 1:
                 crop = ImageOps.mirror(crop)
-            add(f"{name}/crop{k}.jpg", samples.encode(crop, "JPEG", quality=int(rng.integers(70, 95))), name, "bioscan")
+            add(f"{name}/crop{k}.jpg", images.encode(crop, "JPEG", quality=int(rng.integers(70, 95))), name, "bioscan")
         big = img.resize((w * 3, h * 3), Image.Resampling.LANCZOS)
-        add(f"{name}/large.jpg", samples.encode(big, "JPEG", quality=88), name, "eol")
-        add(f"{name}/rotated.jpg", samples.with_exif_orientation(img.transpose(Image.Transpose.ROTATE_90), 6), name,
+        add(f"{name}/large.jpg", images.encode(big, "JPEG", quality=88), name, "eol")
+        add(f"{name}/rotated.jpg", images.with_exif_orientation(img.transpose(Image.Transpose.ROTATE_90), 6), name,
             "inat")
-    for name, data in samples.good_images(photos).items():
+    for name, data in images.good_images(photos).items():
         add(f"formats/{name}", data, None, "misc")
-    placeholder = samples.encode(Image.new("RGB", (320, 240), (200, 200, 200)), "PNG")
+    placeholder = images.encode(Image.new("RGB", (320, 240), (200, 200, 200)), "PNG")
     for k in range(25):
         add(f"unavailable/{k:02d}.png", placeholder, None, "gbif")
-    for name, (data, _reason) in samples.hostile_images(photos).items():
+    for name, (data, _reason) in images.hostile_images(photos).items():
         add(f"hostile/{name}", data, None, "misc")
-    wrong_name, wrong = samples.wrong_extension()
+    wrong_name, wrong = images.wrong_extension()
     add(f"formats/{wrong_name}", wrong, "rocket", "misc")
     rows.append({"uri": str(img_dir / "gone" / "deleted.jpg"), **dict(zip(RANKS, LABELS["chelsea"])),
                  "source": "eol", "license": "cc-by"})

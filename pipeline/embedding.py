@@ -29,7 +29,7 @@ import ray
 from manifests import io as mio
 from pipeline import joins
 from pipeline.joins import resolve_ref
-from pipeline.config import ConfigError, PipelineConfig
+from manifests.config import ConfigError, PipelineConfig
 from stages import embed as emb
 from stages.backbones import BackboneError, locate_weights, resolve_spec, weights_identity
 

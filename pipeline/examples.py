@@ -13,7 +13,7 @@ import pyarrow as pa
 import ray
 
 from pipeline import embedding
-from pipeline.config import ConfigError, PipelineConfig
+from manifests.config import ConfigError, PipelineConfig
 from stages import embed as emb
 from stages import ingest
 from stages.kernels import examples as kx

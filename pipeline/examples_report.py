@@ -31,7 +31,7 @@ import pyarrow.dataset as pads
 
 from manifests import io as mio
 from pipeline import thumbs
-from pipeline.config import ConfigError, PipelineConfig, load_config
+from manifests.config import ConfigError, PipelineConfig, load_config
 from stages.export import spreadsheet_safe
 from stages.kernels.examples import wilson
 from stages.kernels.hashing import seeded_rank

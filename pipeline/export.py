@@ -44,7 +44,7 @@ import ray
 
 from manifests import io as mio
 from pipeline import thumbs
-from pipeline.config import ConfigError, StorageConfig, ValidateConfig, load_config
+from manifests.config import ConfigError, StorageConfig, ValidateConfig, load_config
 from stages import export as sx
 from stages.kernels.hashing import seeded_rank
 

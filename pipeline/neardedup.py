@@ -30,10 +30,10 @@ import ray
 
 from manifests import io as mio
 from pipeline import joins
-from pipeline.config import TAXON_COLUMNS, ConfigError, PipelineConfig, resolve_column
-from stages import neardup as snd
+from manifests.config import TAXON_COLUMNS, ConfigError, PipelineConfig, resolve_column
+from stages import near_dedup as snd
 from stages.kernels import kmeans
-from stages.kernels import neardup as kn
+from stages.kernels import near_dedup as kn
 
 ROWS_PER_PARTITION = 2_000_000  # shuffle partitions of the perceptual band rows
 

@@ -26,7 +26,7 @@ import ray
 import manifests.schema as schema
 import stages.aesthetic
 import stages.backbones
-import stages.dedup
+import stages.exact_dedup
 import stages.deadline
 import stages.embed
 import stages.filters
@@ -36,10 +36,10 @@ import stages.listing as listing
 import stages.shards
 import stages.kernels.bloom
 import stages.kernels.examples
-import stages.kernels.exact
+import stages.kernels.exact_dedup
 import stages.kernels.kmeans
-import stages.kernels.neardup
-import stages.neardup
+import stages.kernels.near_dedup
+import stages.near_dedup
 import stages.sample
 import stages.kernels.sampling
 import stages.kernels.hashing
@@ -51,7 +51,7 @@ from manifests import io as mio
 from pipeline import __version__, catalog, embedding
 from pipeline import examples as bank_examples
 from pipeline import ids, joins, neardedup, refresh, sampling
-from pipeline.config import STAGES, PipelineConfig
+from manifests.config import STAGES, PipelineConfig
 from stages import ids as sids
 from stages.kernels.bloom import bloom_contains
 from stages.validate import ValidateStage
@@ -136,7 +136,7 @@ def stage_fingerprints(cfg: PipelineConfig, until: str, kind: str = "folder",
     if STAGES.index(until) >= STAGES.index("exact_dedup") and cfg.exact_dedup.enabled:
         fps["exact_dedup"] = fingerprint(
             {"exact_dedup": cfg.section("exact_dedup"), "seed": cfg.run.seed},
-            code_hash(stages.dedup, stages.kernels.exact),
+            code_hash(stages.exact_dedup, stages.kernels.exact_dedup),
             fps.get("catalog_join", fps["scan"]),
         )
     if STAGES.index(until) >= STAGES.index("filter"):
@@ -152,7 +152,7 @@ def stage_fingerprints(cfg: PipelineConfig, until: str, kind: str = "folder",
         fps["near_dedup"] = fingerprint({"near_dedup": cfg.section("near_dedup"), "seed": cfg.run.seed,
                                          "model": dedup_model, "references": references_fp,
                                          "refresh": refresh_fp},
-                                        code_hash(stages.neardup, stages.kernels.neardup, stages.kernels.kmeans,
+                                        code_hash(stages.near_dedup, stages.kernels.near_dedup, stages.kernels.kmeans,
                                                   neardedup),
                                         fps.get("filter", fps.get("exact_dedup", narrow_fp)) + embed_fp)
     if STAGES.index(until) >= STAGES.index("sample") and cfg.sample.active and plans:
@@ -488,7 +488,7 @@ def _sha_partition(batch: pa.Table, parts: int) -> pa.Table:
 
 
 def _exact_dedup_partition(batch: pa.Table, cfg, seed: int) -> pa.Table:
-    return stages.dedup.exact_dedup_batch(batch.drop_columns(["_xpart"]), cfg, seed)
+    return stages.exact_dedup.exact_dedup_batch(batch.drop_columns(["_xpart"]), cfg, seed)
 
 
 def with_embeddings(rd: "RunDir", narrow: ray.data.Dataset, plans: list, name: str) -> ray.data.Dataset:

@@ -27,7 +27,7 @@ import ray
 from manifests import io as mio
 from manifests.schema import VALIDATE_FIELDS, Stage
 from pipeline import joins
-from pipeline.config import ConfigError, PipelineConfig
+from manifests.config import ConfigError, PipelineConfig
 from stages import embed as emb
 
 FILL = [f.name for f in VALIDATE_FIELDS if f.name not in ("n_bytes", "sha256")] + ["stage", "reason", "detail"]

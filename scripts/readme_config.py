@@ -1,5 +1,5 @@
 """Rewrite the README's config reference from the config's own descriptions
-(``pipeline.config.describe_options``): run after changing an option."""
+(``manifests.config.describe_options``): run after changing an option."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from pipeline.config import describe_options  # noqa: E402
+from manifests.config import describe_options  # noqa: E402
 
 HEAD = "## Config reference\n"
 

@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from pipeline.config import ValidateConfig
+from manifests.config import ValidateConfig
 from stages.validate import ImageInfo, validate_image
 
 FORMATS = {"webp": ("webp", "WEBP"), "jpeg": ("jpg", "JPEG"), "png": ("png", "PNG")}

@@ -14,7 +14,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from manifests.schema import Reason, Stage
-from pipeline.config import QualityConfig
+from manifests.config import QualityConfig
 
 # (config field, score column, reject when the score is "below"/"above" the threshold, reason)
 CHECKS = (

@@ -19,7 +19,7 @@ import pyarrow as pa
 
 from manifests.io import filesystem
 from manifests.schema import BYTES, ID, URI, Reason, Stage, check_columns
-from pipeline.config import ConfigError, InputConfig, StorageConfig, ValidateConfig
+from manifests.config import ConfigError, InputConfig, StorageConfig, ValidateConfig
 from stages import listing
 from stages.kernels.hashing import stable_id
 from stages.listing import (  # noqa: F401 - the listing lives in stages.listing; re-exported for callers

@@ -16,7 +16,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 from manifests.io import filesystem, is_remote, join, to_uri, write_bytes_atomic
-from pipeline.config import StorageConfig
+from manifests.config import StorageConfig
 
 TAR_SUFFIXES = (".tar", ".tar.gz", ".tgz")
 TABLE_SUFFIXES = {".parquet": "parquet", ".csv": "csv", ".jsonl": "json", ".json": "json", ".ndjson": "json"}

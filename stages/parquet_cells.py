@@ -14,7 +14,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from manifests.io import filesystem
-from pipeline.config import StorageConfig
+from manifests.config import StorageConfig
 
 
 def coordinate_member(row_group: int, row: int) -> str:

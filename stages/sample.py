@@ -9,7 +9,7 @@ import pyarrow.compute as pc
 
 from manifests.schema import Reason, Stage
 from stages.filters import embedding_matrix
-from stages.kernels import neardup as kn
+from stages.kernels import near_dedup as kn
 from stages.kernels import sampling as ks
 from stages.kernels.hashing import seeded_rank
 
@@ -78,10 +78,8 @@ def leaf_counts(batch: pa.Table, k: int) -> pa.Table:
 def pick_rows(group: pa.Table, alloc: np.ndarray, eligible_counts: np.ndarray, pick: str,
               levels: int) -> pa.Table:
     """The decision of every row of a set of whole leaf clusters: ``_sampled`` and, for the
-    others, the detail of a ``not_sampled`` reject."""
-    from pipeline.embedding import resolve_ref
-
-    alloc, eligible_counts = resolve_ref(alloc), resolve_ref(eligible_counts)
+    others, the detail of a ``not_sampled`` reject. ``alloc``, ``eligible_counts``: per
+    leaf cluster (arrays; the plan resolves its object refs before the call)."""
     cols = level_columns(levels)
     if len(group) == 0:
         return pa.table({"id": pa.array([], pa.string()), **{c: pa.array([], pa.int32()) for c in cols},

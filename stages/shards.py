@@ -49,7 +49,7 @@ import pyarrow as pa
 
 from manifests.io import filesystem
 from manifests.schema import BYTES, ID, URI, Reason
-from pipeline.config import InputConfig, StorageConfig, ValidateConfig
+from manifests.config import InputConfig, StorageConfig, ValidateConfig
 from stages.ingest import SKIPPED, TransientReadError, classify_error, retry_delay, with_reject_columns
 from stages.listing import printable_name, raw_name
 

@@ -34,7 +34,7 @@ import simplejpeg
 from PIL import Image, ImageFile
 
 from manifests.schema import BYTES, REJECT_FIELDS, VALIDATE_FIELDS, Reason, Stage
-from pipeline.config import ValidateConfig
+from manifests.config import ValidateConfig
 from stages import decode_pool, webp
 from stages.deadline import DeadlineExceeded, deadline
 from stages.kernels.phash import phash64

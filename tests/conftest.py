@@ -19,22 +19,22 @@ os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "testing")
 os.environ.setdefault("AWS_DEFAULT_REGION", "us-east-1")
 os.environ.pop("AWS_PROFILE", None)
 
-from pipeline import samples  # noqa: E402
+from pipeline.testdata import images  # noqa: E402
 
 
 @pytest.fixture(scope="session")
 def photos():
-    return samples.photos()
+    return images.photos()
 
 
 @pytest.fixture(scope="session")
 def good(photos):
-    return samples.good_images(photos)
+    return images.good_images(photos)
 
 
 @pytest.fixture(scope="session")
 def hostile(photos):
-    return samples.hostile_images(photos)
+    return images.hostile_images(photos)
 
 
 def free_port() -> int:

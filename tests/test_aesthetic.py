@@ -85,8 +85,9 @@ def test_pipeline_aesthetic_score_and_threshold(tmp_path, ray_local, photos):
     from birder.model_registry import registry
 
     from manifests.io import read_committed_table
-    from pipeline import plan, samples
-    from pipeline.config import ConfigError, load_config
+    from pipeline import plan
+    from pipeline.testdata import images
+    from manifests.config import ConfigError, load_config
     from pipeline.embedding import aesthetic_active, model_plans
     from PIL import Image
     from stages.backbones import resolve_spec, save_birder_checkpoint
@@ -105,7 +106,7 @@ def test_pipeline_aesthetic_score_and_threshold(tmp_path, ray_local, photos):
     src.mkdir()
     names = ["astronaut", "coffee", "chelsea", "rocket", "china", "flower"]
     for n in names:
-        (src / f"{n}.jpg").write_bytes(samples.encode(Image.fromarray(photos[n]).convert("RGB"), "JPEG"))
+        (src / f"{n}.jpg").write_bytes(images.encode(Image.fromarray(photos[n]).convert("RGB"), "JPEG"))
     model = {"name": "clip_like", "network": "vit_t16", "size": 64, "dim": 768, "output": "head",
              "weights": str(tmp_path / "clip_like.pt")}
     base = {"input.path": str(src), "embed.models": [model], "aesthetic.head": "mlp",

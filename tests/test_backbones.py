@@ -78,7 +78,7 @@ def test_fast_path_input_matches_birders_reference_transform(photos):
 
     from birder.data.transforms.classification import inference_preset
 
-    from pipeline import samples
+    from pipeline.testdata import images
     from stages.backbones import IMAGENET_STATS, model_input
     from stages.validate import decode_jpeg_scaled
 
@@ -86,7 +86,7 @@ def test_fast_path_input_matches_birders_reference_transform(photos):
     reference = inference_preset((224, 224), {"mean": IMAGENET_STATS[0], "std": IMAGENET_STATS[1]})
     for name in ("astronaut", "coffee", "chelsea", "china", "flower"):
         big = Image.fromarray(photos[name]).resize((1600, 1100), Image.Resampling.LANCZOS)
-        data = samples.encode(big, "JPEG", quality=92)
+        data = images.encode(big, "JPEG", quality=92)
         decoded = decode_jpeg_scaled(data, Image.open(io.BytesIO(data)), 224)
         assert decoded is not None and min(decoded.shape[:2]) < 1100  # DCT-scaled, not a full decode
         fast = bb(torch.from_numpy(model_input(decoded, 224).copy())[None])

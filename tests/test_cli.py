@@ -131,7 +131,7 @@ def test_catalog_key_missing_from_the_input(tmp_path):
 
 
 def test_shipped_configs_validate_and_readme_reference_is_current():
-    from pipeline.config import describe_options, load_config
+    from manifests.config import describe_options, load_config
 
     for name in ("demo.yaml", "example.yaml", "tol10m.yaml", "tol200m.yaml"):
         cfg = load_config(str(ROOT / "configs" / name))

@@ -17,8 +17,8 @@ import pyarrow as pa
 from PIL import Image
 
 from manifests.schema import BYTES, Reason
-from pipeline import hostile, samples
-from pipeline.config import ValidateConfig
+from pipeline.testdata import hostile, images
+from manifests.config import ValidateConfig
 from stages import decode_pool, webp
 from stages.ingest import with_reject_columns
 from stages.validate import (decode_webp_reduced, jpeg_scans, reduce_image, to_rgb, validate_batch_decodes,
@@ -47,9 +47,9 @@ def _with_thumbnail(jpeg: bytes, thumb: bytes) -> bytes:
 
 def test_scan_bomb_is_rejected_before_decoding_and_the_batch_completes(good, photos):
     bomb = hostile.progressive_jpeg(4096, 4096, 883)  # ~110 KB; 5-9 s of libjpeg without the bound
-    progressive = samples.encode(Image.fromarray(photos["china"]), "JPEG", quality=90, progressive=True)
+    progressive = images.encode(Image.fromarray(photos["china"]), "JPEG", quality=90, progressive=True)
     assert jpeg_scans(bomb) == 883 and jpeg_scans(progressive) == 10
-    thumb = samples.encode(Image.fromarray(photos["rocket"]).resize((160, 120)), "JPEG")
+    thumb = images.encode(Image.fromarray(photos["rocket"]).resize((160, 120)), "JPEG")
     assert jpeg_scans(_with_thumbnail(progressive, thumb)) == 10  # the thumbnail's scan is not counted
     out, decodes = validate_batch_decodes(_table([good["astronaut.jpg"], bomb, progressive, good["coffee.png"]]),
                                           ValidateConfig(), cover=224)
@@ -136,8 +136,8 @@ def test_16bit_png_is_converted_without_float64_temporaries():
 
 def test_kept_decode_is_reduced_to_what_the_models_need(photos):
     big = Image.fromarray(photos["coffee"]).resize((4000, 3000), Image.Resampling.BILINEAR)
-    png = samples.encode(big, "PNG", compress_level=1)
-    rgba = samples.encode(big.convert("RGBA").resize((2400, 1800)), "PNG", compress_level=1)
+    png = images.encode(big, "PNG", compress_level=1)
+    rgba = images.encode(big.convert("RGBA").resize((2400, 1800)), "PNG", compress_level=1)
     for cfg in (ValidateConfig(), IN_PROCESS):  # in the child (12 MP PNG) and in this process
         out, decodes = validate_batch_decodes(_table([png, rgba]), cfg, cover=224)
         assert out.column("reason").to_pylist() == [None, None]
@@ -150,7 +150,7 @@ def test_kept_decode_is_reduced_to_what_the_models_need(photos):
 
 _PARENT = """
 import os, sys
-from pipeline.config import ValidateConfig
+from manifests.config import ValidateConfig
 from stages import decode_pool
 from stages.validate import validate_image
 data = open(sys.argv[1], "rb").read()
@@ -192,9 +192,9 @@ def test_webp_decoded_scaled_matches_the_full_decode_reduced(photos):
     big = Image.fromarray(photos["coffee"]).resize((2400, 1600), Image.Resampling.BICUBIC)
     alpha = big.convert("RGBA")
     alpha.putalpha(Image.fromarray(np.tile(np.linspace(0, 255, 2400, dtype=np.uint8), (1600, 1))))
-    cases = [(samples.encode(big, "WEBP", lossless=True, quality=0, method=0), 1.0, 0.2),
-             (samples.encode(alpha, "WEBP", lossless=True, quality=0, method=0), 1.0, 0.2),
-             (samples.encode(big, "WEBP", quality=80), 40.0, 1.5)]  # lossy: libwebp scales in YUV
+    cases = [(images.encode(big, "WEBP", lossless=True, quality=0, method=0), 1.0, 0.2),
+             (images.encode(alpha, "WEBP", lossless=True, quality=0, method=0), 1.0, 0.2),
+             (images.encode(big, "WEBP", quality=80), 40.0, 1.5)]  # lossy: libwebp scales in YUV
     for data, max_diff, mean_diff in cases:
         assert webp.features(data)[:2] == (2400, 1600)
         got = decode_webp_reduced(data, 448)  # 1600 // 448 = 3: 533 x 800 (the last partial box dropped)
@@ -234,10 +234,10 @@ def test_lossless_webp_decode_peaks_near_libwebps_own_plane(tmp_path):
 
 def test_animated_webp_keeps_its_first_frame_and_a_truncated_one_is_rejected(photos):
     first, second = Image.new("RGB", (1200, 900), (200, 30, 40)), Image.new("RGB", (1200, 900), (10, 220, 90))
-    animated = samples.encode(first, "WEBP", save_all=True, append_images=[second], lossless=True, duration=100)
+    animated = images.encode(first, "WEBP", save_all=True, append_images=[second], lossless=True, duration=100)
     assert webp.features(animated)[3]  # animated: libwebp's still decoder refuses it, OpenCV decodes frame 0
     got = decode_webp_reduced(animated, 448)
     assert got.shape == (450, 600, 3) and np.abs(got.astype(int) - (200, 30, 40)).max() <= 1
-    still = samples.encode(Image.fromarray(photos["chelsea"]), "WEBP", lossless=True)
+    still = images.encode(Image.fromarray(photos["chelsea"]), "WEBP", lossless=True)
     assert decode_webp_reduced(hostile.truncated(still), 128) is None
     assert validate_image(hostile.truncated(still), IN_PROCESS).reason == Reason.CORRUPT

@@ -40,7 +40,7 @@ def measured():
 
 @pytest.mark.slow  # 585 MobileNetV2 forwards on the CPU: about 1-2 min on 2 cores
 def test_default_threshold_merges_no_distinct_photos(measured):
-    from stages.neardup import DEFAULT_THRESHOLDS
+    from stages.near_dedup import DEFAULT_THRESHOLDS
 
     t = DEFAULT_THRESHOLDS[dc.MODEL]
     c, ham, pairs, s, sf = measured
@@ -59,7 +59,7 @@ def test_default_threshold_merges_no_distinct_photos(measured):
 
 @pytest.mark.slow
 def test_default_threshold_finds_edited_copies(measured):
-    from stages.neardup import DEFAULT_THRESHOLDS
+    from stages.near_dedup import DEFAULT_THRESHOLDS
 
     t = DEFAULT_THRESHOLDS[dc.MODEL]
     c, ham, pairs, s, sf = measured

@@ -18,8 +18,8 @@ from PIL import Image
 
 from manifests import io as mio
 from pipeline import dedup_report as dr
-from pipeline.config import ConfigError, load_config
-from stages.kernels import neardup as kn
+from manifests.config import ConfigError, load_config
+from stages.kernels import near_dedup as kn
 from stages.kernels.examples import wilson
 
 # --------------------------------------------------------------------------- pure parts

@@ -14,7 +14,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from manifests.io import filesystem
-from pipeline.config import ConfigError, InputConfig, StorageConfig
+from manifests.config import ConfigError, InputConfig, StorageConfig
 from pipeline.run import main
 from stages import ingest, listing
 

@@ -9,8 +9,8 @@ import pytest
 import torch
 from PIL import Image
 
-from pipeline import samples
-from pipeline.config import ConfigError, ValidateConfig, load_config
+from pipeline.testdata import images
+from manifests.config import ConfigError, ValidateConfig, load_config
 from stages import embed as emb
 from stages.backbones import BackboneError, load_backbone, model_input, resolve_spec, save_birder_checkpoint, spec
 from stages.validate import validate_batch_decodes, validate_image
@@ -32,7 +32,7 @@ def _validated(good, n):
 
 def test_validate_decode_covers_the_largest_model_input(photos):
     big = Image.fromarray(photos["chelsea"]).resize((1600, 1200), Image.Resampling.LANCZOS)
-    data = samples.encode(big, "JPEG", quality=90)
+    data = images.encode(big, "JPEG", quality=90)
     cfg = ValidateConfig()
     info = validate_image(data, cfg, cover=336)
     assert min(info.decoded.shape[:2]) >= 336 and min(info.decoded.shape[:2]) < 1200  # DCT-scaled, covers 336

@@ -14,8 +14,9 @@ import torch
 from PIL import Image
 
 from manifests.io import filesystem, read_committed_table
-from pipeline import embedding, plan, samples
-from pipeline.config import ConfigError, StorageConfig, ValidateConfig, load_config
+from pipeline import embedding, plan
+from pipeline.testdata import images
+from manifests.config import ConfigError, StorageConfig, ValidateConfig, load_config
 from stages.backbones import (IMAGENET_STATS, _packaged_mobilenet, load_backbone, model_input, resolve_spec,
                               save_birder_checkpoint)
 from stages.validate import validate_image
@@ -30,7 +31,7 @@ def jpeg_corpus(root, photos, names, size=(900, 640)):
     files = {}
     for n in names:
         img = Image.fromarray(photos[n]).convert("RGB").resize(size, Image.Resampling.LANCZOS)
-        files[f"{n}.jpg"] = samples.encode(img, "JPEG", quality=90)
+        files[f"{n}.jpg"] = images.encode(img, "JPEG", quality=90)
     for rel, data in files.items():
         (root / rel).write_bytes(data)
     return files

@@ -11,7 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
-from pipeline import samples
+from pipeline.testdata import images
 from stages.kernels import examples as kx
 from stages.kernels.examples import (cross_validate, distance_threshold, fit_probe, loo_min_distance,
                                      min_cosine_distance, probability_threshold, wilson)
@@ -111,7 +111,7 @@ def real():
     """Embeddings (the real ImageNet MobileNetV2) of real photographs and rendered
     non-natural images, split into example banks and held-out sets:
 
-    * photos: the 65 packaged photos (``samples.photo_bank``, six sources), split *by
+    * photos: the 65 packaged photos (``images.photo_bank``, six sources), split *by
       photo* -- 20% of each source's photos to the bank (two random crops of each: 24
       natural examples from 12 photos), the rest held out (the whole photo and one crop);
     * unwanted: seven rendered kinds (charts, text pages, maps, drawings, screenshots,
@@ -126,7 +126,7 @@ def real():
     measures on a larger held-out set, with 20% of the data in the bank)."""
     import skimage.data as sd
 
-    from pipeline import nonnatural
+    from pipeline.testdata import renders
     from stages.backbones import load_backbone, model_input
 
     bb = load_backbone("mobilenet_v2_imagenet")
@@ -136,23 +136,23 @@ def real():
         with torch.no_grad():
             return bb(x).numpy()
 
-    photos = samples.photo_bank()
+    photos = images.photo_bank()
     rng = np.random.default_rng(0)
     names = sorted(photos)
     in_bank = set()
-    for src in sorted({samples.photo_source(n) for n in names}):
-        mine = [n for n in names if samples.photo_source(n) == src]
+    for src in sorted({images.photo_source(n) for n in names}):
+        mine = [n for n in names if images.photo_source(n) == src]
         in_bank |= set(rng.choice(mine, int(round(0.2 * len(mine))), replace=False).tolist())
     held_names = [n for n in names if n not in in_bank]
-    bank_nat = [c for i, n in enumerate(sorted(in_bank)) for c in samples.crops(photos[n], 2, 100 + i)]
-    held_imgs = [v for i, n in enumerate(held_names) for v in (photos[n], *samples.crops(photos[n], 1, 500 + i))]
+    bank_nat = [c for i, n in enumerate(sorted(in_bank)) for c in images.crops(photos[n], 2, 100 + i)]
+    held_imgs = [v for i, n in enumerate(held_names) for v in (photos[n], *images.crops(photos[n], 1, 500 + i))]
     held_of = [n for n in held_names for _ in range(2)]
-    rendered = {c: emb([nonnatural.render(c, s) for s in range(20)]) for c in CATEGORIES}
+    rendered = {c: emb([renders.render(c, s) for s in range(20)]) for c in CATEGORIES}
     unwanted_bank = {c: v[:12] for c, v in rendered.items()}
     held = {c: v[12:] for c, v in rendered.items()}
     held["natural"] = emb(held_imgs)
     scans = {"text": emb([sd.page(), sd.text()]), "drawing": emb([(~sd.horse()).astype(np.uint8) * 255])}
-    narrow = [c for i, n in enumerate(NARROW_PHOTOS) for c in samples.crops(photos[n], 3, i)]
+    narrow = [c for i, n in enumerate(NARROW_PHOTOS) for c in images.crops(photos[n], 3, i)]
     narrow += [_rgb(np.asarray(Image.fromarray(c).convert("L"))) for c in narrow[::2]]
     not_narrow = np.array([n not in NARROW_PHOTOS for n in held_of])
     return {"realistic": {"natural": emb(bank_nat), **unwanted_bank}, "narrow": {"natural": emb(narrow), **unwanted_bank},
@@ -161,7 +161,7 @@ def real():
 
 
 def _config(tmp_path, **over):
-    from pipeline.config import load_config
+    from manifests.config import load_config
 
     return load_config(None, {"input.path": str(tmp_path), "output": str(tmp_path / "o"),
                               "examples.path": str(tmp_path / "bank"), "embed.models": [{"name": "mobilenet_v2_imagenet"}],
@@ -280,19 +280,19 @@ def test_pipeline_rejects_nonnatural_by_example(tmp_path, ray_local, photos):
     import skimage.data as sd
 
     from pipeline import plan
-    from pipeline.config import load_config
+    from manifests.config import load_config
     from tests.test_pipeline import check_invariant
 
     def save(path, a):
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_bytes(samples.encode(Image.fromarray(_rgb(a)), "PNG" if path.suffix == ".png" else "JPEG"))
+        path.write_bytes(images.encode(Image.fromarray(_rgb(a)), "PNG" if path.suffix == ".png" else "JPEG"))
 
     bank = tmp_path / "examples"
     for s in range(12):
-        save(bank / "chart" / f"c{s}.png", samples.chart_image(s))
-        save(bank / "text" / f"t{s}.png", samples.text_page(s))
-    natural = [c for i, n in enumerate(["chelsea", "coffee", "china", "rocket"]) for c in samples.crops(photos[n], 3, i)]
-    natural += [c for c in samples.crops(sd.coins(), 3, 9)]
+        save(bank / "chart" / f"c{s}.png", images.chart_image(s))
+        save(bank / "text" / f"t{s}.png", images.text_page(s))
+    natural = [c for i, n in enumerate(["chelsea", "coffee", "china", "rocket"]) for c in images.crops(photos[n], 3, i)]
+    natural += [c for c in images.crops(sd.coins(), 3, 9)]
     for i, c in enumerate(natural):
         save(bank / "natural" / f"n{i}.jpg", c)
         if i % 2 == 0:  # gray copies too (see test_both_methods_on_held_out_real_images)
@@ -305,9 +305,9 @@ def test_pipeline_rejects_nonnatural_by_example(tmp_path, ray_local, photos):
         save(corpus / f"{name}.jpg", a)
         expect[f"{name}.jpg"] = None
     for s in range(100, 104):
-        save(corpus / f"chart{s}.png", samples.chart_image(s))
+        save(corpus / f"chart{s}.png", images.chart_image(s))
         expect[f"chart{s}.png"] = "chart"
-        save(corpus / f"page{s}.png", samples.text_page(s))
+        save(corpus / f"page{s}.png", images.text_page(s))
         expect[f"page{s}.png"] = "text"
     out = tmp_path / "run"
     overrides = {"input.path": str(corpus), "output": str(out), "examples.path": str(bank),
@@ -405,7 +405,7 @@ def check_examples_report(out, corpus, expect, got, false_rejections):
 
 
 def test_bank_as_a_uri_category_table(tmp_path):
-    from pipeline.config import ConfigError, load_config
+    from manifests.config import ConfigError, load_config
     from pipeline.examples import bank_rows
 
     (tmp_path / "b").mkdir()

@@ -20,7 +20,7 @@ import pytest
 
 from manifests.schema import Reason
 from pipeline import plan, thumbs
-from pipeline.config import load_config
+from manifests.config import load_config
 from stages import ids, ingest
 from stages import select as sel
 from stages.kernels.hashing import stable_id
@@ -113,7 +113,7 @@ def test_manifest_rows_reject_other_protocols_before_any_fetch():
 
 
 def ingest_storage():
-    from pipeline.config import StorageConfig
+    from manifests.config import StorageConfig
 
     return StorageConfig(max_retries=0)
 
@@ -206,7 +206,7 @@ def test_parquet_null_none_and_repeated_keys_and_a_catalog_key_twice(tmp_path, r
 
 
 def test_input_paths_that_overlap_are_refused():
-    from pipeline.config import ConfigError
+    from manifests.config import ConfigError
 
     with pytest.raises(ConfigError, match="overlap"):
         load_config(None, {"input.path": ["/data/photos", "/data/photos/birds"], "output": "/tmp/x"})
@@ -223,7 +223,7 @@ def test_fetch_refuses_other_protocols_whoever_asks(http_server):
 
 
 def test_input_paths_that_overlap_in_another_spelling_are_refused(tmp_path, monkeypatch):
-    from pipeline.config import ConfigError
+    from manifests.config import ConfigError
 
     monkeypatch.chdir(tmp_path)
     for paths in (["data", "./data"], [str(tmp_path / "data"), "data/birds"], ["s3://b/p", "s3a://b/p/q"],

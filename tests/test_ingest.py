@@ -12,7 +12,7 @@ from fsspec.implementations.memory import MemoryFileSystem
 
 from manifests.io import filesystem
 from manifests.schema import BYTES, Reason
-from pipeline.config import InputConfig, StorageConfig
+from manifests.config import InputConfig, StorageConfig
 from stages import ingest
 
 FAST = StorageConfig(retry_base_s=0.001, max_retries=3, allowed_protocols=["flaky"])

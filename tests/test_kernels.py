@@ -3,7 +3,7 @@
 import numpy as np
 from PIL import Image
 
-from stages.kernels.exact import resolve_exact_duplicates
+from stages.kernels.exact_dedup import resolve_exact_duplicates
 from stages.kernels.hashing import seeded_rank, stable_id
 from stages.kernels.phash import hamming64, phash64
 

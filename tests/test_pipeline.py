@@ -15,8 +15,9 @@ import pytest
 
 from manifests.io import filesystem, is_committed, read_committed_table
 from manifests.schema import BYTES, Reason
-from pipeline import plan, samples
-from pipeline.config import StorageConfig, load_config
+from pipeline import plan
+from pipeline.testdata import images
+from manifests.config import StorageConfig, load_config
 
 pytestmark = pytest.mark.slow
 
@@ -55,10 +56,10 @@ def folder_corpus(root, good, hostile):
         files[["", "a/", "a/b/"][i % 3] + name] = data
     for name, (data, _) in hostile.items():
         files["c/" + name] = data
-    wrong_name, wrong = samples.wrong_extension()
+    wrong_name, wrong = images.wrong_extension()
     files["c/" + wrong_name] = wrong
     files["c/astronaut_copy.jpg"] = good["astronaut.jpg"]  # exact duplicate
-    placeholder = samples.encode(samples.Image.new("RGB", (200, 150), (128, 128, 128)), "PNG")
+    placeholder = images.encode(images.Image.new("RGB", (200, 150), (128, 128, 128)), "PNG")
     for i in range(3):
         files[f"a/unavailable_{i}.png"] = placeholder
     for rel, data in files.items():

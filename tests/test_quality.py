@@ -54,23 +54,24 @@ def test_letterbox_bars_are_measured(photos):
 
 @pytest.mark.slow
 def test_filter_stage_rejects_by_quality_with_scores_and_thresholds(tmp_path, ray_local, photos):
-    from pipeline import plan, samples
-    from pipeline.config import load_config
+    from pipeline import plan
+    from pipeline.testdata import images
+    from manifests.config import load_config
     from tests.test_pipeline import check_invariant
 
     src = tmp_path / "in"
     src.mkdir()
     files = {}
     for name in ("astronaut", "coffee", "chelsea", "rocket"):
-        files[f"{name}.jpg"] = samples.encode(Image.fromarray(photos[name]).convert("RGB"), "JPEG", quality=92)
+        files[f"{name}.jpg"] = images.encode(Image.fromarray(photos[name]).convert("RGB"), "JPEG", quality=92)
     rocket = Image.fromarray(photos["rocket"]).convert("RGB")
-    files["rocket_blurred.jpg"] = samples.encode(rocket.filter(ImageFilter.GaussianBlur(4)), "JPEG", quality=92)
-    files["gray.png"] = samples.encode(Image.new("RGB", (320, 240), (90, 90, 90)), "PNG")
+    files["rocket_blurred.jpg"] = images.encode(rocket.filter(ImageFilter.GaussianBlur(4)), "JPEG", quality=92)
+    files["gray.png"] = images.encode(Image.new("RGB", (320, 240), (90, 90, 90)), "PNG")
     frame = np.zeros((480, 640, 3), np.uint8)
     frame[80:400] = np.asarray(Image.fromarray(photos["chelsea"]).convert("RGB").resize((640, 320)))
-    files["chelsea_letterbox.png"] = samples.encode(Image.fromarray(frame), "PNG")
+    files["chelsea_letterbox.png"] = images.encode(Image.fromarray(frame), "PNG")
     chelsea = Image.fromarray(photos["chelsea"]).convert("RGB")
-    files["chelsea_blown.jpg"] = samples.encode(ImageEnhance.Brightness(chelsea).enhance(3.0), "JPEG", quality=92)
+    files["chelsea_blown.jpg"] = images.encode(ImageEnhance.Brightness(chelsea).enhance(3.0), "JPEG", quality=92)
     for rel, data in files.items():
         (src / rel).write_bytes(data)
     out = tmp_path / "run"

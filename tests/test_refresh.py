@@ -26,8 +26,9 @@ import pytest
 import yaml
 
 from manifests.io import read_committed_table
-from pipeline import plan, samples
-from pipeline.config import load_config
+from pipeline import plan
+from pipeline.testdata import images
+from manifests.config import load_config
 from tests.test_pipeline import check_invariant
 
 pytestmark = pytest.mark.slow
@@ -44,7 +45,7 @@ def _views(source: dict, counts: dict, seed0: int) -> dict[str, bytes]:
     out = {}
     for i, (name, c) in enumerate(counts.items()):
         for j, im in enumerate(_crops(source[name], c, seed=seed0 + i)):
-            out[f"{name}_{j:02d}"] = samples.encode(im, "JPEG", quality=90)
+            out[f"{name}_{j:02d}"] = images.encode(im, "JPEG", quality=90)
     return out
 
 
@@ -71,17 +72,17 @@ def corpus(tmp_path_factory, photos):
     root = tmp_path_factory.mktemp("refresh")
     source = {**photos, "coins": sd.coins(), "moon": sd.moon()}
     v1 = _views(source, SPECIES, 0)
-    hostile = samples.hostile_images(photos)
+    hostile = images.hostile_images(photos)
     v1["broken_truncated"] = hostile["truncated.jpg"][0]
     v1["broken_tiny"] = hostile["one_pixel.png"][0]
     v1["astronaut_copy"] = v1["astronaut_01"]
     v2 = {k: v for k, v in v1.items() if k not in REMOVED}
     new = _views(source, {"chelsea": 2, "coffee": 2}, 100)
     v2.update({f"new{k}": v for k, v in new.items()})
-    edits = samples.edited_copies(np.asarray(Image.open(__import__("io").BytesIO(v1["coffee_02"]))))
-    v2["editcoffee_q30"] = samples.encode(edits["q30"], "JPEG", quality=90)
-    edits = samples.edited_copies(np.asarray(Image.open(__import__("io").BytesIO(v1["chelsea_01"]))))
-    v2["editchelsea_bright"] = samples.encode(edits["bright"], "JPEG", quality=90)
+    edits = images.edited_copies(np.asarray(Image.open(__import__("io").BytesIO(v1["coffee_02"]))))
+    v2["editcoffee_q30"] = images.encode(edits["q30"], "JPEG", quality=90)
+    edits = images.edited_copies(np.asarray(Image.open(__import__("io").BytesIO(v1["chelsea_01"]))))
+    v2["editchelsea_bright"] = images.encode(edits["bright"], "JPEG", quality=90)
     uris1 = _write_manifest(root / "img", v1, root / "v1.csv")
     uris2 = _write_manifest(root / "img", v2, root / "v2.csv")
     # select.where drops the moon views: unselected rows are not part of the subset

@@ -179,8 +179,8 @@ def test_pipeline_balanced_sample_of_long_tailed_real_photos(tmp_path, ray_local
     import pyarrow.csv as pacsv
 
     from pipeline import plan
-    from pipeline.config import load_config
-    from pipeline.samples import encode
+    from manifests.config import load_config
+    from pipeline.testdata.images import encode
     from tests.test_pipeline import check_invariant
 
     counts = {"astronaut": 30, "coffee": 16, "chelsea": 9, "rocket": 6, "camera": 4, "coins": 2, "moon": 1}

@@ -15,7 +15,7 @@ import pytest
 from fsspec.implementations.local import LocalFileSystem
 
 from pipeline import plan
-from pipeline.config import load_config
+from manifests.config import load_config
 from stages.kernels.hashing import seeded_rank, stable_id
 from tests.test_pipeline import check_invariant, tables
 from tests.test_select import tol_catalog
@@ -67,10 +67,10 @@ def test_manifest_selection_before_any_fetch(tmp_path, ray_local, good):
 def samples_variant(good, i):
     from PIL import Image
 
-    from pipeline import samples
+    from pipeline.testdata import images
 
     img = Image.open(io.BytesIO(image_bytes(good, i))).convert("RGB")
-    return samples.encode(img.rotate(i % 7), "JPEG", quality=80)
+    return images.encode(img.rotate(i % 7), "JPEG", quality=80)
 
 
 def test_webdataset_with_catalog_join(tmp_path, ray_local, good):
@@ -180,7 +180,7 @@ def test_parquet_image_bytes_read_only_for_selected_row_groups(tmp_path, good):
     """The I/O bound of the selection, counted by a wrapping filesystem (no Ray)."""
     import fsspec
 
-    from pipeline.config import StorageConfig
+    from manifests.config import StorageConfig
     from stages import ingest
     from stages.kernels.select import predicate_mask
 

@@ -1,6 +1,6 @@
 """Webdataset shards that try to break the run: gzip bombs, huge sidecars, names that are
 not UTF-8, repeated names, a connection reset mid-shard, members cut off; objects and
-parquet cells over max_bytes. All built on the fly (pipeline.hostile), read for real."""
+parquet cells over max_bytes. All built on the fly (pipeline.testdata.hostile), read for real."""
 
 from __future__ import annotations
 
@@ -19,8 +19,8 @@ import pytest
 from fsspec.implementations.memory import MemoryFileSystem
 
 from manifests.schema import BYTES
-from pipeline import hostile
-from pipeline.config import StorageConfig
+from pipeline.testdata import hostile
+from manifests.config import StorageConfig
 from stages import ingest, shards
 from stages.kernels.hashing import stable_id
 

@@ -9,13 +9,14 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image
 
-from pipeline import samples, thumbs
-from pipeline.config import StorageConfig
+from pipeline import thumbs
+from pipeline.testdata import images
+from manifests.config import StorageConfig
 
 
 def test_fetch_many_across_source_kinds(tmp_path, photos):
-    jpg = samples.encode(Image.fromarray(photos["chelsea"]), "JPEG", quality=90)
-    png = samples.encode(Image.fromarray(photos["coffee"]), "PNG")
+    jpg = images.encode(Image.fromarray(photos["chelsea"]), "JPEG", quality=90)
+    png = images.encode(Image.fromarray(photos["coffee"]), "PNG")
     (tmp_path / "a.jpg").write_bytes(jpg)
     shard = tmp_path / "s.tar"
     with tarfile.open(shard, "w") as tar:

@@ -10,8 +10,8 @@ import pytest
 from PIL import Image, ImageFile
 
 from manifests.schema import BYTES, Reason
-from pipeline import samples
-from pipeline.config import ValidateConfig
+from pipeline.testdata import images
+from manifests.config import ValidateConfig
 from stages.deadline import DeadlineExceeded, deadline
 from stages.ingest import with_reject_columns
 from stages.validate import validate_batch, validate_image
@@ -42,7 +42,7 @@ def test_formats_and_modes_are_sniffed_from_content(good):
         assert (info.format, info.mode) == (fmt, mode), name
     info = validate_image(good["astronaut_i16.png"], CFG)
     assert info.mode.startswith("I")
-    name, data = samples.wrong_extension()
+    name, data = images.wrong_extension()
     assert validate_image(data, CFG).format == "PNG"
 
 
@@ -57,7 +57,7 @@ def test_hostile_files_are_rejected_with_reason(hostile, name):
 
 def test_truncation_is_detected_with_draft_decoding(photos):
     big = Image.fromarray(photos["china"]).resize((2400, 1600), Image.Resampling.LANCZOS)
-    data = samples.encode(big, "JPEG", quality=90)
+    data = images.encode(big, "JPEG", quality=90)
     ok = validate_image(data, CFG)
     assert ok.reason is None and ok.image.shape[0] == 256 and (ok.width, ok.height) == (2400, 1600)
     for frac in (0.3, 0.6, 0.9):
@@ -66,7 +66,7 @@ def test_truncation_is_detected_with_draft_decoding(photos):
 
 def test_exif_orientation_is_applied(photos):
     src = Image.fromarray(photos["astronaut"]).resize((400, 200))
-    info = validate_image(samples.with_exif_orientation(src, 6), CFG)
+    info = validate_image(images.with_exif_orientation(src, 6), CFG)
     assert info.reason is None and info.exif_orientation == 6
     assert (info.width, info.height) == (200, 400)  # displayed size
     expected = np.asarray(src.transpose(Image.Transpose.ROTATE_270).resize(_wh(info.image)), dtype=float)
@@ -138,7 +138,7 @@ def _slow_png() -> bytes:
     # 48 MP of smooth gradient: small file, ~1 s of decode, under the default pixel cap.
     y, x = np.mgrid[0:6000, 0:8000]
     arr = np.stack([(x // 32) % 256, (y // 24) % 256, ((x + y) // 56) % 256], axis=-1).astype(np.uint8)
-    return samples.encode(Image.fromarray(arr), "PNG", compress_level=1)
+    return images.encode(Image.fromarray(arr), "PNG", compress_level=1)
 
 
 def test_slow_file_is_rejected_in_time_and_the_batch_completes(good):
@@ -174,7 +174,7 @@ def test_fast_jpeg_path_matches_a_full_decode(photos):
     from stages.validate import decode_jpeg_scaled
 
     src = Image.fromarray(photos["china"]).resize((1600, 1068), Image.Resampling.LANCZOS)
-    data = samples.encode(src, "JPEG", quality=92)
+    data = images.encode(src, "JPEG", quality=92)
     img = Image.open(io.BytesIO(data))
     assert decode_jpeg_scaled(data, img, 256) is not None  # libjpeg-turbo DCT-scaled path taken
     info = validate_image(data, CFG)
@@ -188,10 +188,10 @@ def test_fast_jpeg_path_matches_a_full_decode(photos):
 def test_harmless_libjpeg_warning_falls_back_to_pillow_and_passes(photos):
     from stages.validate import decode_jpeg_scaled
 
-    data = samples.encode(Image.fromarray(photos["coffee"]), "JPEG", quality=90)
+    data = images.encode(Image.fromarray(photos["coffee"]), "JPEG", quality=90)
     at = data.index(b"\xff\xdb")  # first quantization table
     odd = data[:at] + b"\x00\x00" + data[at:]  # libjpeg: "2 extraneous bytes before marker 0xdb"
     assert decode_jpeg_scaled(odd, Image.open(io.BytesIO(odd)), 256) is None  # strict decoder refuses
     assert validate_image(odd, CFG).reason is None  # Pillow accepts it, as a viewer would
-    cmyk = samples.encode(Image.fromarray(photos["flower"]).convert("CMYK"), "JPEG")
+    cmyk = images.encode(Image.fromarray(photos["flower"]).convert("CMYK"), "JPEG")
     assert decode_jpeg_scaled(cmyk, Image.open(io.BytesIO(cmyk)), 256) is None  # CMYK: Pillow path

@@ -1,5 +1,5 @@
 """Near-duplicate removal, per-batch and per-group functions (Arrow in, Arrow out) that
-``pipeline.neardedup`` runs on Ray Data; the algorithms are in ``stages.kernels.neardup``.
+``pipeline.neardedup`` runs on Ray Data; the algorithms are in ``stages.kernels.near_dedup``.
 
 Node names in the pair graph are ``_key`` = uint64 hash of the row id."""
 
@@ -13,7 +13,7 @@ import pyarrow.compute as pc
 
 from manifests.schema import Reason, Stage
 from stages.filters import embedding_matrix
-from stages.kernels import neardup as kn
+from stages.kernels import near_dedup as kn
 from stages.kernels.hashing import seeded_rank
 
 # Default semantic thresholds (cosine of centred, L2-normalized embeddings) per model.
@@ -59,7 +59,7 @@ def semantic_threshold(cfg) -> tuple[float | None, str | None]:
     why = (f"no semantic threshold for dedup model {model!r} (a species-level model puts different photos of one "
            "species close together): set near_dedup.threshold")
     if "dedup" in cfg.embed.roles:
-        from pipeline.config import ConfigError
+        from manifests.config import ConfigError
 
         raise ConfigError(f"near_dedup.threshold: {why.split(': set')[0]}; set it, or near_dedup.semantic: false")
     return None, why + " to match by embedding; perceptual matching only"

@@ -1,6 +1,6 @@
 """Rendered non-natural images for the non-natural filter's tests and measurements: maps,
 drawings, screenshots, slides and documents (charts and plain text pages are in
-``pipeline.samples``). Every renderer takes a seed and varies its layout, palette, size
+``pipeline.testdata.images``). Every renderer takes a seed and varies its layout, palette, size
 and style with it, so images of different seeds are different images of one kind (a
 held-out set drawn from other seeds is not a copy of the example bank). RGB uint8 arrays.
 No network, no files."""
@@ -409,11 +409,11 @@ RENDERERS = {"map": map_image, "drawing": drawing, "screenshot": screenshot, "sl
 
 
 def render(kind: str, seed: int) -> np.ndarray:
-    """One image of ``kind``: a key of ``RENDERERS``, or 'chart' / 'text' (``pipeline.samples``)."""
-    from pipeline import samples
+    """One image of ``kind``: a key of ``RENDERERS``, or 'chart' / 'text' (``pipeline.testdata.images``)."""
+    from pipeline.testdata import images
 
     if kind == "chart":
-        return samples.chart_image(seed)
+        return images.chart_image(seed)
     if kind == "text":
-        return samples.text_page(seed)
+        return images.text_page(seed)
     return RENDERERS[kind](seed)

@@ -11,6 +11,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from manifests.schema import Stage
+
 
 class ConfigError(ValueError):
     """A one-line, user-facing configuration error."""
@@ -514,7 +516,8 @@ class RefreshConfig(_Section):
                                   "stay stable) when its levels and model match, instead of fitting new ones.")
 
 
-STAGES = ("ingest", "validate", "embed", "exact_dedup", "filter", "near_dedup", "sample")
+# --until: every stage but select (select decides what ingest reads; it runs with ingest).
+STAGES = tuple(s.value for s in Stage if s is not Stage.SELECT)
 
 
 class PipelineConfig(_Section):

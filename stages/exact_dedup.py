@@ -11,8 +11,8 @@ import numpy as np
 import pyarrow as pa
 
 from manifests.schema import ID, Reason, Stage
-from pipeline.config import ExactDedupConfig
-from stages.kernels.exact import resolve_exact_duplicates
+from manifests.config import ExactDedupConfig
+from stages.kernels.exact_dedup import resolve_exact_duplicates
 from stages.kernels.hashing import seeded_rank
 
 
