@@ -1,5 +1,5 @@
 """Semantic near-duplicate search at 100k and 1M x 768 float16 embeddings, through the
-pipeline's distributed path (``pipeline.neardedup.semantic_pairs`` on local Ray Data):
+pipeline's distributed path (``pipeline.stages.near_dedup.semantic_pairs`` on local Ray Data):
 two-level k-means partitions fitted on a sample, calibrated multi-assignment, the copies
 written once grouped by bucket, bf16 screen + float32 check inside each comparison task.
 
@@ -121,7 +121,7 @@ def run_one(n: int, dim: int, threshold: float, seed: int, cfg, isotropic: bool 
             fraction: float = 0.05) -> dict:
     import ray
 
-    from pipeline.neardedup import semantic_pairs
+    from pipeline.stages.near_dedup import semantic_pairs
     from stages.kernels import near_dedup as kn
 
     x = clustered(n, dim, 2000, seed, isotropic=isotropic)

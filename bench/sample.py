@@ -3,7 +3,7 @@ the reference walkthrough uses) at the same settings on the same data, in one ru
 
 Both: levels 2,000 / 200 / 20, 10 iterations, cosine, k-means++ seeding, plain hierarchy
 (``method="centers"``: each level clusters the centroids below), seed 0.
-- biocurate: the pipeline's distributed path (``pipeline.sampling.fit_sample`` on local Ray
+- biocurate: the pipeline's distributed path (``pipeline.stages.sample.fit_sample`` on local Ray
   Data: a hash(seed, id) sample of ``--sample`` rows fitted in one Ray task, Lloyd steps in
   bfloat16 products; then every row assigned in ``map_batches`` actors).
 - pt-kmeans: ``hierarchical_kmeans`` on all rows in this process (float32, CPU), rows
@@ -42,7 +42,7 @@ def ours(x16: np.ndarray, levels: list[int], iters: int, sample: int, seed: int)
     import ray
 
     from manifests.config import load_config
-    from pipeline.sampling import fit_sample
+    from pipeline.stages.sample import fit_sample
     from stages import sample as ssa
 
     n, dim = x16.shape

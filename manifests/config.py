@@ -238,7 +238,7 @@ class NearDedupConfig(_Section):
         "image and about 4x the semantic comparisons).")
     report_margin: float = Field(
         0.1, ge=0, le=1, description="Semantic pairs this far below the threshold are kept (two per row) as near "
-        "misses in stages/near_dedup_pairs, for 'biocurate dedup-report'; 0: none.")
+        "misses in stages/near_dedup.pairs, for 'biocurate dedup-report'; 0: none.")
     decide_in_driver: int = Field(
         200_000, ge=0, description="Groups holding at most this many rows in all are decided in the driver; more "
         "are decided by tasks, each group whole inside one task.")

@@ -1,7 +1,7 @@
 """``biocurate dedup-report``: what near-duplicate removal did around its thresholds, and
 what to look at to pick them. Reads a finished run (``summary.json``, the committed
-``stages/near_dedup_pairs`` table, and for labelled pairs the manifests, the dedup model's
-embeddings and ``stages/near_dedup_centre``), never reruns a model, needs no Ray: one
+``stages/near_dedup.pairs`` table, and for labelled pairs the manifests, the dedup model's
+embeddings and ``stages/near_dedup.centre``), never reruns a model, needs no Ray: one
 streaming pass over the pairs table with bounded memory (histograms and a few pairs per
 side of the threshold), whatever the corpus size.
 
@@ -343,9 +343,9 @@ def _slug(name: str) -> str:  # stages.embed.slug (not imported: it imports torc
 
 def lookup_embeddings(fs, root: str, model: str, ids: set[str]) -> tuple[dict, str | None]:
     """id -> embedding (float32) of the dedup model for ``ids``; a note when the table is missing."""
-    path = mio.join(root, "stages", f"embed_{_slug(model)}")
+    path = mio.join(root, "stages", f"embed.{_slug(model)}")
     if not mio.is_committed(fs, path):
-        return {}, (f"no embeddings of {model} in the run (stages/embed_{_slug(model)}): labelled pairs scored by "
+        return {}, (f"no embeddings of {model} in the run (stages/embed.{_slug(model)}): labelled pairs scored by "
                     "pHash only")
     out: dict[str, np.ndarray] = {}
     if not ids:
@@ -360,7 +360,7 @@ def lookup_embeddings(fs, root: str, model: str, ids: set[str]) -> tuple[dict, s
 
 
 def read_centre(fs, root: str) -> tuple[np.ndarray | None, str | None]:
-    path = mio.join(root, "stages", "near_dedup_centre")
+    path = mio.join(root, "stages", "near_dedup.centre")
     if not mio.is_committed(fs, path):
         return None, None
     t = pads.dataset(_files(fs, path), format="parquet", filesystem=mio.arrow_filesystem(fs)).to_table()
@@ -459,10 +459,10 @@ def build(cfg: PipelineConfig, labels: str | None = None, per_side: int = 8, lab
     except ValueError as e:
         raise ConfigError(str(e)) from None
     nd = summary.get("near_dedup")
-    stage = mio.join(root, "stages", "near_dedup_pairs")
+    stage = mio.join(root, "stages", "near_dedup.pairs")
     if not nd or not mio.is_committed(fs, stage):
         raise ConfigError(f"dedup-report: the run in {cfg.output} has no near-duplicate stage "
-                          "(stages/near_dedup_pairs; run it with near_dedup.enabled to the near_dedup stage)")
+                          "(stages/near_dedup.pairs; run it with near_dedup.enabled to the near_dedup stage)")
     sem = nd.get("semantic") or {}
     threshold = float(sem["threshold"]) if sem.get("threshold") is not None else None
     max_hamming = cfg.near_dedup.max_hamming if cfg.near_dedup.perceptual else None
@@ -501,7 +501,7 @@ def build(cfg: PipelineConfig, labels: str | None = None, per_side: int = 8, lab
                 notes.append(f"the centring mean is of {centre_model}, the embeddings of {emb_model}: labelled "
                              "cosines may differ from the run's")
             if sem.get("centred", cfg.near_dedup.center) and mean is None:
-                notes.append("the run recorded no centring mean (stages/near_dedup_centre): labelled pairs are "
+                notes.append("the run recorded no centring mean (stages/near_dedup.centre): labelled pairs are "
                              "scored by pHash only; rerun near_dedup with this version to score them by embedding")
                 vecs = {}
         cos, ham = score_pairs(pairs_labelled, rows, vecs, mean, bool(sem.get("centred", cfg.near_dedup.center)),

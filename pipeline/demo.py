@@ -17,7 +17,8 @@ import time
 from pathlib import Path
 
 if __package__ in (None, ""):
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+    # the checkout instead of this script's folder: pipeline/stages must not shadow stages/
+    sys.path[0] = str(Path(__file__).resolve().parent.parent)
 
 import numpy as np  # noqa: E402
 from PIL import Image, ImageOps  # noqa: E402

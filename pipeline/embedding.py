@@ -238,16 +238,21 @@ class ValidateForModels:
         return emb.add_model_inputs(out, decodes, self.plans, self._known)
 
 
-def embed_in_pass(cfg: PipelineConfig, ds: ray.data.Dataset, plans: list[emb.ModelPlan], device: str,
-                  known: dict[str, np.ndarray], reuse=None) -> ray.data.Dataset:
-    """validate -> model inputs (CPU tasks) -> embedding actors, streamed. ``reuse``: an
-    object ref of the sha256 keys not to decode (a refresh, see ``pipeline.refresh``)."""
-    from pipeline.plan import _ray_remote_kwargs
+def validate_for_models(cfg: PipelineConfig, ds: ray.data.Dataset, plans: list[emb.ModelPlan],
+                        known: dict[str, np.ndarray], reuse=None) -> ray.data.Dataset:
+    """validate + the model inputs (CPU tasks), streamed. ``known``: embeddings already
+    cached (no model input is cut for them). ``reuse``: an object ref of the sha256 keys not
+    to decode (a refresh, see ``pipeline.refresh``)."""
+    from pipeline.rundir import remote_kwargs
 
+    return ds.map_batches(ValidateForModels(cfg, plans, ray.put(known), reuse), batch_size=cfg.run.batch_size,
+                          batch_format="pyarrow", **remote_kwargs(cfg))
+
+
+def embed_actors(cfg: PipelineConfig, ds: ray.data.Dataset, plans: list[emb.ModelPlan],
+                 device: str) -> ray.data.Dataset:
+    """The embedding actors over the model inputs of :func:`validate_for_models`, streamed."""
     e = cfg.embed
-    known_ref = ray.put(known)
-    ds = ds.map_batches(ValidateForModels(cfg, plans, known_ref, reuse), batch_size=cfg.run.batch_size,
-                        batch_format="pyarrow", **_ray_remote_kwargs(cfg))
     resources = {"num_gpus": e.num_gpus, "num_cpus": 1} if device == "cuda" else {"num_cpus": e.num_cpus}
     # Host memory the actor needs (weights, a copy while loading, activations): a real
     # request, which also keeps Ray Data from fusing the decode tasks into the actor on a
@@ -262,6 +267,17 @@ def embed_in_pass(cfg: PipelineConfig, ds: ray.data.Dataset, plans: list[emb.Mod
                                "cache_dirs": {p.name: cache_uri(cfg, p) for p in plans} if e.cache else {}},
         max_restarts=cfg.run.max_restarts, max_task_retries=cfg.run.max_task_retries,
         **resources)
+
+
+def table_name(plan: emb.ModelPlan) -> str:
+    """The output (``stages/<name>``) holding one model's embeddings of the run."""
+    return f"embed.{emb.slug(plan.name)}"
+
+
+def table_names(plan: emb.ModelPlan) -> tuple[str, str]:
+    """Where a run directory may hold ``plan``'s embeddings: this version's name, then the
+    name runs written before the stage declarations used (``embed_<model>``)."""
+    return table_name(plan), f"embed_{emb.slug(plan.name)}"
 
 
 def actor_memory(cfg: PipelineConfig, plans: list[emb.ModelPlan]) -> int:
@@ -345,5 +361,5 @@ def drop_embeddings(batch: pa.Table) -> pa.Table:
     return batch.drop_columns([c for c in batch.column_names if c.startswith("emb_")])
 
 
-__all__ = ["BackboneError", "model_plans", "resolve_device", "resolve_embeddings", "embed_in_pass", "known_sets",
+__all__ = ["BackboneError", "model_plans", "resolve_device", "resolve_embeddings", "validate_for_models", "embed_actors", "table_name", "known_sets",
            "drop_embeddings", "wait_for_gpu", "gpu_capacity", "cache_root"]

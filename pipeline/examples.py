@@ -107,7 +107,7 @@ def embed_listed(cfg: PipelineConfig, rows: pa.Table, plan: emb.ModelPlan | None
         alive = [{**r, "embedding": None} for r in got if r["reason"] is None]
         return alive, {"rejected": len(got) - len(alive), "computed": 0, "cached": 0}
     known = embedding.known_sets(cfg, [plan]) if cfg.embed.cache else {}
-    ds = embedding.embed_in_pass(cfg, ds, [plan], device, known)
+    ds = embedding.embed_actors(cfg, embedding.validate_for_models(cfg, ds, [plan], known), [plan], device)
     got = ds.select_columns([*columns, "reason", "sha256", "phash", plan.column]).take_all()
     alive = [r for r in got if r["reason"] is None]
     computed = {r["sha256"]: r[plan.column] for r in alive if r[plan.column] is not None}

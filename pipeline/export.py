@@ -238,7 +238,7 @@ def main(argv: list[str] | None = None) -> int:
             raise ConfigError("export error: --shard-size must be >= 1")
         open_run(args.output, StorageConfig())  # refused before Ray starts: a one-line error, nothing deleted
         check_dest(args.output, args.dest or mio.join(args.output.rstrip("/"), "export"), StorageConfig())
-        from pipeline.plan import init_ray
+        from pipeline.rundir import init_ray
 
         init_ray(load_config(None, {"input.path": args.output, "output": args.output}))  # local Ray or run.address
         report = export_run(args.output, args.dest, args.shard_size, args.format, args.max_pixels, args.quality)

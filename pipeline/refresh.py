@@ -144,6 +144,16 @@ def _unique_keys(ds: ray.data.Dataset) -> np.ndarray:
     return np.unique(np.concatenate(got)) if got else np.zeros(0, dtype="S16")
 
 
+def refresh_fingerprint(cfg: PipelineConfig, prev: Previous | None) -> str:
+    """What a refresh depends on: the previous run (its fingerprints, when it finished)."""
+    if prev is None:
+        return ""
+    from pipeline.stage import fingerprint
+
+    return fingerprint({"refresh": cfg.section("refresh"), "previous": prev.summary.get("fingerprints"),
+                        "finished": (prev.summary.get("timings_s") or {}).get("total")}, "")
+
+
 def validate_fingerprint_matches(prev: Previous, current: str) -> bool:
     return prev.summary.get("validate_fingerprint") == current
 
@@ -210,7 +220,8 @@ def prior_keys(prev: Previous) -> np.ndarray:
 def previous_levels(cfg: PipelineConfig, prev: Previous, model_id: str) -> tuple[list[dict] | None, str]:
     """The previous run's fitted levels (centroids and parents) when they can be reused,
     else None; and why."""
-    where = prev.path("stages", "sample_centroids")
+    where = next((prev.path("stages", n) for n in ("sample.centroids", "sample_centroids")  # (older runs)
+                  if mio.is_committed(prev.fs, prev.path("stages", n))), prev.path("stages", "sample.centroids"))
     marker = mio.read_marker(prev.fs, where)
     if not cfg.refresh.reuse_centroids:
         return None, "refresh.reuse_centroids is off"

@@ -8,7 +8,7 @@ Written at the end of every run (``plan.run``), or again for a finished run::
 
 Reads ``summary.json`` and streams the committed ``curated/`` and ``rejected/`` tables
 (a few columns, batch by batch, a bounded number of rows kept: never a whole corpus in
-memory), plus ``stages/near_dedup_pairs`` when there. Sections:
+memory), plus ``stages/near_dedup.pairs`` when there. Sections:
 
 * the funnel: inputs -> kept, per stage and per reason;
 * histograms of every score (aesthetic, non-natural margin, blur, exposure, contrast,
@@ -205,7 +205,7 @@ def dup_groups(fs, root: str, seed: int) -> list[dict]:
     """A few near-duplicate groups (the smallest hash(seed, group)) with their pairs,
     streamed: only the pairs of the groups chosen so far are held."""
     kept: dict[str, tuple[int, list]] = {}
-    for t in _batches(fs, _files(fs, root, "stages/near_dedup_pairs"), ["group", "id_a", "id_b", "detector",
+    for t in _batches(fs, _files(fs, root, "stages/near_dedup.pairs"), ["group", "id_a", "id_b", "detector",
                                                                        "similarity", "kind"]):
         if "kind" in t.column_names:  # near misses (below the threshold) are dedup-report's, not a group's
             t = t.filter(pc.and_kleene(pc.is_valid(t["group"]), pc.not_equal(t["kind"], "near_miss")))

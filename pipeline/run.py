@@ -20,7 +20,8 @@ import sys
 from pathlib import Path
 
 if __package__ in (None, ""):  # `python pipeline/run.py` from a checkout or a Ray job dir
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+    # the checkout instead of this script's folder: pipeline/stages must not shadow stages/
+    sys.path[0] = str(Path(__file__).resolve().parent.parent)
 
 from manifests.config import STAGES, ConfigError, PipelineConfig, describe_options, load_config  # noqa: E402
 

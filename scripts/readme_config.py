@@ -1,5 +1,6 @@
 """Rewrite the README's config reference from the config's own descriptions
-(``manifests.config.describe_options``): run after changing an option."""
+(``manifests.config.describe_options``) and its stage table from the plan
+(``pipeline.plan.stage_table``): run after changing an option or a stage."""
 
 from __future__ import annotations
 
@@ -19,5 +20,11 @@ start = text.index(HEAD) + len(HEAD)
 rest = text[start:]
 end = rest.find("\n## ")  # the next top-level section, if any
 tail = rest[end:] if end >= 0 else "\n"
-readme.write_text(text[:start] + "\n" + describe_options().strip() + "\n" + tail)
-print("README config reference rewritten")
+text = text[:start] + "\n" + describe_options().strip() + "\n" + tail
+
+from pipeline.plan import stage_table  # noqa: E402
+
+OPEN, CLOSE = "<!-- stage table: generated -->\n", "<!-- end stage table -->"
+a, b = text.index(OPEN) + len(OPEN), text.index(CLOSE)
+readme.write_text(text[:a] + stage_table() + "\n" + text[b:])
+print("README config reference and stage table rewritten")

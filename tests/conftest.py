@@ -76,7 +76,7 @@ def ray_local():
     import ray
 
     if not ray.is_initialized():
-        from pipeline.plan import IDLE_WORKER_MS
+        from pipeline.rundir import IDLE_WORKER_MS
 
         ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
                  runtime_env={"env_vars": {"PYTHONPATH": str(ROOT)}},

@@ -118,7 +118,7 @@ def test_pipeline_aesthetic_score_and_threshold(tmp_path, ray_local, photos):
     assert "'clip_like'" in summary["near_dedup"]["semantic_skipped"] and "semantic" not in summary["near_dedup"]
     curated, _ = check_invariant(out, [str(src / f"{n}.jpg") for n in names])
     table = {r["id"]: np.asarray(r["embedding"], np.float32)
-             for r in read_committed_table(f"{out}/stages/embed_clip_like").to_pylist()}
+             for r in read_committed_table(f"{out}/stages/embed.clip_like").to_pylist()}
     assert len({v.tobytes() for v in table.values()}) == len(names)  # six photos, six embeddings
     head = load_head("mlp", str(tmp_path / "mlp.pth"))
     got = {r["id"]: r["aesthetic"] for r in curated.values()}

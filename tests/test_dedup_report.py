@@ -150,13 +150,13 @@ def fake_run(tmp_path: Path) -> tuple[Path, dict]:
              ("g1", "b", "a", "semantic", cos["a", "b"], "removal"),
              ("g1", "g", "a", "perceptual", 1 - 3 / 64, "removal")]
     cols = list(zip(*pairs))
-    _commit(out / "stages" / "near_dedup_pairs", pa.table({
+    _commit(out / "stages" / "near_dedup.pairs", pa.table({
         "group": pa.array(cols[0], pa.string()), "id_a": pa.array(cols[1], pa.string()),
         "id_b": pa.array(cols[2], pa.string()), "detector": pa.array(cols[3], pa.string()),
         "similarity": pa.array(cols[4], pa.float32()), "kind": pa.array(cols[5], pa.string())}))
-    _commit(out / "stages" / "near_dedup_centre", pa.table({"model_id": ["mobilenet_v2_imagenet@x"],
+    _commit(out / "stages" / "near_dedup.centre", pa.table({"model_id": ["mobilenet_v2_imagenet@x"],
                                                            "mean": [mean.tolist()]}))
-    _commit(out / "stages" / "embed_mobilenet_v2_imagenet", pa.table({
+    _commit(out / "stages" / "embed.mobilenet_v2_imagenet", pa.table({
         "id": list(emb), "embedding": pa.array([e.tolist() for e in emb.values()], pa.list_(pa.float32()))}))
     removed = {"b", "g"}
     for name, ids in (("curated", [i for i in names if i not in removed]), ("rejected", sorted(removed))):
@@ -254,7 +254,7 @@ def test_report_without_the_centre_scores_by_phash_only(tmp_path):
     out, _ = fake_run(tmp_path)
     import shutil
 
-    shutil.rmtree(out / "stages" / "near_dedup_centre")
+    shutil.rmtree(out / "stages" / "near_dedup.centre")
     labels = _labels_file(tmp_path / "l.csv", [("a", "b", 1), ("a", "g", 1)])
     from pipeline.run import main
 
@@ -295,11 +295,11 @@ def test_labelled_pairs_with_mirrored_embeddings(tmp_path):
     labels = _labels_file(tmp_path / "l.csv", [("e", "f", 1), ("a", "b", 1)])
     assert main(["dedup-report", "--output", str(out), "--labels", labels]) == 0
     lab = json.loads((out / "dedup_report" / "report.json").read_text())["labels"]
-    assert "embed_mobilenet_v2_imagenet_flip" in lab["notes"][0] and lab["at_run"]["fn"] == 1  # e-f: 0
-    emb = pq.read_table(out / "stages" / "embed_mobilenet_v2_imagenet").to_pylist()
+    assert "embed.mobilenet_v2_imagenet_flip" in lab["notes"][0] and lab["at_run"]["fn"] == 1  # e-f: 0
+    emb = pq.read_table(out / "stages" / "embed.mobilenet_v2_imagenet").to_pylist()
     vec = {r["id"]: r["embedding"] for r in emb}
     # f mirrored looks like e; a mirrored like nothing else
-    _commit(out / "stages" / "embed_mobilenet_v2_imagenet_flip", pa.table({
+    _commit(out / "stages" / "embed.mobilenet_v2_imagenet_flip", pa.table({
         "id": ["f", "a"], "embedding": pa.array([vec["e"], vec["d"]], pa.list_(pa.float32()))}))
     assert main(["dedup-report", "--output", str(out), "--labels", labels]) == 0
     rep = json.loads((out / "dedup_report" / "report.json").read_text())
@@ -348,7 +348,7 @@ def check_dedup_report(out: Path, labels: list[tuple[str, str, int]]) -> dict:
     rep = json.loads((out / "dedup_report" / "report.json").read_text())
     summary = json.loads((out / "summary.json").read_text())
     nd = summary["near_dedup"]
-    files = sorted(str(p) for p in (out / "stages" / "near_dedup_pairs").rglob("*.parquet"))
+    files = sorted(str(p) for p in (out / "stages" / "near_dedup.pairs").rglob("*.parquet"))
     table = pads.dataset(files, format="parquet").to_table().to_pylist()
     t = rep["threshold"]
     assert t == nd["semantic"]["threshold"] and rep["policy"] == nd["policy"]

@@ -200,6 +200,6 @@ def test_run_counts_skipped_files_and_rejects_names_that_are_not_utf8(tmp_path, 
             "examples": sorted(str(p) for p in (src / ".DS_Store", src / "IMG_0001.HEIC", src / "notes.txt",
                                                 src / "sub" / "deep" / "README", src / "sub" / "meta.csv"))}
     assert summary["input_skipped"] == want
-    # --resume reads the count from the scan stage's marker (the listing reports are gone)
-    marker = json.loads((out / "stages" / "scan" / "_SUCCESS").read_text())
-    assert marker["counts"]["input_skipped"] == want and not (out / "stages" / "scan_listing").exists()
+    # --resume reads the count from the pass's marker (the listing reports are gone)
+    marker = json.loads((out / "stages" / "validate" / "_SUCCESS").read_text())
+    assert marker["counts"]["input_skipped"] == want and not (out / "stages" / "ingest.listing").exists()

@@ -121,8 +121,8 @@ def test_cache_on_s3_second_run_computes_nothing(bucket, ray_local, photos):
     assert (first["computed"], first["cached"]) == (4, 0) and first["dtype"] == "float16"
     second = run("run2")  # a fresh run directory, the same shared cache
     assert (second["computed"], second["cached"]) == (0, 4) and second["model_id"] == first["model_id"]
-    a = {r["sha256"]: r["embedding"] for r in read_committed_table(f"s3://{name}/run1/stages/embed_mobilenet_v2_imagenet", storage).to_pylist()}
-    b = {r["sha256"]: r["embedding"] for r in read_committed_table(f"s3://{name}/run2/stages/embed_mobilenet_v2_imagenet", storage).to_pylist()}
+    a = {r["sha256"]: r["embedding"] for r in read_committed_table(f"s3://{name}/run1/stages/embed.mobilenet_v2_imagenet", storage).to_pylist()}
+    b = {r["sha256"]: r["embedding"] for r in read_committed_table(f"s3://{name}/run2/stages/embed.mobilenet_v2_imagenet", storage).to_pylist()}
     assert a == b and len(a) == 4
     more = jpeg_corpus(samples_dir / "more", photos, ["china", "flower"], size=(500, 400))
     for rel, data in more.items():

@@ -349,7 +349,7 @@ def test_pipeline_rejects_nonnatural_by_example(tmp_path, ray_local, photos):
     cfg = load_config(None, {**overrides, "examples.target_frr": 0.1})
     again = plan.run(cfg, resume=True)
     assert again["examples"]["bank_embeddings"] == {"computed": 0, "cached": distinct}
-    assert "filter" in again["stages_run"] and "scan" in again["stages_reused"]
+    assert "filter" in again["stages_run"] and "embed" in again["stages_reused"]
 
 
 def check_examples_report(out, corpus, expect, got, false_rejections):

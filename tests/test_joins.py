@@ -79,7 +79,7 @@ def test_stage_tables_are_written_one_row_group_per_block(ray_local, tmp_path):
     import pyarrow.parquet as pq
     import ray
 
-    from pipeline.plan import write_parquet_dir
+    from pipeline.rundir import write_parquet_dir
 
     ds = ray.data.from_arrow(pa.table({"k": np.arange(2000) % 500, "v": np.arange(2000)})).groupby(
         "k", num_partitions=2).map_groups(lambda g: g.slice(0, 1), batch_format="pyarrow")

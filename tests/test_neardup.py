@@ -256,7 +256,9 @@ def test_pipeline_removes_edited_copies_of_real_photos(tmp_path, ray_local):
     print("\nnear_dedup:", json.dumps({k: v for k, v in nd.items() if k != "references"}))
     t = DEFAULT_THRESHOLDS["mobilenet_v2_imagenet"]
     assert nd["semantic"]["threshold"] == t and nd["policy"] == "direct"
-    pairs = plan.RunDir(cfg).read(str(out / "stages" / "near_dedup_pairs")).take_all()
+    from pipeline.rundir import RunDir
+
+    pairs = RunDir(cfg).read(str(out / "stages" / "near_dedup.pairs")).take_all()
     removal = {p["id_a"]: p for p in pairs if p["kind"] == "removal"}
     # the evaluation photo is rejected naming the split's image
     r = rows[_file("skimage/rocket")]

@@ -185,21 +185,21 @@ def test_until_validate_and_resume_by_fingerprint(tmp_path, ray_local, good, hos
     expected = [str(tmp_path / "in" / f) for f in files]
     out = tmp_path / "run"
     s = run(str(tmp_path / "in"), out, ray_local, until="validate")
-    assert s["stages_run"] == ["scan"]
+    assert s["stages_run"] == ["validate"]
     curated, rejected = check_invariant(out, expected)
     assert not any(r["stage"] == "exact_dedup" for r in rejected.values())
     assert f"{tmp_path}/in/c/astronaut_copy.jpg" in curated  # no dedup before --until validate
 
     s = run(str(tmp_path / "in"), out, ray_local, resume=True)
-    assert s["stages_reused"] == ["scan"] and s["stages_run"] == ["exact_dedup"]
+    assert s["stages_reused"] == ["validate"] and s["stages_run"] == ["exact_dedup"]
     s = run(str(tmp_path / "in"), out, ray_local, resume=True)
-    assert s["stages_reused"] == ["scan", "exact_dedup"] and s["stages_run"] == []
+    assert s["stages_reused"] == ["validate", "exact_dedup"] and s["stages_run"] == []
     s = run(str(tmp_path / "in"), out, ray_local, resume=True, **{"exact_dedup.placeholder_min_copies": 3})
-    assert s["stages_reused"] == ["scan"] and s["stages_run"] == ["exact_dedup"]
+    assert s["stages_reused"] == ["validate"] and s["stages_run"] == ["exact_dedup"]
     _, rejected = check_invariant(out, expected)
     assert sum(r["reason"] == "placeholder" for r in rejected.values()) == 3
     s = run(str(tmp_path / "in"), out, ray_local, resume=True, **{"validate.min_side": 300})
-    assert s["stages_run"] == ["scan", "exact_dedup"]
+    assert s["stages_run"] == ["validate", "exact_dedup"]
     _, rejected = check_invariant(out, expected)
     assert any(r["reason"] == "too_small" and "300" in r["detail"] for r in rejected.values())
 
@@ -231,7 +231,7 @@ def test_until_ingest_and_empty_input(tmp_path, ray_local, good):
     (tmp_path / "img" / "b.jpg").write_bytes(b"not really")
     s = run(str(tmp_path / "img"), tmp_path / "r1", ray_local, until="ingest")
     curated, rejected = check_invariant(tmp_path / "r1", [str(tmp_path / "img" / n) for n in ("a.jpg", "b.jpg")])
-    assert s["stages_run"] == ["scan"] and not rejected  # nothing validated yet
+    assert s["stages_run"] == ["ingest"] and not rejected  # nothing validated yet
     assert curated[str(tmp_path / "img" / "a.jpg")]["n_bytes"] == len(good["astronaut.jpg"])
     (tmp_path / "empty").mkdir()
     s = run(str(tmp_path / "empty"), tmp_path / "r2", ray_local)

@@ -120,7 +120,7 @@ def clean(corpus, ray_local, tmp_path_factory):
 
 def test_every_stage_runs_on_the_corpus(clean):
     _, s = clean
-    assert s["stages_run"] == ["select", "scan", "embed_mobilenet_v2_imagenet", "exact_dedup", "filter",
+    assert s["stages_run"] == ["select", "embed", "embed.mobilenet_v2_imagenet", "exact_dedup", "filter",
                                "near_dedup", "sample"]
     assert s["curated"] == 14 and s["rejected_by_stage"]["sample"]["not_sampled"] > 0
     assert s["selection"]["select"]["unselected"] == 2 and s["rejected_by_stage"]["validate"]
@@ -176,7 +176,7 @@ def test_resume_after_the_driver_is_killed_mid_embedding(clean, corpus, tmp_path
     proc.wait()
     blocks = _cache_blocks(out / "cache")
     embedded_before = sum(len(read_committed_table_file(b)) for b in blocks)
-    assert not (out / "stages" / "scan" / "_SUCCESS").exists() and not (out / "_SUCCESS").exists()
+    assert not (out / "stages" / "embed" / "_SUCCESS").exists() and not (out / "_SUCCESS").exists()
     assert (out / "stages" / "select" / "_SUCCESS").exists()
     print(f"\nkilled with {len(blocks)} cache blocks ({embedded_before} embeddings) committed")
 
@@ -270,7 +270,7 @@ def test_refresh_embeds_only_new_images_and_catches_copies_of_kept_ones(clean, c
     emb = s2["embed"]["mobilenet_v2_imagenet"]
     assert emb["computed"] == 6, emb
     # v1 images were not decoded again: their validation came from the previous run
-    assert s2["refresh"]["scan"]["rows_not_decoded"] > 0
+    assert s2["refresh"]["validate"]["rows_not_decoded"] > 0
     prev_rows = {r["uri"]: r for r in read_committed_table(f"{prev}/curated").to_pylist()
                  + read_committed_table(f"{prev}/rejected").to_pylist()}
     now = {**curated, **rejected}

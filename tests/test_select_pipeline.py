@@ -108,7 +108,7 @@ def test_webdataset_with_catalog_join(tmp_path, ray_local, good):
     assert len(ids) == len(set(ids))
     # unselected members were skipped unread by the shard readers (a Bloom filter of the
     # selected keys): no bytes, no decode, in the narrow table
-    scan = pq.read_table(tmp_path / "run" / "stages" / "scan").to_pylist()
+    scan = pq.read_table(tmp_path / "run" / "stages" / "validate").to_pylist()
     plants = {k for k in keys[:50] if df.loc[k, "kingdom"] != "Animalia"}
     skipped = {base(r) for r in scan if r["reason"] == "skipped_unselected"}
     assert skipped <= plants | {"orphan-1", "orphan-2"}  # never a selected member
@@ -244,4 +244,4 @@ def test_parquet_with_separate_catalog(tmp_path, ray_local, good):
     assert [(r["uuid"], r["reason"]) for r in rejected] == [("orphan-a", "not_in_catalog")]
     assert all(r["species"] == df.loc[r["uuid"], "species"] for r in curated)
     assert s["selection"]["join"] == {"unselected": 24 - len(want), "not_in_catalog": 1, "catalog_without_image": 6}
-    assert "catalog_join" not in s["fingerprints"]  # selected before the scan
+    assert "select.join" not in s["fingerprints"]  # selected before the scan

@@ -29,8 +29,10 @@ import pyarrow.compute as pc
 import ray
 
 from manifests import io as mio
-from pipeline import joins
 from manifests.config import TAXON_COLUMNS, ConfigError, PipelineConfig, resolve_column
+from manifests.schema import Stage
+from pipeline import embedding, joins, refresh
+from pipeline.stage import Context, StageDef
 from stages import near_dedup as snd
 from stages.kernels import kmeans
 from stages.kernels import near_dedup as kn
@@ -107,7 +109,7 @@ def semantic_pairs(cfg: PipelineConfig, rows: ray.data.Dataset, n: int, model: s
     # Copies are written once, grouped by bucket (a shuffle through the run's storage: one
     # copy on disk, bounded memory); each task then reads its one or two buckets.
     fs, root = mio.filesystem(cfg.output, cfg.storage)
-    scratch = mio.join(root, "stages", "near_dedup_scratch")
+    scratch = mio.join(root, "stages", "near_dedup.scratch")
     if fs.exists(scratch):
         fs.rm(scratch, recursive=True)
     fs.makedirs(scratch, exist_ok=True)
@@ -161,9 +163,10 @@ def reference_sets(cfg: PipelineConfig, plan, device: str) -> tuple[pa.Table | N
             ids, phash = cur["id"].to_pylist() if len(cur) else [], cur["phash"].to_pylist() if len(cur) else []
             vec = {}
             if plan is not None:
-                from pipeline.plan import embed_stage
+                from pipeline.embedding import table_names
 
-                stage = mio.join(root, "stages", embed_stage(plan))
+                stage = next((mio.join(root, "stages", n) for n in table_names(plan)
+                              if mio.is_committed(fs, mio.join(root, "stages", n))), mio.join(root, "stages", "-"))
                 marker = (mio.read_marker(fs, stage) or {}).get("counts") or {}
                 if marker.get("model_id") == plan.model_id and marker.get("prep") == plan.prep:
                     t = mio.read_committed_table(mio.to_uri(fs, stage), cfg.storage).select(["id", "embedding"])
@@ -409,7 +412,7 @@ def _decision_counts(decisions: pa.Table | None) -> dict:
 
 def _pairs_table(found: list, near, id_of: dict, group_of: dict, decisions: pa.Table | None,
                  alive: ray.data.Dataset) -> pa.Table:
-    """``stages/near_dedup_pairs``: the pairs the detectors found (``kind`` found: the
+    """``stages/near_dedup.pairs``: the pairs the detectors found (``kind`` found: the
     spanning forest of each detector; near_miss: within report_margin below the semantic
     threshold) and one row per removal (``kind`` removal: the row and the kept row it
     directly matched)."""
@@ -456,3 +459,47 @@ def _pairs_table(found: list, near, id_of: dict, group_of: dict, decisions: pa.T
                      "id_b": pa.array(rows["id_b"], pa.string()), "detector": pa.array(rows["detector"], pa.string()),
                      "similarity": pa.array(rows["similarity"], pa.float32()),
                      "kind": pa.array(rows["kind"], pa.string())})
+
+
+# --------------------------------------------------------------------------- the stage
+
+def _build(ctx: Context, out):
+    cfg, rd = ctx.cfg, ctx.rd
+    dplan = ctx.plan_of("dedup")
+    embs = flips = None
+    if dplan is not None and cfg.near_dedup.semantic:
+        embs = ctx.read(embedding.table_name(dplan)).select_columns(["id", "embedding"])
+        fplan = next((p for p in ctx.plans if p.flip and p.spec.name == dplan.name), None)
+        if fplan is not None:
+            flips = ctx.read(embedding.table_name(fplan)).select_columns(["id", "embedding"])
+    prior = refresh.prior_keys(ctx.prev) if ctx.prev is not None else None
+    ds, counts, pairs = near_dedup_dataset(cfg, rd.read(ctx.upstream), embs, dplan, ctx.device, prior, flips)
+    centre = counts.pop("_centre", None)
+    fp = ctx.fingerprints[out.name]
+    rd.write(ray.data.from_arrow(pairs), ctx.path("near_dedup.pairs"), {"fingerprint": fp})
+    if centre is not None:  # the mean subtracted before the semantic cosine (dedup-report recomputes pairs)
+        rd.write(ray.data.from_arrow(pa.table({"model_id": [dplan.model_id], "mean": [centre.tolist()]})),
+                 ctx.path("near_dedup.centre"), {"fingerprint": fp})
+    return ds, counts
+
+
+def _extra(ctx: Context, out) -> dict:
+    return {"model": ctx.cfg.embed.model_for("dedup") if ctx.plans else None,
+            "references": references_fingerprint(ctx.cfg), "refresh": refresh.refresh_fingerprint(ctx.cfg, ctx.prev)}
+
+
+def _describe(ctx: Context) -> str:
+    nd = ctx.cfg.near_dedup
+    return (f"perceptual={nd.perceptual} (Hamming <= {nd.max_hamming}), semantic={nd.semantic} "
+            f"(model {ctx.cfg.embed.model_for('dedup') if ctx.plans else None}), policy {nd.policy}  "
+            "writes stages/near_dedup, near_dedup.pairs")
+
+
+STAGE = StageDef(
+    name=Stage.NEAR_DEDUP, module=__name__, sections=("near_dedup", "run.seed"),
+    doc="Near-duplicates: pHash LSH and semantic partitions, pairs verified exactly; a row is removed only "
+        "for a kept row it matches itself (policy direct); reference sets",
+    resources="hash shuffles and CPU tasks; the pair graph in the driver",
+    enabled=lambda ctx: ctx.cfg.near_dedup.enabled, build=_build, extra=_extra, describe=_describe,
+    summary=lambda ctx: {"near_dedup": (ctx.marker_counts("near_dedup") or None)
+                         if "near_dedup" in ctx.fingerprints else None})

@@ -20,8 +20,10 @@ import numpy as np
 import pyarrow as pa
 import ray
 
-from pipeline import joins
 from manifests.config import TAXON_COLUMNS, PipelineConfig, resolve_column
+from manifests.schema import Stage
+from pipeline import embedding, joins, refresh
+from pipeline.stage import Context, StageDef
 from stages import near_dedup as snd
 from stages import sample as ssa
 from stages.kernels import sampling as ks
@@ -159,3 +161,36 @@ def centroid_table(fitted: list[dict]) -> pa.Table:
     return pa.table({"level": pa.array(level, pa.int32()), "cluster": pa.array(cluster, pa.int32()),
                      "parent": pa.array(parent, pa.int32()),
                      "centroid": pa.FixedSizeListArray.from_arrays(pa.array(flat), dim)})
+
+
+# --------------------------------------------------------------------------- the stage
+
+def _build(ctx: Context, out):
+    splan = ctx.plan_of("sample")
+    embs = ctx.read(embedding.table_name(splan)).select_columns(["id", "embedding"])
+    levels, why = refresh.previous_levels(ctx.cfg, ctx.prev, splan.model_id) if ctx.prev is not None else (None, None)
+    ds, counts, centroids = sample_dataset(ctx.cfg, ctx.rd.read(ctx.upstream), embs, splan.name, ctx.device, levels)
+    if ctx.prev is not None:
+        counts["previous_centroids"] = why
+    if centroids is not None:
+        ctx.rd.write(ray.data.from_arrow(centroids), ctx.path("sample.centroids"),
+                     {"fingerprint": ctx.fingerprints[out.name], "model_id": splan.model_id})
+    return ds, counts
+
+
+def _describe(ctx: Context) -> str:
+    sc = ctx.cfg.sample
+    return (f"hierarchical k-means {sc.levels or 'auto levels'} ({sc.method}) on "
+            f"{ctx.cfg.embed.model_for('sample')}, target {sc.target or sc.fraction}, pick {sc.pick}  "
+            "writes stages/sample, sample.centroids")
+
+
+STAGE = StageDef(
+    name=Stage.SAMPLE, module=__name__, sections=("sample", "run.seed"),
+    doc="Diversity sample: hierarchical k-means on an embedding, the target water-filled through the levels, "
+        "per-taxon caps and minimums; rows not chosen are rejects (not_sampled)",
+    resources="one fit task (GPU when there is one), then CPU tasks and hash shuffles",
+    enabled=lambda ctx: ctx.cfg.sample.active and bool(ctx.plans), build=_build, describe=_describe,
+    extra=lambda ctx, out: {"model": ctx.cfg.embed.model_for("sample"),
+                            "refresh": refresh.refresh_fingerprint(ctx.cfg, ctx.prev)},
+    summary=lambda ctx: {"sample": (ctx.marker_counts("sample") or None) if "sample" in ctx.fingerprints else None})
