@@ -85,8 +85,8 @@ def _mark_from(batch: pa.Table, flag: str) -> pa.Table:
     return batch.append_column(flag, pa.array([True] * len(batch), pa.bool_()))
 
 
-def joins_after_scan(cfg: PipelineConfig, kind: str) -> bool:
-    """Whether image rows meet the catalog on the narrow table, after the scan: webdataset
+def joins_after_pass(cfg: PipelineConfig, kind: str) -> bool:
+    """Whether image rows meet the catalog on the narrow table, after the streaming pass: webdataset
     shards (a .tar.gz stream has no metadata to select on before it is read). Manifests and
     parquet inputs are selected before any image byte is read."""
     return kind == "webdataset"

@@ -160,7 +160,7 @@ def validate_fingerprint_matches(prev: Previous, current: str) -> bool:
 
 @dataclass
 class Reuse:
-    """What the scan pass may copy: ``keys`` (sorted S16 sha256 keys it skips decoding)
+    """What the streaming pass may copy: ``keys`` (sorted S16 sha256 keys it skips decoding)
     and ``fill`` (previous validate columns by sha256, ``_prev_*`` names; several rows of
     one sha256 carry the same values, the first is used)."""
 
@@ -199,7 +199,7 @@ def _count_reused(batch: pa.Table) -> pa.Table:
 
 
 def fill_reused(passed: ray.data.Dataset, reuse: Reuse, broadcast_mb: float) -> tuple[ray.data.Dataset, int]:
-    """The scan pass output (``_reused`` marks rows not decoded) with the previous run's
+    """The streaming pass output (``_reused`` marks rows not decoded) with the previous run's
     validate columns on its reused rows; and how many there were."""
     n = int(sum(r["n"] for r in passed.map_batches(_count_reused, batch_format="pyarrow").take_all()))
     fresh = passed.map_batches(_fresh, batch_format="pyarrow")

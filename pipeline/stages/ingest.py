@@ -28,8 +28,8 @@ from stages.kernels.bloom import bloom_contains
 
 
 def listing_dir(cfg: PipelineConfig) -> str:
-    """Where listings leave their reports of skipped files while the scan runs (summed
-    into the scan stage's marker, ``counts.input_skipped``, then removed)."""
+    """Where listings leave their reports of skipped files while the pass runs (summed
+    into the pass's marker, ``counts.input_skipped``, then removed)."""
     fs, root = mio.filesystem(cfg.output, cfg.storage)
     return mio.to_uri(fs, mio.join(root, "stages", "ingest.listing"))
 
@@ -163,9 +163,9 @@ def _ingest_rows(cfg: PipelineConfig, kind: str, flagged: ray.data.Dataset | Non
 
 
 def _skipped_into(counts: dict, rd, folder: str):
-    """Drop the reports an interrupted scan left in ``folder``; returns the call that,
-    once the scan has run, sums the new ones into ``counts["input_skipped"]``, so the
-    scan stage's marker keeps them (``--resume`` reads them from there)."""
+    """Drop the reports an interrupted pass left in ``folder``; returns the call that,
+    once the pass has run, sums the new ones into ``counts["input_skipped"]``, so the
+    pass's marker keeps them (``--resume`` reads them from there)."""
     _, path = mio.filesystem(folder, rd.cfg.storage)
     if rd.fs.exists(path):
         rd.fs.rm(path, recursive=True)

@@ -20,7 +20,7 @@ def selecting(ctx: Context) -> bool:
 
 def _outputs(ctx: Context) -> list[Output]:
     outs = [Output("select", narrow=False, before_pass=True)]
-    if catalog.joins_after_scan(ctx.cfg, ctx.kind):
+    if catalog.joins_after_pass(ctx.cfg, ctx.kind):
         outs.append(Output("select.join"))
     return outs
 
@@ -50,7 +50,7 @@ def _describe(ctx: Context) -> str:
     c = ctx.cfg
     return (f"catalog {c.catalog.path or 'none'}, predicates {len(c.select.where)}, caps "
             f"{len(c.select.max_per_taxon or [])}  writes stages/select"
-            + ("; joins after the pass: stages/select.join" if catalog.joins_after_scan(c, ctx.kind) else ""))
+            + ("; joins after the pass: stages/select.join" if catalog.joins_after_pass(c, ctx.kind) else ""))
 
 
 STAGE = StageDef(
