@@ -151,16 +151,17 @@ def _module_file(name: str) -> Path | None:
     return None
 
 
-def _imports(path: Path, name: str) -> set[str]:
-    """Project modules ``path`` imports anywhere (top level, functions, TYPE_CHECKING
-    blocks excluded), with their parent packages."""
+def imported_names(path: Path, name: str, type_checking: bool = False) -> set[str]:
+    """Every module name the file of module ``name`` imports, anywhere in it (functions
+    included; ``if TYPE_CHECKING:`` blocks only with ``type_checking``); ``from a import b``
+    gives ``a`` and ``a.b`` (b may be a module)."""
     tree = ast.parse(path.read_bytes(), str(path))
     package = name if path.name == "__init__.py" else name.rpartition(".")[0]
     found: set[str] = set()
 
     def skip(node) -> bool:
         t = getattr(node, "test", None)
-        return isinstance(node, ast.If) and (
+        return not type_checking and isinstance(node, ast.If) and (
             (isinstance(t, ast.Name) and t.id == "TYPE_CHECKING")
             or (isinstance(t, ast.Attribute) and t.attr == "TYPE_CHECKING"))
 
@@ -170,22 +171,25 @@ def _imports(path: Path, name: str) -> set[str]:
                 visit(n)
             return
         if isinstance(node, ast.Import):
-            for a in node.names:
-                found.add(a.name)
+            found.update(a.name for a in node.names)
         elif isinstance(node, ast.ImportFrom):
             base = node.module or ""
             if node.level:
                 up = package.split(".")[: len(package.split(".")) - node.level + 1]
                 base = ".".join([*up, base] if base else up)
             found.add(base)
-            for a in node.names:
-                found.add(f"{base}.{a.name}")  # `from pkg import module`
+            found.update(f"{base}.{a.name}" for a in node.names)
         for child in ast.iter_child_nodes(node):
             visit(child)
 
     visit(tree)
+    return found
+
+
+def _imports(path: Path, name: str) -> set[str]:
+    """Project modules ``path`` imports (as :func:`imported_names`), with their parent packages."""
     out = set()
-    for mod in found:
+    for mod in imported_names(path, name):
         parts = mod.split(".")
         for i in range(1, len(parts) + 1):
             if _module_file(".".join(parts[:i])) is not None:

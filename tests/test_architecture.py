@@ -4,7 +4,6 @@ follows it, and nothing before it)."""
 
 from __future__ import annotations
 
-import ast
 from pathlib import Path
 
 import pytest
@@ -32,20 +31,7 @@ MODULES = _modules()
 
 def _imports(name: str) -> set[str]:
     """Every module name ``name`` imports, anywhere in the file (functions included)."""
-    path = MODULES[name]
-    package = name if path.name == "__init__.py" else name.rpartition(".")[0]
-    found = set()
-    for node in ast.walk(ast.parse(path.read_bytes())):
-        if isinstance(node, ast.Import):
-            found |= {a.name for a in node.names}
-        elif isinstance(node, ast.ImportFrom):
-            base = node.module or ""
-            if node.level:
-                up = package.split(".")[: len(package.split(".")) - node.level + 1]
-                base = ".".join([*up, base] if base else up)
-            found.add(base)
-            found |= {f"{base}.{a.name}" for a in node.names if f"{base}.{a.name}" in MODULES}
-    return found
+    return st.imported_names(MODULES[name], name, type_checking=True)
 
 
 def _project_imports(name: str) -> set[str]:
