@@ -52,7 +52,7 @@ from manifests.schema import BYTES  # noqa: E402
 from pipeline.testdata import hostile, images  # noqa: E402
 from manifests.config import StorageConfig, ValidateConfig  # noqa: E402
 from stages import decode_pool  # noqa: E402
-from stages.ingest import with_reject_columns  # noqa: E402
+from manifests.rejects import reject_rows  # noqa: E402
 from stages.validate import validate_batch_decodes  # noqa: E402
 
 CHILD = "stages.validate:decode_in_child"
@@ -164,7 +164,7 @@ def shard_rows(tmp: Path, small: bool) -> tuple[list[tuple[str, pa.Table]], list
 def _table(items: list[tuple[str, bytes]]) -> pa.Table:
     ids = [f"{name}#{i}" for i, (name, _) in enumerate(items)]
     table = pa.table({"id": ids, "uri": [n for n, _ in items], BYTES: pa.array([d for _, d in items], pa.binary())})
-    return with_reject_columns(table, [None] * len(items))
+    return reject_rows(table, "ingest", [None] * len(items))
 
 
 def _batches(rows: pa.Table, size: int):

@@ -27,6 +27,7 @@ import pyarrow.compute as pc
 import ray
 
 from manifests import io as mio
+from manifests import rejects
 from pipeline import joins
 from pipeline.joins import resolve_ref
 from manifests.config import ConfigError, PipelineConfig
@@ -295,9 +296,8 @@ def actor_memory(cfg: PipelineConfig, plans: list[emb.ModelPlan]) -> int:
 # --------------------------------------------------------------------------- after the pass
 
 def _run_rows(batch: pa.Table, column: str) -> pa.Table:
-    alive = batch.filter(pc.and_(pc.invert(pc.is_valid(batch["reason"])), pc.is_valid(batch["sha256"])))
-    return pa.table({"id": alive.column("id"), "sha256": alive.column("sha256"),
-                     "embedding": alive.column(column)})
+    rows = batch.filter(pc.and_(pa.array(rejects.alive(batch)), pc.is_valid(batch["sha256"])))
+    return pa.table({"id": rows.column("id"), "sha256": rows.column("sha256"), "embedding": rows.column(column)})
 
 
 def _computed(batch: pa.Table) -> pa.Table:

@@ -116,7 +116,7 @@ def table_rows_estimate(files: list[str], storage) -> int:
     JSONL file's size over 32 bytes (a row with a uri rarely holds less). Only the number
     of shuffle partitions depends on it, never which rows are kept."""
     from manifests.io import filesystem
-    from stages.ingest import parquet_footer
+    from stages.parquet_cells import parquet_footer
 
     total = 0
     for f in files:

@@ -21,10 +21,10 @@ from collections import Counter
 from dataclasses import dataclass
 
 import pyarrow as pa
-import pyarrow.compute as pc
 import ray
 
 from manifests import io as mio
+from manifests import rejects
 from manifests.config import STAGES, PipelineConfig
 from manifests.schema import Stage, reaches
 from pipeline import __version__, embedding, ids, refresh
@@ -240,12 +240,12 @@ def _with_duplicate_of(batch: pa.Table) -> pa.Table:
 
 
 def _alive(batch: pa.Table) -> pa.Table:
-    kept = batch.filter(pc.invert(pc.is_valid(batch["reason"])))
-    return kept.drop_columns([c for c in ("stage", "reason", "detail", "duplicate_of") if c in kept.column_names])
+    kept = batch.filter(pa.array(rejects.alive(batch)))
+    return kept.drop_columns([c for c in (*rejects.REJECT_COLUMNS, rejects.DUPLICATE_OF) if c in kept.column_names])
 
 
 def _dead(batch: pa.Table) -> pa.Table:
-    return batch.filter(pc.is_valid(batch["reason"]))
+    return batch.filter(pa.array(rejects.rejected(batch)))
 
 
 def _reason_counts(batch: pa.Table) -> pa.Table:

@@ -220,9 +220,9 @@ def prior_keys(prev: Previous) -> np.ndarray:
 def previous_levels(cfg: PipelineConfig, prev: Previous, model_id: str) -> tuple[list[dict] | None, str]:
     """The previous run's fitted levels (centroids and parents) when they can be reused,
     else None; and why."""
-    where = next((prev.path("stages", n) for n in ("sample.centroids", "sample_centroids")  # (older runs)
-                  if mio.is_committed(prev.fs, prev.path("stages", n))), prev.path("stages", "sample.centroids"))
-    marker = mio.read_marker(prev.fs, where)
+    name = next((n for n in ("sample.centroids", "sample_centroids")  # (older runs)
+                 if mio.is_committed(prev.fs, prev.path("stages", n))), "sample.centroids")
+    marker = mio.read_marker(prev.fs, prev.path("stages", name))
     if not cfg.refresh.reuse_centroids:
         return None, "refresh.reuse_centroids is off"
     if not marker:
@@ -231,7 +231,7 @@ def previous_levels(cfg: PipelineConfig, prev: Previous, model_id: str) -> tuple
         return None, f"the previous centroids are of model {marker.get('model_id')}, this run samples on {model_id}"
     import pyarrow.dataset as pads
 
-    table = pads.dataset(prev.files("stages/sample_centroids"), filesystem=mio.arrow_filesystem(prev.fs),
+    table = pads.dataset(prev.files(f"stages/{name}"), filesystem=mio.arrow_filesystem(prev.fs),
                          format="parquet").to_table().sort_by([("level", "ascending"), ("cluster", "ascending")])
     levels = []
     for li in sorted(set(table["level"].to_pylist())):

@@ -10,8 +10,9 @@ from __future__ import annotations
 import numpy as np
 import pyarrow as pa
 
-from manifests.schema import ID, Reason, Stage
 from manifests.config import ExactDedupConfig
+from manifests.rejects import alive, ensure_columns, reject
+from manifests.schema import ID, Reason, Stage
 from stages.kernels.exact_dedup import resolve_exact_duplicates
 from stages.kernels.hashing import seeded_rank
 
@@ -24,30 +25,27 @@ def exact_dedup_batch(table: pa.Table, cfg: ExactDedupConfig, seed: int) -> pa.T
     order. Rows rejected earlier are passed through unchanged.
     """
     n = len(table)
-    reason = table.column("reason").to_pylist()
-    stage = table.column("stage").to_pylist()
-    detail = table.column("detail").to_pylist()
+    live = alive(table)
+    rows = np.flatnonzero(live)
     dup_of: list[str | None] = [None] * n
-    alive = np.flatnonzero(np.array([r is None for r in reason], dtype=bool))
-    if len(alive):
-        ids = np.asarray(table.column(ID).to_pylist(), dtype=object)[alive]
-        sha = np.asarray(table.column("sha256").to_pylist(), dtype=object)[alive]
+    detail: list[str | None] = [None] * n
+    duplicate, placeholder = np.zeros(n, dtype=bool), np.zeros(n, dtype=bool)
+    if len(rows):
+        ids = np.asarray(table.column(ID).to_pylist(), dtype=object)[rows]
+        sha = np.asarray(table.column("sha256").to_pylist(), dtype=object)[rows]
         status, keeper = resolve_exact_duplicates(sha.astype(str), seeded_rank(seed, ids),
                                                   cfg.placeholder_min_copies)
         group_size: dict[str, int] = {}
         for s in sha:
             group_size[s] = group_size.get(s, 0) + 1
-        for j, row in enumerate(alive):
+        duplicate[rows], placeholder[rows] = status == 1, status == 2
+        for j, row in enumerate(rows):
             if status[j] == 1:
-                stage[row], reason[row] = Stage.EXACT_DEDUP.value, Reason.EXACT_DUPLICATE.value
                 dup_of[row] = ids[keeper[j]]
                 detail[row] = f"byte-identical to {ids[keeper[j]]} (sha256 {sha[j][:16]}…)"
             elif status[j] == 2:
-                stage[row], reason[row] = Stage.EXACT_DEDUP.value, Reason.PLACEHOLDER.value
                 detail[row] = (f"sha256 {sha[j][:16]}… shared by {group_size[sha[j]]} inputs "
                                f"(>= placeholder_min_copies {cfg.placeholder_min_copies})")
-    out = table.drop_columns([c for c in ("stage", "reason", "detail", "duplicate_of") if c in table.column_names])
-    for name, values in (("stage", stage), ("reason", reason), ("detail", detail), ("duplicate_of", dup_of)):
-        out = out.append_column(name, pa.array(values, pa.string()))
-    return out
-
+    out = ensure_columns(table, duplicate_of=True)
+    out = reject(out, duplicate, Stage.EXACT_DEDUP, Reason.EXACT_DUPLICATE, detail, duplicate_of=dup_of)
+    return reject(out, placeholder, Stage.EXACT_DEDUP, Reason.PLACEHOLDER, detail)

@@ -13,8 +13,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from manifests.schema import Reason, Stage
 from manifests.config import QualityConfig
+from manifests.rejects import reject
+from manifests.schema import Reason, Stage
 
 # (config field, score column, reject when the score is "below"/"above" the threshold, reason)
 CHECKS = (
@@ -32,11 +33,6 @@ def quality_decisions(batch: pa.Table, cfg: QualityConfig) -> pa.Table:
 
     Columns in: the q_* scores and stage/reason/detail. Rows rejected earlier, and rows
     without scores (never decoded), pass through unchanged."""
-    n = len(batch)
-    alive = ~np.asarray(pc.is_valid(batch["reason"]).to_numpy(zero_copy_only=False), dtype=bool)
-    stage = batch["stage"].to_pylist()
-    reason = batch["reason"].to_pylist()
-    detail = batch["detail"].to_pylist()
     for field, column, side, why in CHECKS:
         threshold = getattr(cfg, field)
         if threshold is None or column not in batch.column_names:
@@ -44,19 +40,9 @@ def quality_decisions(batch: pa.Table, cfg: QualityConfig) -> pa.Table:
         scores = batch[column].to_numpy(zero_copy_only=False).astype(np.float64)  # nulls -> nan
         with np.errstate(invalid="ignore"):
             fails = scores < threshold if side == "below" else scores > threshold
-        for i in np.flatnonzero(fails & alive):
-            stage[i], reason[i] = Stage.FILTER.value, why.value
-            detail[i] = f"{column} {scores[i]:.4g} {'<' if side == 'below' else '>'} {field} {threshold:g}"
-            alive[i] = False
-    if n == 0:
-        return batch
-    return with_rejects(batch, stage, reason, detail)
-
-
-def with_rejects(batch: pa.Table, stage: list, reason: list, detail: list) -> pa.Table:
-    """``batch`` with its stage/reason/detail columns replaced."""
-    for name, values in (("stage", stage), ("reason", reason), ("detail", detail)):
-        batch = batch.set_column(batch.schema.get_field_index(name), name, pa.array(values, pa.string()))
+        op = "<" if side == "below" else ">"
+        detail = [f"{column} {v:.4g} {op} {field} {threshold:g}" if f else None for v, f in zip(scores, fails)]
+        batch = reject(batch, fails, Stage.FILTER, why, detail)
     return batch
 
 
@@ -120,15 +106,16 @@ def nonnatural_decisions(batch: pa.Table, model: dict) -> pa.Table:
     score = np.full(n, np.nan, dtype=np.float32)
     margin = np.full(n, np.nan, dtype=np.float32)
     category: list[str | None] = [None] * n
-    stage, reason, detail = batch["stage"].to_pylist(), batch["reason"].to_pylist(), batch["detail"].to_pylist()
+    detail: list[str | None] = [None] * n
+    inside = np.zeros(n, dtype=bool)  # inside a category's threshold (on the unrounded margin)
     if valid.any():
         s, best, m, why = nonnatural_scores(x[valid], model)
-        for j, i in enumerate(np.flatnonzero(valid)):
-            score[i], margin[i] = s[j], m[j]
+        rows = np.flatnonzero(valid)
+        score[rows], margin[rows], inside[rows] = s, m, np.asarray(m) < 0
+        for j, i in enumerate(rows):
             category[i] = model["categories"][best[j]]
-            if m[j] < 0 and reason[i] is None:
-                stage[i], reason[i], detail[i] = Stage.FILTER.value, Reason.NONNATURAL.value, why[j]
-    out = with_rejects(batch.drop_columns(["embedding"]), stage, reason, detail)
+            detail[i] = why[j]
+    out = reject(batch.drop_columns(["embedding"]), inside, Stage.FILTER, Reason.NONNATURAL, detail)
     return (out.append_column("nonnatural_score", pa.array(score, pa.float32(), mask=~valid))
             .append_column("nonnatural_category", pa.array(category, pa.string()))
             .append_column("nonnatural_margin", pa.array(margin, pa.float32(), mask=~valid)))
@@ -149,11 +136,10 @@ def aesthetic_decisions(batch: pa.Table, head: str, weights: str | None, min_sco
     values = np.full(len(batch), np.nan, dtype=np.float32)
     if valid.any():
         values[valid] = score(_HEADS[key], x[valid])
-    stage, reason, detail = batch["stage"].to_pylist(), batch["reason"].to_pylist(), batch["detail"].to_pylist()
+    out = batch.drop_columns(["embedding"])
     if min_score is not None:
-        for i in np.flatnonzero(valid & (values < min_score)):
-            if reason[i] is None:
-                stage[i], reason[i] = Stage.FILTER.value, Reason.LOW_AESTHETIC.value
-                detail[i] = f"aesthetic {values[i]:.3f} < min_score {min_score:g}"
-    out = with_rejects(batch.drop_columns(["embedding"]), stage, reason, detail)
+        with np.errstate(invalid="ignore"):
+            low = valid & (values < min_score)
+        detail = [f"aesthetic {v:.3f} < min_score {min_score:g}" if f else None for v, f in zip(values, low)]
+        out = reject(out, low, Stage.FILTER, Reason.LOW_AESTHETIC, detail)
     return out.append_column("aesthetic", pa.array(values, pa.float32(), mask=~valid))

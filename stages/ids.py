@@ -21,7 +21,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from manifests.schema import ID, Reason
+from manifests.rejects import reject_rows
+from manifests.schema import ID, Reason, Stage
 from stages.kernels.hashing import stable_id
 
 ID_BASE = "_id_base"  # the string a row's id was hashed from
@@ -138,6 +139,4 @@ def parquet_row_ids(table: pa.Table, key_column: str, coordinates: tuple[str, st
 def with_protocol_rejects(table: pa.Table, allowed: tuple[str, ...] | list[str], column: str = "uri") -> pa.Table:
     """``table`` with reject columns: ``unsupported_uri`` where ``column``'s protocol may
     not be read (rows already rejected keep their reject)."""
-    from stages.ingest import with_reject_columns
-
-    return with_reject_columns(table, protocol_rejects(table[column].to_pylist(), allowed))
+    return reject_rows(table, Stage.INGEST, protocol_rejects(table[column].to_pylist(), allowed))

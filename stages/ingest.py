@@ -17,11 +17,17 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pyarrow as pa
 
-from manifests.io import filesystem
-from manifests.schema import BYTES, ID, URI, Reason, Stage, check_columns
 from manifests.config import ConfigError, InputConfig, StorageConfig, ValidateConfig
-from stages import listing
+from manifests.io import filesystem
+from manifests.rejects import alive, reject_rows
+from manifests.schema import BYTES, ID, URI, Reason, Stage, check_columns
+from stages import ids as row_ids
+from stages import listing, shards
 from stages.kernels.hashing import stable_id
+from stages.parquet_cells import (
+    PQ_FILE, PQ_GROUP, PQ_ROW, checked_cells, column_chunk_bytes, coordinate_member, group_over_budget, parquet_footer,
+)
+from stages.reads import read_at_most, read_with_retry, too_large_detail
 from stages.listing import (  # noqa: F401 - the listing lives in stages.listing; re-exported for callers
     KEY_RANGE_BOUNDS, TABLE_SUFFIXES, TAR_SUFFIXES, Skipped, list_key_range, list_prefix, list_shards, list_tables,
     s3_key_ranges, split_listing,
@@ -29,117 +35,13 @@ from stages.listing import (  # noqa: F401 - the listing lives in stages.listing
 
 KEY_CANDIDATES = ("uuid", "key", "id", "uri", "url")
 
-_TRANSIENT_MARKERS = (
-    "slowdown", "throttl", "internalerror", "serviceunavailable", "service unavailable",
-    "requesttimeout", "timed out", "timeout", "connection", "503", "500 ", "502", "504",
-    "toomanyrequests", "please reduce your request rate",
-)
 
-
-class TransientReadError(OSError):
-    """A storage error that outlived its retries (raised only in 'fail' mode)."""
-
-
-# --------------------------------------------------------------------------- rows
-
-def reject_columns(n: int) -> dict[str, pa.Array]:
-    return {k: pa.nulls(n, pa.string()) for k in ("stage", "reason", "detail")}
-
-
-def with_reject_columns(table: pa.Table, rejects: list[tuple[Reason, str] | None]) -> pa.Table:
-    """Set ``stage/reason/detail`` (stage ``ingest``) where ``rejects[i]`` is not None.
-
-    Rows already rejected upstream keep their reject; others stay null (alive).
-    """
-    n = len(rejects)
-    prior = {k: table.column(k).to_pylist() if k in table.column_names else [None] * n
-             for k in ("stage", "reason", "detail")}
-    cols = {
-        "stage": [p or (Stage.INGEST.value if r else None) for p, r in zip(prior["stage"], rejects)],
-        "reason": [p or (str(r[0]) if r else None) for p, r in zip(prior["reason"], rejects)],
-        "detail": [p or (r[1] if r else None) for p, r in zip(prior["detail"], rejects)],
-    }
-    for k, v in cols.items():
-        if k in table.column_names:
-            table = table.drop_columns([k])
-        table = table.append_column(k, pa.array(v, pa.string()))
-    return table
-
-
-# --------------------------------------------------------------------------- errors and retries
-
-def classify_error(exc: BaseException) -> Reason | None:
-    """The reject reason of a read failure, or None if it is transient (worth retrying)."""
-    if isinstance(exc, FileNotFoundError):
-        return Reason.MISSING
-    if isinstance(exc, PermissionError):
-        return Reason.PERMISSION_DENIED
-    if isinstance(exc, (IsADirectoryError, NotADirectoryError)):
-        return Reason.READ_ERROR
-    if isinstance(exc, (TimeoutError, ConnectionError)):
-        return None
-    text = f"{type(exc).__name__} {exc}"
-    for name in (getattr(exc, "filename", None), getattr(exc, "filename2", None)):
-        if name:  # a path such as shard-000503.tar is not an HTTP 503
-            text = text.replace(str(name), "")
-    text = text.lower()
-    if any(m in text for m in _TRANSIENT_MARKERS):
-        return None
-    return Reason.READ_ERROR
-
-
-def read_with_retry(read, what: str, storage: StorageConfig) -> bytes | tuple[Reason, str]:
-    """Call ``read()``; retry transient failures with backoff. Returns the bytes or
-    ``(reason, detail)`` for a permanent failure."""
-    for attempt in range(storage.max_retries + 1):
-        try:
-            return read()
-        except Exception as e:  # noqa: BLE001 - classified below
-            reason = classify_error(e)
-            if reason is not None:
-                return reason, f"{type(e).__name__}: {e}"[:500]
-            if attempt == storage.max_retries:
-                detail = f"transient error persisted after {storage.max_retries} retries: {type(e).__name__}: {e}"
-                if storage.on_transient_exhausted == "reject":
-                    return Reason.READ_ERROR, detail[:500]
-                raise TransientReadError(f"{what}: {detail}") from e
-            time.sleep(retry_delay(storage, attempt))
-    raise AssertionError("unreachable")
-
-
-def retry_delay(storage: StorageConfig, attempt: int) -> float:
-    """Seconds to wait before retry ``attempt`` (0-based): ``retry_base_s`` doubled each
-    time, capped at 20 s."""
-    return min(storage.retry_base_s * 2 ** attempt, 20.0)
-
-
-def read_at_most(fs, path: str, max_bytes: int | None) -> bytes:
-    """The object's bytes, at most ``max_bytes + 1`` of them (one ranged GET on S3): more
-    than ``max_bytes`` means too large, and the rest is never transferred."""
-    if max_bytes is None:
-        return fs.cat_file(path)
-    try:
-        return fs.cat_file(path, start=0, end=max_bytes + 1)
-    except OSError as e:  # S3 answers a range on an empty object with 416 "range not satisfiable"
-        if "range" in str(e).lower() and fs.size(path) == 0:
-            return b""
-        raise
-
-
-def too_large_detail(fs, path: str, max_bytes: int) -> str:
-    """``file_too_large`` detail of an object read past ``max_bytes`` (its size from a HEAD)."""
-    try:
-        return f"{int(fs.size(path))} bytes > max_bytes {max_bytes}; read stopped after {max_bytes + 1}"
-    except Exception:  # noqa: BLE001 - the size is only for the detail
-        return f"more than max_bytes {max_bytes} bytes; read stopped after {max_bytes + 1}"
-
+# --------------------------------------------------------------------------- reads
 
 def fetch_object(uri: str, storage: StorageConfig, max_bytes: int | None = None) -> bytes | tuple[Reason, str]:
     """An object's bytes, or ``(reason, detail)``; with ``max_bytes``, at most that many are
     kept and a larger object is ``file_too_large`` after reading ``max_bytes + 1``."""
-    from stages.ids import unsupported_uri
-
-    why = unsupported_uri(uri, storage.allowed_protocols)  # defence in depth: tables are checked on reading
+    why = row_ids.unsupported_uri(uri, storage.allowed_protocols)  # defence in depth: tables are checked on reading
     if why:
         return Reason.UNSUPPORTED_URI, why
     try:
@@ -158,10 +60,10 @@ def fetch_batch(table: pa.Table, storage: StorageConfig, uri_column: str = URI,
     an object over ``max_bytes`` (``validate.max_bytes``) is not read whole:
     ``file_too_large``."""
     uris = table.column(uri_column).to_pylist()
-    prior = table.column("reason").to_pylist() if "reason" in table.column_names else [None] * len(uris)
+    live = alive(table)
 
     def one(i):
-        if prior[i] is not None:
+        if not live[i]:
             return None  # rejected upstream (e.g. not in the catalog): nothing to read
         if not uris[i]:
             return Reason.MISSING, "empty uri"
@@ -177,7 +79,7 @@ def fetch_batch(table: pa.Table, storage: StorageConfig, uri_column: str = URI,
     if BYTES in table.column_names:
         table = table.drop_columns([BYTES])
     table = table.append_column(BYTES, pa.array(blobs, pa.binary()))
-    return with_reject_columns(table, [None if isinstance(r, bytes) else r for r in results])
+    return reject_rows(table, Stage.INGEST, [None if isinstance(r, bytes) else r for r in results])
 
 
 # --------------------------------------------------------------------------- sources
@@ -271,7 +173,7 @@ def uri_rows(uris: list[str]) -> pa.Table:
         ids.append(stable_id(u))
         shown.append(u)
         rejects.append(None)
-    return with_reject_columns(pa.table({ID: pa.array(ids, pa.string()), URI: pa.array(shown, pa.string())}), rejects)
+    return reject_rows(pa.table({ID: pa.array(ids, pa.string()), URI: pa.array(shown, pa.string())}), Stage.INGEST, rejects)
 
 
 def resolve_key_column(names: list[str], cfg: InputConfig) -> str:
@@ -301,29 +203,7 @@ def parquet_bytes_batch(table: pa.Table, bytes_column: str, key_column: str, max
                                 if c in table.column_names])
     table = table.append_column(ID, pa.array(ids, pa.string())).append_column(URI, pa.array(uris, pa.string()))
     table = table.append_column(BYTES, blobs)
-    return with_reject_columns(table, rejects)
-
-
-def checked_cells(blobs: pa.ChunkedArray | pa.Array, max_bytes: int | None) -> tuple[pa.ChunkedArray, list]:
-    """(image cells as binary, those over ``max_bytes`` nulled; per cell None, ``missing``
-    (null) or ``file_too_large`` with its size). Sizes come from ``pc.binary_length``: no
-    cell is turned into a Python object here."""
-    import pyarrow.compute as pc
-
-    blobs = blobs.cast(pa.binary())
-    lengths = pc.binary_length(blobs)
-    rejects: list = [None if n is not None and (max_bytes is None or n <= max_bytes) else
-                     (Reason.MISSING, "null image bytes") if n is None else
-                     (Reason.FILE_TOO_LARGE, f"{n} bytes > max_bytes {max_bytes}") for n in lengths.to_pylist()]
-    if max_bytes is not None and any(r is not None and r[0] == Reason.FILE_TOO_LARGE for r in rejects):
-        blobs = pc.if_else(pc.greater(lengths, max_bytes), pa.scalar(None, pa.binary()), blobs)
-    if isinstance(blobs, pa.Array):
-        blobs = pa.chunked_array([blobs])
-    return blobs, rejects
-
-
-# Coordinates of a parquet row, kept from the metadata read to the image read.
-PQ_FILE, PQ_GROUP, PQ_ROW = "_pq_file", "_pq_row_group", "_pq_row"
+    return reject_rows(table, Stage.INGEST, rejects)
 
 
 def parquet_row_groups(batch: pa.Table, storage: StorageConfig) -> pa.Table:
@@ -365,30 +245,12 @@ def parquet_metadata_rows(batch: pa.Table, storage: StorageConfig, bytes_column:
                 t = t.append_column(pf.schema_arrow.field(c), pa.nulls(len(t), pf.schema_arrow.field(c).type))
             detail = (f"row group {rg}: metadata column(s) {sorted(over)} hold {sorted(over.values())} bytes for "
                       f"{rows} rows, more than rows x input.max_sidecar_bytes {max_cell_bytes}; not read")
-            t = with_reject_columns(t, [(Reason.FILE_TOO_LARGE, detail)] * len(t))
+            t = reject_rows(t, Stage.INGEST, [(Reason.FILE_TOO_LARGE, detail)] * len(t))
         n = len(t)
         parts.append(t.append_column(PQ_FILE, pa.array([uri] * n, pa.string()))
                       .append_column(PQ_GROUP, pa.array([rg] * n, pa.int32()))
                       .append_column(PQ_ROW, pa.array(range(n), pa.int32())))
     return pa.concat_tables(parts, promote_options="default") if parts else pa.table({})
-
-
-def parquet_footer(f):
-    """A parquet file's metadata, reading exactly its footer (pyarrow's own reader fetches
-    the last 64 KiB, which for image files is mostly image data)."""
-    import io
-    import struct
-
-    import pyarrow.parquet as pq
-
-    f.seek(-8, 2)
-    tail = f.read(8)
-    if tail[4:] != b"PAR1":
-        raise OSError("not a parquet file (no PAR1 footer magic)")
-    (length,) = struct.unpack("<I", tail[:4])
-    f.seek(-8 - length, 2)
-    footer = f.read(length)
-    return pq.read_metadata(io.BytesIO(b"PAR1" + footer + tail))
 
 
 def parquet_selected_images(table: pa.Table, storage: StorageConfig, bytes_column: str, key_column: str,
@@ -408,17 +270,17 @@ def parquet_selected_images(table: pa.Table, storage: StorageConfig, bytes_colum
     groups = table.column(PQ_GROUP).to_pylist()
     rows = table.column(PQ_ROW).to_pylist()
     blobs: list = [None] * len(table)
-    prior = table.column("reason").to_pylist() if "reason" in table.column_names else [None] * len(table)
+    live = alive(table)
     by_group: dict[tuple[str, int], list[int]] = {}
     for i, key in enumerate(zip(files, groups)):
-        if prior[i] is None:  # rows rejected upstream (not in the catalog) are not read
+        if live[i]:  # rows rejected upstream (not in the catalog) are not read
             by_group.setdefault(key, []).append(i)
     size_rejects: list = [None] * len(table)
     for (uri, rg), members in by_group.items():
         fs, path = filesystem(uri, storage)
         with fs.open(path, "rb") as f:
             md = parquet_footer(f)
-            over = _group_over_budget(md, rg, bytes_column, max_bytes)
+            over = group_over_budget(md, rg, bytes_column, max_bytes)
             if over is None:
                 pf = pq.ParquetFile(f, metadata=md, pre_buffer=False)
                 column = pf.read_row_group(rg, columns=[bytes_column]).column(0)
@@ -436,15 +298,13 @@ def parquet_selected_images(table: pa.Table, storage: StorageConfig, bytes_colum
     out = out.append_column("_uri", pa.array(_coordinate_uris(table, key_column, [paths[u] for u in files]),
                                              pa.string()))
     if any(size_rejects):
-        out = with_reject_columns(out, size_rejects)
+        out = reject_rows(out, Stage.INGEST, size_rejects)
     return parquet_bytes_batch(out, bytes_column, key_column)
 
 
 def _coordinate_uris(table: pa.Table, key_column: str, paths: list[str]) -> list[str | None]:
     """``path#@G:R`` for rows whose key is null or repeats another row's (``_id_repeat``
     from ``stages.ids.unique_ids``): a uri that names that row alone; None for the others."""
-    from stages.parquet_cells import coordinate_member
-
     keys = table.column(key_column).to_pylist()
     repeats = table.column("_id_repeat").to_pylist() if "_id_repeat" in table.column_names else [None] * len(keys)
     groups, rows = table.column(PQ_GROUP).to_pylist(), table.column(PQ_ROW).to_pylist()
@@ -452,48 +312,24 @@ def _coordinate_uris(table: pa.Table, key_column: str, paths: list[str]) -> list
             for p, k, n, g, r in zip(paths, keys, repeats, groups, rows)]
 
 
-def _group_over_budget(md, rg: int, column: str, max_bytes: int | None) -> str | None:
-    """Why row group ``rg``'s ``column`` chunk may not be read (its footer size), or None."""
-    if max_bytes is None:
-        return None
-    group = md.row_group(rg)
-    size = column_chunk_bytes(group, column)
-    if size > group.num_rows * max_bytes:
-        return (f"row group {rg}: column {column!r} holds {size} bytes uncompressed for {group.num_rows} rows, "
-                f"more than rows x max_bytes {max_bytes}: a cell is too large and the group is not read")
-    return None
-
-
-def column_chunk_bytes(group, column: str) -> int:
-    """Uncompressed bytes of a top-level column (all its leaves) in one row group's footer."""
-    return sum(group.column(j).total_uncompressed_size for j in range(group.num_columns)
-               if group.column(j).path_in_schema.split(".", 1)[0] == column)
-
-
 def manifest_rows(table: pa.Table, uri_column: str, allowed_protocols: tuple[str, ...] | list[str] = ()) -> pa.Table:
     """Rows of a manifest table -> ``id, uri`` + metadata (bytes fetched later), and
     ``_id_base`` (a uri listed twice gets unique ids later: ``stages.ids.unique_ids``).
     A uri whose protocol may not be read (``stages.ids.unsupported_uri``) is rejected
     ``unsupported_uri`` here, before any worker reaches for it."""
-    from stages.ids import ID_BASE, with_protocol_rejects
-
     uris = [None if u is None else str(u) for u in table.column(uri_column).to_pylist()]
     bases = [u or "" for u in uris]
-    drop = sorted({c for c in (ID, URI, ID_BASE, uri_column) if c in table.column_names})
+    drop = sorted({c for c in (ID, URI, row_ids.ID_BASE, uri_column) if c in table.column_names})
     table = table.drop_columns(drop)
     table = (table.append_column(ID, pa.array([stable_id(b) for b in bases], pa.string()))
-             .append_column(URI, pa.array(uris, pa.string())).append_column(ID_BASE, pa.array(bases, pa.string())))
-    return with_protocol_rejects(table, allowed_protocols)
+             .append_column(URI, pa.array(uris, pa.string()))
+             .append_column(row_ids.ID_BASE, pa.array(bases, pa.string())))
+    return row_ids.with_protocol_rejects(table, allowed_protocols)
 
 
 # --------------------------------------------------------------------------- webdataset
 
-SKIPPED = "skipped_unselected"  # reason of a member not read because its key is unselected (never output)
-
-
 def iter_shard(shard_uri: str, storage: StorageConfig, extensions: list[str], rows_per_block: int,
                keep: Callable[[str], bool] | None = None, limits=None) -> Iterator[pa.Table]:
     """Stream one ``.tar``/``.tar.gz`` shard as tables of rows: :func:`stages.shards.iter_shard`."""
-    from stages import shards  # shards builds on this module's errors and reject columns
-
     return shards.iter_shard(shard_uri, storage, extensions, rows_per_block, keep, limits)

@@ -1,5 +1,5 @@
 """Near-duplicate removal, per-batch and per-group functions (Arrow in, Arrow out) that
-``pipeline.neardedup`` runs on Ray Data; the algorithms are in ``stages.kernels.near_dedup``.
+``pipeline.stages.near_dedup`` runs on Ray Data; the algorithms are in ``stages.kernels.near_dedup``.
 
 Node names in the pair graph are ``_key`` = uint64 hash of the row id."""
 
@@ -11,6 +11,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from manifests.rejects import alive, reject
 from manifests.schema import Reason, Stage
 from stages.filters import embedding_matrix
 from stages.kernels import near_dedup as kn
@@ -75,9 +76,8 @@ def _pairs(a, b, s) -> pa.Table:
 
 def alive_keyed(batch: pa.Table) -> pa.Table:
     """Rows still alive after the filters (with a hash), with their ``_key``."""
-    ok = pc.and_(pc.invert(pc.is_valid(batch["reason"])), pc.is_valid(batch["sha256"]))
-    alive = batch.filter(ok)
-    return alive.append_column("_key", pa.array(kn.id_keys(alive["id"].to_pylist()), pa.uint64()))
+    rows = batch.filter(pc.and_(pa.array(alive(batch)), pc.is_valid(batch["sha256"])))
+    return rows.append_column("_key", pa.array(kn.id_keys(rows["id"].to_pylist()), pa.uint64()))
 
 
 # --------------------------------------------------------------------------- perceptual
@@ -370,18 +370,10 @@ def apply_decisions(batch: pa.Table) -> pa.Table:
                      ("_nd_similarity", pa.float32()), ("_nd_ids", pa.list_(pa.string())),
                      ("_nd_conflict", pa.bool_())):
             batch = batch.append_column(c, pa.nulls(n, t))
-    reason = batch["_nd_reason"].to_pylist()
-    stage, why, detail = batch["stage"].to_pylist(), batch["reason"].to_pylist(), batch["detail"].to_pylist()
-    dup = batch["duplicate_of"].to_pylist() if "duplicate_of" in batch.column_names else [None] * n
-    nd_dup, nd_detail = batch["_nd_duplicate_of"].to_pylist(), batch["_nd_detail"].to_pylist()
-    for i, r in enumerate(reason):
-        if r is not None and why[i] is None:
-            stage[i], why[i], detail[i], dup[i] = Stage.NEAR_DEDUP.value, r, nd_detail[i], nd_dup[i]
-    out = batch.drop_columns([c for c in (*DECISION_COLUMNS, "stage", "reason", "detail", "duplicate_of")
-                              if c in batch.column_names])
-    out = (out.append_column("stage", pa.array(stage, pa.string())).append_column("reason", pa.array(why, pa.string()))
-           .append_column("detail", pa.array(detail, pa.string()))
-           .append_column("duplicate_of", pa.array(dup, pa.string())))
+    removed = np.asarray(pc.is_valid(batch["_nd_reason"]).to_numpy(zero_copy_only=False), dtype=bool)
+    out = reject(batch, removed, Stage.NEAR_DEDUP, batch["_nd_reason"], batch["_nd_detail"],
+                 duplicate_of=batch["_nd_duplicate_of"])
+    out = out.drop_columns([c for c in DECISION_COLUMNS if c in out.column_names])
     return (out.append_column("near_dup_group", batch["_nd_group"])
             .append_column("near_dup_similarity", batch["_nd_similarity"])
             .append_column("near_dup_ids", batch["_nd_ids"])

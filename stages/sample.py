@@ -1,5 +1,5 @@
 """Diversity sampling, per-batch and per-group functions (Arrow in, Arrow out) that
-``pipeline.sampling`` runs on Ray Data; the algorithms are in ``stages.kernels.sampling``."""
+``pipeline.stages.sample`` runs on Ray Data; the algorithms are in ``stages.kernels.sampling``."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from manifests.rejects import reject
 from manifests.schema import Reason, Stage
 from stages.filters import embedding_matrix
 from stages.kernels import near_dedup as kn
@@ -110,16 +111,9 @@ def apply_sample(batch: pa.Table, levels: int) -> pa.Table:
             "_sdetail", pa.nulls(n, pa.string()))
         for c in cols:
             batch = batch.append_column(c, pa.nulls(n, pa.int32()))
-    sampled = batch["_sampled"].to_pylist()
-    stage, why, detail = batch["stage"].to_pylist(), batch["reason"].to_pylist(), batch["detail"].to_pylist()
-    sdetail = batch["_sdetail"].to_pylist()
-    for i, s in enumerate(sampled):
-        if s is False and why[i] is None:
-            stage[i], why[i], detail[i] = Stage.SAMPLE.value, Reason.NOT_SAMPLED.value, sdetail[i]
-    out = batch.drop_columns([c for c in ("_sampled", "_sdetail", "stage", "reason", "detail", *cols)
-                              if c in batch.column_names])
-    out = (out.append_column("stage", pa.array(stage, pa.string())).append_column("reason", pa.array(why, pa.string()))
-           .append_column("detail", pa.array(detail, pa.string())))
+    not_chosen = np.asarray(pc.invert(batch["_sampled"]).fill_null(False).to_numpy(zero_copy_only=False), dtype=bool)
+    out = reject(batch, not_chosen, Stage.SAMPLE, Reason.NOT_SAMPLED, batch["_sdetail"])
+    out = out.drop_columns([c for c in ("_sampled", "_sdetail", *cols) if c in out.column_names])
     for c in cols:
         out = out.append_column(c, pc.cast(batch[c], pa.int32()))
     return out.append_column("sampled", batch["_sampled"])

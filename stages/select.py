@@ -15,10 +15,12 @@ import posixpath
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
+from manifests.rejects import clear, ensure_columns, reject
 from manifests.schema import Reason, Stage
 from stages.kernels.hashing import seeded_rank
-from stages.ingest import SKIPPED
+from stages.shards import SKIPPED
 from stages.kernels.select import cap_per_group, predicate_mask
 
 JOIN_KEY = "_join_key"
@@ -123,22 +125,15 @@ def classify_joined(table: pa.Table) -> pa.Table:
     keep = from_input & (selected | ~from_catalog)
     out = table.filter(pa.array(keep))
     orphan = ~_flag(out, FROM_CATALOG)
-    if "reason" in out.column_names:
-        prior = out.column("reason").to_pylist()
-        stage, reason, detail = (out.column(c).to_pylist() for c in ("stage", "reason", "detail"))
-    else:
-        prior = [None] * len(out)
-        stage, reason, detail = [None] * len(out), [None] * len(out), [None] * len(out)
+    out = ensure_columns(out)
+    skipped = np.asarray(pc.equal(out["reason"], SKIPPED).fill_null(False).to_numpy(zero_copy_only=False), dtype=bool)
+    out = clear(out, skipped)  # a member the reader skipped as unselected: decided here
     keys = out.column(JOIN_KEY).to_pylist()
-    for i, o in enumerate(orphan):
-        if o and prior[i] in (None, SKIPPED):
-            stage[i], reason[i] = Stage.SELECT.value, Reason.NOT_IN_CATALOG.value
-            detail[i] = f"no catalog row with key {keys[i]!r}"
-        elif prior[i] == SKIPPED:  # cannot happen (a Bloom filter has no false negatives)
-            stage[i], reason[i] = Stage.INGEST.value, Reason.READ_ERROR.value
-            detail[i] = "skipped by the selection pre-filter although selected"
-    for name, values in (("stage", stage), ("reason", reason), ("detail", detail)):
-        out = _set(out, name, pa.array(values, pa.string()))
+    out = reject(out, orphan, Stage.SELECT, Reason.NOT_IN_CATALOG,
+                 [f"no catalog row with key {k!r}" if o else None for k, o in zip(keys, orphan)])
+    # cannot happen (a Bloom filter has no false negatives), but never an alive row unread
+    out = reject(out, skipped & ~orphan, Stage.INGEST, Reason.READ_ERROR,
+                 "skipped by the selection pre-filter although selected")
     return out.drop_columns([c for c in (JOIN_KEY, SELECTED, FROM_CATALOG, FROM_INPUT, RANK_ID, KEY_COPIES)
                              if c in out.column_names])
 

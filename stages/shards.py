@@ -21,7 +21,7 @@ members after it were not reached). Headers between two members (pax, GNU long n
 may not hold more than :data:`HEADER_BYTES`. Decompression is done here, in bounded
 chunks, so tarfile never sees more than those budgets.
 
-Errors. A transient error (throttling, reset, timeout: ``ingest.classify_error``)
+Errors. A transient error (throttling, reset, timeout: ``reads.classify_error``)
 part-way through reopens the shard and skips the members already emitted, with the
 backoff of objects (``storage.max_retries``, ``retry_base_s``; the count restarts when
 an attempt got further than the last). When retries run out: ``fail`` raises
@@ -48,11 +48,13 @@ from dataclasses import dataclass, field
 import pyarrow as pa
 
 from manifests.io import filesystem
-from manifests.schema import BYTES, ID, URI, Reason
+from manifests.rejects import reject_rows
+from manifests.schema import BYTES, ID, URI, Reason, Stage
 from manifests.config import InputConfig, StorageConfig, ValidateConfig
-from stages.ingest import SKIPPED, TransientReadError, classify_error, retry_delay, with_reject_columns
+from stages.reads import TransientReadError, classify_error, retry_delay
 from stages.listing import printable_name, raw_name
 
+SKIPPED = "skipped_unselected"  # reason of a member not read because its key is unselected (never output)
 # Bytes tarfile may read between two members beyond the first one's data: pax headers and
 # GNU long names are a few hundred bytes; tarfile reads 10 KiB at a time.
 HEADER_BYTES = 1 << 20
@@ -426,4 +428,4 @@ _SHARD_SCHEMA = pa.schema([(ID, pa.string()), (URI, pa.string()), ("key", pa.str
 
 def _shard_table(rows: list[dict]) -> pa.Table:
     t = pa.table({f.name: pa.array([r[f.name] for r in rows], f.type) for f in _SHARD_SCHEMA}, schema=_SHARD_SCHEMA)
-    return with_reject_columns(t, [r["_reject"] for r in rows])
+    return reject_rows(t, Stage.INGEST, [r["_reject"] for r in rows])

@@ -33,8 +33,9 @@ import pyarrow as pa
 import simplejpeg
 from PIL import Image, ImageFile
 
-from manifests.schema import BYTES, REJECT_FIELDS, VALIDATE_FIELDS, Reason, Stage
 from manifests.config import ValidateConfig
+from manifests.rejects import alive, reject
+from manifests.schema import BYTES, VALIDATE_FIELDS, Reason, Stage
 from stages import decode_pool, webp
 from stages.deadline import DeadlineExceeded, deadline
 from stages.kernels.phash import phash64
@@ -474,9 +475,6 @@ def validate_image(data: bytes | None, cfg: ValidateConfig, cover: int = 0) -> I
     return info
 
 
-_OUT_SCHEMA = pa.schema([*VALIDATE_FIELDS, *REJECT_FIELDS])
-
-
 def validate_batch(table: pa.Table, cfg: ValidateConfig) -> pa.Table:
     """Validate every row of ``table`` (column ``image_bytes``).
 
@@ -496,35 +494,31 @@ def validate_batch_decodes(table: pa.Table, cfg: ValidateConfig, cover: int = 0,
     ``_reused`` column marks them (the plan copies the rest from the previous run)."""
     from stages.embed import is_known
     blobs = table.column(BYTES).to_pylist()
-    prior_reason = table.column("reason").to_pylist()
-    cols: dict[str, list] = {f.name: [] for f in _OUT_SCHEMA}
+    live = alive(table)
+    cols: dict[str, list] = {f.name: [] for f in VALIDATE_FIELDS}
+    reasons: list[str | None] = []
+    details: list[str | None] = []
     decodes: list[np.ndarray | None] = []
     reused = np.zeros(len(blobs), dtype=bool)
-    prior = {k: table.column(k).to_pylist() for k in ("stage", "reason", "detail")}
     for i, data in enumerate(blobs):
-        if prior_reason[i] is not None:
-            for f in VALIDATE_FIELDS:
-                cols[f.name].append(len(data) if f.name == "n_bytes" and data is not None else None)
-            for k in ("stage", "reason", "detail"):
-                cols[k].append(prior[k][i])
-            decodes.append(None)
-            continue
-        if reuse is not None and data and is_known(reuse, [sha := hashlib.sha256(data).hexdigest()])[0]:
+        if not live[i]:  # rejected upstream: passed through, only its size recorded
+            info = ImageInfo(n_bytes=len(data) if data is not None else None, sha256=None)
+        elif reuse is not None and data and is_known(reuse, [sha := hashlib.sha256(data).hexdigest()])[0]:
             info = ImageInfo(n_bytes=len(data), sha256=sha)
             reused[i] = True
         else:
             info = validate_image(data, cfg, cover)
-        decodes.append(info.decoded if info.reason is None else None)
+        decodes.append(info.decoded if live[i] and info.reason is None else None)
         for f in VALIDATE_FIELDS:
             cols[f.name].append(getattr(info, f.name))
-        cols["stage"].append(Stage.VALIDATE.value if info.reason else None)
-        cols["reason"].append(info.reason.value if info.reason else None)
-        cols["detail"].append(info.detail)
-    out = table.drop_columns([BYTES, "stage", "reason", "detail"])
-    for f in _OUT_SCHEMA:
+        reasons.append(info.reason.value if live[i] and info.reason else None)
+        details.append(info.detail if live[i] else None)
+    out = table.drop_columns([BYTES])
+    for f in VALIDATE_FIELDS:
         if f.name in out.column_names:
             out = out.drop_columns([f.name])
         out = out.append_column(f, pa.array(cols[f.name], type=f.type))
+    out = reject(out, np.array([r is not None for r in reasons], dtype=bool), Stage.VALIDATE, reasons, details)
     if reuse is not None:
         out = out.append_column("_reused", pa.array(reused, pa.bool_()))
     return out, decodes
@@ -539,11 +533,7 @@ class ValidateStage:
     cfg: ValidateConfig
     name: str = Stage.VALIDATE.value
     num_cpus: float = 1.0
-    reuse: object = None  # sorted sha256 keys not to decode (a refresh), or an object ref of them
+    reuse: np.ndarray | None = None  # sorted sha256 keys not to decode (a refresh; the plan resolves its ref)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        if self.reuse is not None and not isinstance(self.reuse, np.ndarray):
-            import ray  # an object ref from the plan: fetched once per worker
-
-            self.reuse = ray.get(self.reuse)
         return validate_batch_decodes(batch, self.cfg, 0, self.reuse)[0]

@@ -20,7 +20,7 @@ from manifests.schema import BYTES, Reason
 from pipeline.testdata import hostile, images
 from manifests.config import ValidateConfig
 from stages import decode_pool, webp
-from stages.ingest import with_reject_columns
+from manifests.rejects import reject_rows
 from stages.validate import (decode_webp_reduced, jpeg_scans, reduce_image, to_rgb, validate_batch_decodes,
                              validate_image)
 
@@ -31,8 +31,8 @@ IN_PROCESS = ValidateConfig(isolate_over_s=1e9, timeout_s=0)  # every decode in 
 
 def _table(blobs: list[bytes]) -> pa.Table:
     ids = [f"r{i}" for i in range(len(blobs))]
-    return with_reject_columns(pa.table({"id": ids, "uri": ids, BYTES: pa.array(blobs, pa.binary())}),
-                               [None] * len(blobs))
+    return reject_rows(pa.table({"id": ids, "uri": ids, BYTES: pa.array(blobs, pa.binary())}), "ingest",
+                       [None] * len(blobs))
 
 
 def _rows(table: pa.Table) -> list[dict]:

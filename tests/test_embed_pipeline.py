@@ -48,7 +48,7 @@ def tiny_vit(path):
 
 
 def embeddings(out, name):
-    t = read_committed_table(f"{out}/stages/embed_{name}")
+    t = read_committed_table(f"{out}/stages/embed.{name}")
     return t, {r["id"]: np.asarray(r["embedding"], dtype=np.float32) for r in t.to_pylist()}
 
 

@@ -21,7 +21,7 @@ import pytest
 from manifests.schema import Reason
 from pipeline import plan, thumbs
 from manifests.config import load_config
-from stages import ids, ingest
+from stages import ids, ingest, reads
 from stages import select as sel
 from stages.kernels.hashing import stable_id
 from tests.test_pipeline import check_invariant, tables
@@ -237,8 +237,8 @@ def test_a_protocol_chain_is_looked_at_even_behind_an_allowed_prefix():
 
 
 def test_a_file_name_with_503_in_it_is_not_a_transient_error():
-    assert ingest.classify_error(OSError(5, "Input/output error", "/data/shard-000503.tar")) == Reason.READ_ERROR
-    assert ingest.classify_error(OSError("503 Service Unavailable")) is None
+    assert reads.classify_error(OSError(5, "Input/output error", "/data/shard-000503.tar")) == Reason.READ_ERROR
+    assert reads.classify_error(OSError("503 Service Unavailable")) is None
 
 
 @pytest.mark.slow

@@ -13,7 +13,7 @@ from fsspec.implementations.memory import MemoryFileSystem
 from manifests.io import filesystem
 from manifests.schema import BYTES, Reason
 from manifests.config import InputConfig, StorageConfig
-from stages import ingest
+from stages import ingest, reads
 
 FAST = StorageConfig(retry_base_s=0.001, max_retries=3, allowed_protocols=["flaky"])
 
@@ -64,7 +64,7 @@ def test_transient_errors_are_retried_then_read(flaky):
 
 def test_transient_errors_that_persist_fail_loudly_or_reject(flaky):
     FlakyFS.fail_times = 100
-    with pytest.raises(ingest.TransientReadError, match="persisted after 3 retries"):
+    with pytest.raises(reads.TransientReadError, match="persisted after 3 retries"):
         ingest.fetch_batch(_rows(["flaky:///c/a.jpg"]), FAST)
     out = ingest.fetch_batch(_rows(["flaky:///c/a.jpg"]), FAST.model_copy(update={"on_transient_exhausted": "reject"}))
     assert out.column("reason").to_pylist() == ["read_error"]
@@ -80,11 +80,11 @@ def test_permanent_errors_are_rejects_without_retry(flaky, tmp_path):
 
 
 def test_error_classification():
-    assert ingest.classify_error(FileNotFoundError("x")) == Reason.MISSING
-    assert ingest.classify_error(PermissionError("x")) == Reason.PERMISSION_DENIED
-    assert ingest.classify_error(TimeoutError()) is None
-    assert ingest.classify_error(OSError("An error occurred (ServiceUnavailable) ... 503")) is None
-    assert ingest.classify_error(ValueError("bad")) == Reason.READ_ERROR
+    assert reads.classify_error(FileNotFoundError("x")) == Reason.MISSING
+    assert reads.classify_error(PermissionError("x")) == Reason.PERMISSION_DENIED
+    assert reads.classify_error(TimeoutError()) is None
+    assert reads.classify_error(OSError("An error occurred (ServiceUnavailable) ... 503")) is None
+    assert reads.classify_error(ValueError("bad")) == Reason.READ_ERROR
 
 
 def test_folder_listing_is_split_by_subfolder(tmp_path, good):

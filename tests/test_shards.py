@@ -21,7 +21,7 @@ from fsspec.implementations.memory import MemoryFileSystem
 from manifests.schema import BYTES
 from pipeline.testdata import hostile
 from manifests.config import StorageConfig
-from stages import ingest, shards
+from stages import ingest, reads, shards
 from stages.kernels.hashing import stable_id
 
 EXT = ["jpg", "png", "webp"]
@@ -280,7 +280,7 @@ def test_connection_reset_mid_shard_is_retried_from_where_it_stopped(reset_shard
 def test_connection_reset_that_persists_fails_or_rejects_the_rest(reset_shard):
     uri, members = reset_shard
     ResetFS.fail_times = 100
-    with pytest.raises(ingest.TransientReadError, match="not reached"):
+    with pytest.raises(reads.TransientReadError, match="not reached"):
         read_shard(uri)
     ResetFS.failures = {}
     rows = read_shard(uri, FAST.model_copy(update={"on_transient_exhausted": "reject"}))

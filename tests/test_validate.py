@@ -13,7 +13,7 @@ from manifests.schema import BYTES, Reason
 from pipeline.testdata import images
 from manifests.config import ValidateConfig
 from stages.deadline import DeadlineExceeded, deadline
-from stages.ingest import with_reject_columns
+from manifests.rejects import reject_rows
 from stages.validate import validate_batch, validate_image
 
 CFG = ValidateConfig()
@@ -144,15 +144,15 @@ def _slow_png() -> bytes:
 def test_slow_file_is_rejected_in_time_and_the_batch_completes(good):
     slow = _slow_png()
     warm = pa.table({"id": ["w"], "uri": ["w"], BYTES: pa.array([good["rocket.tiff"]], pa.binary())})
-    validate_batch(with_reject_columns(warm, [None]), CFG)  # imports done, decode process started (TIFF goes there)
+    validate_batch(reject_rows(warm, "ingest", [None]), CFG)  # imports done, decode process started (TIFF goes there)
     t0 = time.perf_counter()
     unlimited = validate_image(slow, ValidateConfig(timeout_s=0, max_bytes=10**9))
     full = time.perf_counter() - t0
     assert unlimited.reason is None and full > 0.1
     cfg = ValidateConfig(timeout_s=full / 5, max_bytes=10**9)  # relative: robust to machine speed
     blobs = [good["astronaut.jpg"], slow, good["coffee.png"]]
-    table = with_reject_columns(pa.table({"id": ["a", "b", "c"], "uri": ["a", "b", "c"],
-                                          BYTES: pa.array(blobs, pa.binary())}), [None] * 3)
+    table = reject_rows(pa.table({"id": ["a", "b", "c"], "uri": ["a", "b", "c"],
+                                  BYTES: pa.array(blobs, pa.binary())}), "ingest", [None] * 3)
     t0 = time.perf_counter()
     out = validate_batch(table, cfg)
     took = time.perf_counter() - t0
@@ -162,9 +162,9 @@ def test_slow_file_is_rejected_in_time_and_the_batch_completes(good):
 
 
 def test_batch_passes_upstream_rejects_through(good):
-    table = with_reject_columns(pa.table({"id": ["a", "b"], "uri": ["a", "b"],
-                                          BYTES: pa.array([good["astronaut.jpg"], None], pa.binary())}),
-                                [None, (Reason.MISSING, "gone")])
+    table = reject_rows(pa.table({"id": ["a", "b"], "uri": ["a", "b"],
+                                  BYTES: pa.array([good["astronaut.jpg"], None], pa.binary())}),
+                        "ingest", [None, (Reason.MISSING, "gone")])
     out = validate_batch(table, CFG).to_pylist()
     assert out[0]["reason"] is None and out[0]["format"] == "JPEG" and out[0]["n_bytes"] > 0
     assert (out[1]["stage"], out[1]["reason"], out[1]["detail"]) == ("ingest", "missing", "gone")

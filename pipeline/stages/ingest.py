@@ -19,6 +19,7 @@ import stages.ingest as ingest
 import stages.listing as listing
 from manifests import io as mio
 from manifests.config import PipelineConfig
+from manifests.rejects import ensure_columns
 from manifests.schema import Stage
 from pipeline import catalog, ids, joins
 from pipeline.rundir import remote_kwargs
@@ -103,9 +104,9 @@ def _ingest_rows(cfg: PipelineConfig, kind: str, flagged: ray.data.Dataset | Non
             )
             parts.append(listed)
         if not parts:
-            return ray.data.from_arrow(ingest.with_reject_columns(
+            return ray.data.from_arrow(ensure_columns(
                 pa.table({schema.ID: pa.array([], pa.string()), schema.URI: pa.array([], pa.string()),
-                          schema.BYTES: pa.array([], pa.binary())}), []))
+                          schema.BYTES: pa.array([], pa.binary())})))
         rows = parts[0].union(*parts[1:]) if len(parts) > 1 else parts[0]
         rows = rows.repartition(target_num_rows_per_block=cfg.run.read_batch_size)
         return rows.map_batches(ingest.fetch_batch, batch_size=cfg.run.read_batch_size, batch_format="pyarrow",

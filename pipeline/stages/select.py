@@ -48,8 +48,9 @@ def _summary(ctx: Context) -> dict:
 
 def _describe(ctx: Context) -> str:
     c = ctx.cfg
-    return (f"catalog {c.catalog.path or 'none'}, predicates {len(c.select.where)}, caps "
-            f"{len(c.select.max_per_taxon or [])}  writes stages/select"
+    cap = c.select.max_per_taxon
+    return (f"catalog {c.catalog.path or 'none'}, predicates {len(c.select.where)}, "
+            f"{f'at most {cap.max} per {cap.column}' if cap else 'no taxon cap'}  writes stages/select"
             + ("; joins after the pass: stages/select.join" if catalog.joins_after_pass(c, ctx.kind) else ""))
 
 
