@@ -26,7 +26,6 @@ import ray
 from manifests import io as mio
 from manifests import rejects
 from manifests.config import STAGES, PipelineConfig
-from manifests.schema import Stage, reaches
 from pipeline import __version__, embedding, ids, refresh
 from pipeline.rundir import RunDir, init_ray
 from pipeline.stage import Context, Output, StageDef, code_hash, fingerprint
@@ -57,8 +56,8 @@ class Step:
 
 
 def active(ctx: Context) -> list[StageDef]:
-    """The stages this run executes (select runs with ingest: it decides what ingest reads)."""
-    return [d for d in PLAN if (d.name is Stage.SELECT or ctx.runs(d.name)) and d.enabled(ctx)]
+    """The stages this run executes: reached by ``--until`` and enabled."""
+    return [d for d in PLAN if d.reached(ctx) and d.enabled(ctx)]
 
 
 def steps(ctx: Context) -> list[Step]:
@@ -134,11 +133,12 @@ def run(cfg: PipelineConfig, until: str = STAGES[-1], resume: bool = False, kind
     kind = kind or detect_kind(cfg.input, cfg.storage)
     prev = refresh.load_previous(cfg)
     cfg = refresh.with_previous_cache(cfg, prev)
-    plans = embedding.model_plans(cfg) if cfg.embed.models and reaches(until, Stage.EMBED) else []
     init_ray(cfg)
-    device = embedding.resolve_device(cfg) if plans else "cpu"
     rd = RunDir(cfg)
-    ctx = Context(cfg, until, kind, rd, prev, plans, device)
+    ctx = Context(cfg, until, kind, rd, prev)
+    for d in PLAN:
+        if d.setup is not None and d.reached(ctx):
+            d.setup(ctx)
     plan = steps(ctx)
     print(describe(ctx, plan), flush=True)
     fps = ctx.fingerprints = fingerprints(ctx, plan)
@@ -196,8 +196,7 @@ def run(cfg: PipelineConfig, until: str = STAGES[-1], resume: bool = False, kind
     if prev is not None:
         t0 = time.time()
         refresh_report = {"previous": prev.uri, "diff": refresh.write_diff(rd, decided, prev),
-                          "previous_version": prev.summary.get("version", 1),
-                          "validate": ctx.marker_counts(ctx.facts["pass"]).get("refresh")}
+                          "previous_version": prev.summary.get("version", 1)}
         timings["diff"] = round(time.time() - t0, 3)
 
     n_rejected = sum(sum(v.values()) for v in counts["rejected"].values())
@@ -209,7 +208,11 @@ def run(cfg: PipelineConfig, until: str = STAGES[-1], resume: bool = False, kind
         "repeated_names": repeats,
     }
     for d in PLAN:  # every stage says its part (also when it did not run: its keys are then empty)
-        summary.update(d.summary(ctx))
+        part = dict(d.summary(ctx))
+        own_refresh = part.pop("refresh", None) or {}
+        if prev is not None:
+            refresh_report.update(own_refresh)
+        summary.update(part)
     summary.update({
         "warnings": [w for st in plan for w in ctx.marker_counts(st.name).get("warnings") or []],
         "until": until,

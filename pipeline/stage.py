@@ -55,7 +55,11 @@ class StageDef:
     holding the declaration; its import closure is the stage's code. ``doc`` and
     ``resources``: one line each for the README table and the plan printed at start.
 
+    ``runs_with``: the stage whose ``--until`` reach decides whether it runs (select runs
+    whenever ingest does: it decides what ingest reads); default: its own name.
     ``enabled(ctx)``: whether it runs (``--until`` is checked by the plan).
+    ``setup(ctx)``: once Ray runs, before the plan is laid out: resolve what the stage and
+    the ones after it need (the embedding models and their device) into the context.
     ``stream(ctx, ds)``: per-row stages; returns the dataset with this stage applied
     (``ds`` is None for the first one). The streaming stages that run are fused into one
     pass, written as ``stages/<last of them>``; ``finish(ctx, ds, name)``: applied to the
@@ -63,7 +67,8 @@ class StageDef:
     ``outputs(ctx)``: the tables it builds (default: one, named after the stage; none for a
     streaming stage). ``build(ctx, output) -> (dataset, counts)``: builds one of them.
     ``extra(ctx, output)``: what else its fingerprint depends on (JSON-able).
-    ``summary(ctx)``: its part of ``summary.json`` (keys merged at the top level).
+    ``summary(ctx)``: its part of ``summary.json`` (keys merged at the top level; a
+    ``refresh`` key is merged into the summary's ``refresh`` report of a refresh).
     ``describe(ctx)``: its line of the plan printed at start."""
 
     name: Stage
@@ -71,7 +76,9 @@ class StageDef:
     sections: tuple[str, ...]
     doc: str
     resources: str
+    runs_with: Stage | None = None
     enabled: Callable[["Context"], bool] = lambda ctx: True
+    setup: Callable[["Context"], None] | None = None
     stream: Callable | None = None
     finish: Callable | None = None
     build: Callable | None = None
@@ -79,6 +86,10 @@ class StageDef:
     extra: Callable[["Context", Output], Any] = lambda ctx, out: None
     summary: Callable[["Context"], dict] = lambda ctx: {}
     describe: Callable[["Context"], str] | None = None
+
+    def reached(self, ctx: "Context") -> bool:
+        """Whether ``--until`` reaches it (``enabled`` aside)."""
+        return ctx.runs(self.runs_with or self.name)
 
     def outputs_of(self, ctx: "Context") -> list[Output]:
         if self.outputs is not None:
@@ -131,6 +142,11 @@ class Context:
         if got is None:
             got = (mio.read_marker(self.rd.fs, self.path(name)) or {}).get("counts") or {}
         return got
+
+    def built(self, name: str) -> dict | None:
+        """The counts of output ``name`` when this run built or reused it, else None (the
+        summary's part of a stage that did not run)."""
+        return (self.marker_counts(name) or None) if name in self.fingerprints else None
 
     def plan_of(self, role: str):
         """The embedding model plan that plays ``role`` (embed.roles), or None."""

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import posixpath
-import time
 from collections import Counter
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor

@@ -100,6 +100,31 @@ def test_one_stage_vocabulary():
         assert d.module == f"pipeline.stages.{d.name.value}" and d.doc and d.resources
 
 
+def test_the_plan_has_no_per_stage_branch():
+    """pipeline/plan.py names stages only in PLAN: no ``Stage.X``, no stage name as a string,
+    no stage module used outside the list."""
+    import ast
+
+    tree = ast.parse((ROOT / "pipeline" / "plan.py").read_text())
+    plan_list = next(n for n in tree.body if isinstance(n, ast.AnnAssign) and getattr(n.target, "id", "") == "PLAN")
+    in_list = {id(n) for n in ast.walk(plan_list)}
+    modules = {a.asname or a.name for n in tree.body if isinstance(n, ast.ImportFrom) and n.module == "pipeline.stages"
+               for a in n.names}
+    assert len(modules) == len(Stage)
+    names = {s.value for s in Stage}
+    found = []
+    for node in ast.walk(tree):
+        if id(node) in in_list:
+            continue
+        if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id == "Stage":
+            found.append(f"Stage.{node.attr} at line {node.lineno}")
+        elif isinstance(node, ast.Constant) and node.value in names:
+            found.append(f"{node.value!r} at line {node.lineno}")
+        elif isinstance(node, ast.Name) and node.id in modules:
+            found.append(f"module {node.id} at line {node.lineno}")
+    assert not found, found
+
+
 def test_readme_stage_table_is_the_plan():
     from pipeline import plan
 

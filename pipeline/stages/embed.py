@@ -18,6 +18,12 @@ def _models(plans) -> list[dict]:
     return [{"model_id": p.model_id, "prep": p.prep, "dtype": p.dtype} for p in plans]
 
 
+def _setup(ctx: Context) -> None:
+    """The model plans (weights located, specs resolved) and the actors' device."""
+    ctx.plans = embedding.model_plans(ctx.cfg) if ctx.cfg.embed.models else []
+    ctx.device = embedding.resolve_device(ctx.cfg) if ctx.plans else "cpu"
+
+
 def _stream(ctx: Context, ds):
     return embedding.embed_actors(ctx.cfg, ds, ctx.plans, ctx.device)
 
@@ -54,5 +60,5 @@ STAGE = StageDef(
     doc="Embed with every configured model (BioCLIP-2, Bio-DINO, CLIP, SSCD, ...) on GPU actors, bf16, one "
         "decode for all models; cached by content, so a rerun or refresh embeds nothing twice",
     resources="actors: embed.num_gpus GPUs (or embed.num_cpus CPUs) each, embed.concurrency of them",
-    enabled=lambda ctx: bool(ctx.plans), stream=_stream, outputs=_outputs, build=_build, extra=_extra,
+    setup=_setup, enabled=lambda ctx: bool(ctx.plans), stream=_stream, outputs=_outputs, build=_build, extra=_extra,
     summary=_summary, describe=_describe)

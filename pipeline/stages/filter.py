@@ -81,8 +81,7 @@ def _extra(ctx: Context, out) -> dict:
 
 def _summary(ctx: Context) -> dict:
     scored = "filter" in ctx.fingerprints and _aesthetic_on(ctx)
-    return {"examples": (ctx.marker_counts("filter") or None) if "filter" in ctx.fingerprints and _examples_on(ctx)
-            else None,
+    return {"examples": ctx.built("filter") if _examples_on(ctx) else None,
             "aesthetic": {"head": ctx.cfg.aesthetic.head, "scored": scored,
                           "min_score": ctx.cfg.aesthetic.min_score if scored else None}}
 

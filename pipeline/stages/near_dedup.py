@@ -501,5 +501,4 @@ STAGE = StageDef(
         "for a kept row it matches itself (policy direct); reference sets",
     resources="hash shuffles and CPU tasks; the pair graph in the driver",
     enabled=lambda ctx: ctx.cfg.near_dedup.enabled, build=_build, extra=_extra, describe=_describe,
-    summary=lambda ctx: {"near_dedup": (ctx.marker_counts("near_dedup") or None)
-                         if "near_dedup" in ctx.fingerprints else None})
+    summary=lambda ctx: {"near_dedup": ctx.built("near_dedup")})

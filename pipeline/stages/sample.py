@@ -193,4 +193,4 @@ STAGE = StageDef(
     enabled=lambda ctx: ctx.cfg.sample.active and bool(ctx.plans), build=_build, describe=_describe,
     extra=lambda ctx, out: {"model": ctx.cfg.embed.model_for("sample"),
                             "refresh": refresh.refresh_fingerprint(ctx.cfg, ctx.prev)},
-    summary=lambda ctx: {"sample": (ctx.marker_counts("sample") or None) if "sample" in ctx.fingerprints else None})
+    summary=lambda ctx: {"sample": ctx.built("sample")})

@@ -36,13 +36,9 @@ def _build(ctx: Context, out: Output):
 
 
 def _summary(ctx: Context) -> dict:
-    selection = {}
-    if "select" in ctx.fingerprints:
-        selection["select"] = ctx.marker_counts("select") or None
-    join = ctx.marker_counts("select.join") if "select.join" in ctx.fingerprints else \
+    join = ctx.built("select.join") if "select.join" in ctx.fingerprints else \
         ctx.marker_counts(ctx.facts["pass"]).get("join")
-    if join:
-        selection["join"] = join
+    selection = {"select": ctx.built("select"), "join": join}
     return {"selection": {k: v for k, v in selection.items() if v}}
 
 
@@ -55,7 +51,7 @@ def _describe(ctx: Context) -> str:
 
 
 STAGE = StageDef(
-    name=Stage.SELECT, module=__name__, sections=("select", "catalog", "input", "run.seed"),
+    name=Stage.SELECT, module=__name__, sections=("select", "catalog", "input", "run.seed"), runs_with=Stage.INGEST,
     doc="Catalog join and subset selection (predicates, per-taxon caps) on metadata only; ingest reads "
         "only the selected rows",
     resources="Ray Data read + hash join on CPU tasks",

@@ -89,4 +89,5 @@ STAGE = StageDef(
         "modes, sha256, pHash, technical quality; bad images become rejects",
     resources="CPU tasks, streamed (a decode process per task, killed on timeout)",
     stream=_stream, finish=_finish, extra=_extra, describe=_describe,
-    summary=lambda ctx: {"validate_fingerprint": validate_fingerprint(ctx.cfg)})
+    summary=lambda ctx: {"validate_fingerprint": validate_fingerprint(ctx.cfg),
+                         "refresh": {"validate": ctx.marker_counts(ctx.facts["pass"]).get("refresh")}})
