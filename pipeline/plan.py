@@ -118,7 +118,7 @@ def stage_table() -> str:
     """The README's stage table (``scripts/readme_config.py`` writes it there)."""
     rows = ["| stage | what it does | config it reads | runs on | declared in |", "|---|---|---|---|---|"]
     for d in PLAN:
-        sections = ", ".join(f"`{s}`" for s in d.sections) or "`embed`"
+        sections = ", ".join(f"`{s}`" for s in (*d.sections, *d.extra_sections))
         rows.append(f"| `{d.name.value}` | {d.doc} | {sections} | {d.resources} | "
                     f"`{d.module.replace('.', '/')}.py` |")
     return "\n".join(rows)

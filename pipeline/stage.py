@@ -55,6 +55,9 @@ class StageDef:
     holding the declaration; its import closure is the stage's code. ``doc`` and
     ``resources``: one line each for the README table and the plan printed at start.
 
+    ``extra_sections``: config sections it also reads that reach its fingerprint through
+    ``extra`` only, in the part that changes results (embed: the model identities and dtype,
+    not its batch size or concurrency; filter: examples without the report-only labels).
     ``runs_with``: the stage whose ``--until`` reach decides whether it runs (select runs
     whenever ingest does: it decides what ingest reads); default: its own name.
     ``enabled(ctx)``: whether it runs (``--until`` is checked by the plan).
@@ -76,6 +79,7 @@ class StageDef:
     sections: tuple[str, ...]
     doc: str
     resources: str
+    extra_sections: tuple[str, ...] = ()
     runs_with: Stage | None = None
     enabled: Callable[["Context"], bool] = lambda ctx: True
     setup: Callable[["Context"], None] | None = None

@@ -56,7 +56,7 @@ def _describe(ctx: Context) -> str:
 
 
 STAGE = StageDef(
-    name=Stage.EMBED, module=__name__, sections=(),
+    name=Stage.EMBED, module=__name__, sections=(), extra_sections=("embed",),
     doc="Embed with every configured model (BioCLIP-2, Bio-DINO, CLIP, SSCD, ...) on GPU actors, bf16, one "
         "decode for all models; cached by content, so a rerun or refresh embeds nothing twice",
     resources="actors: embed.num_gpus GPUs (or embed.num_cpus CPUs) each, embed.concurrency of them",

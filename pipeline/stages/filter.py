@@ -93,7 +93,7 @@ def _describe(ctx: Context) -> str:
 
 
 STAGE = StageDef(
-    name=Stage.FILTER, module=__name__, sections=("quality", "aesthetic"),
+    name=Stage.FILTER, module=__name__, sections=("quality", "aesthetic"), extra_sections=("examples",),
     doc="Technical quality thresholds; non-natural images by example (method chosen by cross-validation on "
         "the bank); LAION aesthetic score",
     resources="CPU tasks per block; the bank is fitted in the driver",
