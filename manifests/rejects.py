@@ -34,11 +34,22 @@ def rejected(batch: pa.Table) -> np.ndarray:
 
 
 def ensure_columns(batch: pa.Table, duplicate_of: bool = False) -> pa.Table:
-    """``batch`` with the reject columns (null where missing), appended at the end."""
-    for name in (*REJECT_COLUMNS, *((DUPLICATE_OF,) if duplicate_of else ())):
-        if name not in batch.column_names:
-            batch = batch.append_column(name, pa.nulls(len(batch), pa.string()))
-    return batch
+    """``batch`` with the reject columns last, in the order stage, reason, detail (then
+    ``duplicate_of`` when asked for or already there), all of type string, null where they
+    were missing. Whatever the input's order and types, one function's output has one
+    schema: Ray Data blocks of one stage agree."""
+    names = [*REJECT_COLUMNS, *((DUPLICATE_OF,) if duplicate_of or DUPLICATE_OF in batch.column_names else ())]
+    tail = []
+    for name in names:
+        if name in batch.column_names:
+            col = batch[name]
+            tail.append(col if col.type == pa.string() else pc.cast(col, pa.string()))
+        else:
+            tail.append(pa.nulls(len(batch), pa.string()))
+    out = batch.drop_columns([n for n in names if n in batch.column_names])
+    for name, col in zip(names, tail):
+        out = out.append_column(pa.field(name, pa.string()), col)
+    return out
 
 
 def _strings(values, n: int) -> pa.Array:
@@ -69,9 +80,9 @@ def reject(batch: pa.Table, mask, stage: Stage | str, reason: Reason | str | Seq
     """Reject the rows of ``batch`` where ``mask`` is true and that are still alive.
 
     ``reason``, ``detail`` and ``duplicate_of``: one value for all, or one per row of the
-    batch (only the rejected rows' values are used). The reject columns are set in place
-    (appended when missing). ``duplicate_of`` is written only when given or already there.
-    Returns the batch unchanged when nothing is rejected."""
+    batch (only the rejected rows' values are used). The reject columns end the table
+    (:func:`ensure_columns`); ``duplicate_of`` is set only when given (an existing column is
+    kept as it is for the other rows)."""
     n = len(batch)
     mask = np.asarray(mask, dtype=bool)
     if mask.shape != (n,):
@@ -84,10 +95,7 @@ def reject(batch: pa.Table, mask, stage: Stage | str, reason: Reason | str | Seq
     out = batch
     for name, values in (("stage", str(stage)), ("reason", reason), ("detail", detail),
                          *(((DUPLICATE_OF, duplicate_of),) if duplicate_of is not None else ())):
-        column = out[name].combine_chunks()
-        if column.type != pa.string():
-            column = pc.cast(column, pa.string())
-        out = _put(out, name, pc.if_else(where, _strings(values, n), column))
+        out = _put(out, name, pc.if_else(where, _strings(values, n), out[name].combine_chunks()))
     return out
 
 
@@ -103,11 +111,11 @@ def clear(batch: pa.Table, mask) -> pa.Table:
     """Undo a provisional mark (e.g. a member a reader skipped as unselected): the rows where
     ``mask`` is true are alive again."""
     mask = np.asarray(mask, dtype=bool)
+    batch = ensure_columns(batch)
     if not mask.any():
         return batch
     where = pa.array(mask)
     for name in REJECT_COLUMNS:
         if name in batch.column_names:
-            batch = _put(batch, name, pc.if_else(where, pa.scalar(None, pa.string()),
-                                                 pc.cast(batch[name].combine_chunks(), pa.string())))
+            batch = _put(batch, name, pc.if_else(where, pa.scalar(None, pa.string()), batch[name].combine_chunks()))
     return batch

@@ -237,9 +237,7 @@ def run(cfg: PipelineConfig, until: str = STAGES[-1], resume: bool = False, kind
 # --------------------------------------------------------------------------- manifest
 
 def _with_duplicate_of(batch: pa.Table) -> pa.Table:
-    if "duplicate_of" in batch.column_names:
-        return batch
-    return batch.append_column("duplicate_of", pa.nulls(len(batch), pa.string()))
+    return rejects.ensure_columns(batch, duplicate_of=True)
 
 
 def _alive(batch: pa.Table) -> pa.Table:

@@ -111,7 +111,8 @@ def apply_sample(batch: pa.Table, levels: int) -> pa.Table:
             "_sdetail", pa.nulls(n, pa.string()))
         for c in cols:
             batch = batch.append_column(c, pa.nulls(n, pa.int32()))
-    not_chosen = np.asarray(pc.invert(batch["_sampled"]).fill_null(False).to_numpy(zero_copy_only=False), dtype=bool)
+    chosen = pc.cast(batch["_sampled"], pa.bool_())  # (null-typed when nothing was clustered)
+    not_chosen = np.asarray(pc.invert(chosen).fill_null(False).to_numpy(zero_copy_only=False), dtype=bool)
     out = reject(batch, not_chosen, Stage.SAMPLE, Reason.NOT_SAMPLED, batch["_sdetail"])
     out = out.drop_columns([c for c in ("_sampled", "_sdetail", *cols) if c in out.column_names])
     for c in cols:

@@ -9,6 +9,7 @@ import pyarrow.compute as pc
 import ray
 
 import stages.exact_dedup
+from manifests import rejects
 from manifests.config import PipelineConfig
 from manifests.schema import Stage
 from pipeline import embedding, joins
@@ -24,9 +25,7 @@ def _no_sha(batch: pa.Table) -> pa.Table:
 
 
 def _with_duplicate_of(batch: pa.Table) -> pa.Table:
-    if "duplicate_of" in batch.column_names:
-        return batch
-    return batch.append_column("duplicate_of", pa.nulls(len(batch), pa.string()))
+    return rejects.ensure_columns(batch, duplicate_of=True)  # the same columns as a decided partition
 
 
 def exact_dedup_dataset(cfg: PipelineConfig, narrow: ray.data.Dataset) -> ray.data.Dataset:

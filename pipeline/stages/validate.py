@@ -90,4 +90,5 @@ STAGE = StageDef(
     resources="CPU tasks, streamed (a decode process per task, killed on timeout)",
     stream=_stream, finish=_finish, extra=_extra, describe=_describe,
     summary=lambda ctx: {"validate_fingerprint": validate_fingerprint(ctx.cfg),
-                         "refresh": {"validate": ctx.marker_counts(ctx.facts["pass"]).get("refresh")}})
+                         "refresh": {"validate": ctx.marker_counts(ctx.facts["pass"]).get("refresh")}
+                         if ctx.prev is not None else {}})
