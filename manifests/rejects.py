@@ -68,10 +68,8 @@ def _strings(values, n: int) -> pa.Array:
 
 
 def _put(batch: pa.Table, name: str, values: pa.Array) -> pa.Table:
-    i = batch.schema.get_field_index(name)
-    if i < 0:
-        return batch.append_column(name, values)
-    return batch.set_column(i, name, values)
+    """Replace column ``name`` (there: :func:`ensure_columns` ran) in its place."""
+    return batch.set_column(batch.schema.get_field_index(name), name, values)
 
 
 def reject(batch: pa.Table, mask, stage: Stage | str, reason: Reason | str | Sequence | pa.Array,
@@ -116,6 +114,5 @@ def clear(batch: pa.Table, mask) -> pa.Table:
         return batch
     where = pa.array(mask)
     for name in REJECT_COLUMNS:
-        if name in batch.column_names:
-            batch = _put(batch, name, pc.if_else(where, pa.scalar(None, pa.string()), batch[name].combine_chunks()))
+        batch = _put(batch, name, pc.if_else(where, pa.scalar(None, pa.string()), batch[name].combine_chunks()))
     return batch

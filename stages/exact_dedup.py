@@ -11,7 +11,7 @@ import numpy as np
 import pyarrow as pa
 
 from manifests.config import ExactDedupConfig
-from manifests.rejects import alive, ensure_columns, reject
+from manifests.rejects import alive, reject
 from manifests.schema import ID, Reason, Stage
 from stages.kernels.exact_dedup import resolve_exact_duplicates
 from stages.kernels.hashing import seeded_rank
@@ -46,6 +46,5 @@ def exact_dedup_batch(table: pa.Table, cfg: ExactDedupConfig, seed: int) -> pa.T
             elif status[j] == 2:
                 detail[row] = (f"sha256 {sha[j][:16]}… shared by {group_size[sha[j]]} inputs "
                                f"(>= placeholder_min_copies {cfg.placeholder_min_copies})")
-    out = ensure_columns(table, duplicate_of=True)
-    out = reject(out, duplicate, Stage.EXACT_DEDUP, Reason.EXACT_DUPLICATE, detail, duplicate_of=dup_of)
+    out = reject(table, duplicate, Stage.EXACT_DEDUP, Reason.EXACT_DUPLICATE, detail, duplicate_of=dup_of)
     return reject(out, placeholder, Stage.EXACT_DEDUP, Reason.PLACEHOLDER, detail)

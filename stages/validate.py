@@ -34,7 +34,7 @@ import simplejpeg
 from PIL import Image, ImageFile
 
 from manifests.config import ValidateConfig
-from manifests.rejects import alive, reject
+from manifests.rejects import alive, reject_rows
 from manifests.schema import BYTES, VALIDATE_FIELDS, Reason, Stage
 from stages import decode_pool, webp
 from stages.deadline import DeadlineExceeded, deadline
@@ -496,8 +496,7 @@ def validate_batch_decodes(table: pa.Table, cfg: ValidateConfig, cover: int = 0,
     blobs = table.column(BYTES).to_pylist()
     live = alive(table)
     cols: dict[str, list] = {f.name: [] for f in VALIDATE_FIELDS}
-    reasons: list[str | None] = []
-    details: list[str | None] = []
+    rejects: list[tuple[Reason, str] | None] = []
     decodes: list[np.ndarray | None] = []
     reused = np.zeros(len(blobs), dtype=bool)
     for i, data in enumerate(blobs):
@@ -511,14 +510,13 @@ def validate_batch_decodes(table: pa.Table, cfg: ValidateConfig, cover: int = 0,
         decodes.append(info.decoded if live[i] and info.reason is None else None)
         for f in VALIDATE_FIELDS:
             cols[f.name].append(getattr(info, f.name))
-        reasons.append(info.reason.value if live[i] and info.reason else None)
-        details.append(info.detail if live[i] else None)
+        rejects.append((info.reason, info.detail) if live[i] and info.reason else None)
     out = table.drop_columns([BYTES])
     for f in VALIDATE_FIELDS:
         if f.name in out.column_names:
             out = out.drop_columns([f.name])
         out = out.append_column(f, pa.array(cols[f.name], type=f.type))
-    out = reject(out, np.array([r is not None for r in reasons], dtype=bool), Stage.VALIDATE, reasons, details)
+    out = reject_rows(out, Stage.VALIDATE, rejects)
     if reuse is not None:
         out = out.append_column("_reused", pa.array(reused, pa.bool_()))
     return out, decodes
