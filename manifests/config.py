@@ -368,7 +368,12 @@ class RunConfig(_Section):
     batch_size: int = Field(32, ge=1, description="Rows per batch in per-row stages.")
     read_batch_size: int = Field(64, ge=1, description="Rows per batch when fetching objects.")
     concurrency: int | None = Field(None, ge=1, description="Max parallel tasks per per-row stage (default: Ray's).")
-    progress_bars: bool = Field(False, description="Show Ray Data progress bars.")
+    progress_bars: bool = Field(
+        True, description="Show live progress on stderr: per stage, rows done / total (when known), rate and ETA. On "
+        "a terminal one line redrawn in place; elsewhere (a Ray job's log, CI) one line per stage every "
+        "run.progress_interval_s and one when it ends. false: none.")
+    progress_interval_s: float = Field(
+        30, gt=0, description="Seconds between progress lines when stderr is not a terminal.")
     max_task_retries: int = Field(
         3, ge=0, description="Retries of a task (and of an embedding actor's call) whose worker died (node lost, "
         "OOM kill, preemption); an actor's call is also retried on OSError (its cache write). Other application "

@@ -121,9 +121,9 @@ def selection_dataset(cfg: PipelineConfig, kind: str) -> ray.data.Dataset:
         parts = joins.shuffle_partitions(
             pipeline_ids.table_rows_estimate(ingest.list_tables([cfg.catalog.path], cfg.storage,
                                                                 tuple(ingest.TABLE_SUFFIXES)), cfg.storage), 250_000)
-        rows = rows.map_batches(ids.id_partition, batch_format="pyarrow",
-                                fn_kwargs={"parts": parts, "column": sel.JOIN_KEY, "hashed": False}).groupby(
-            ids.ID_PART, num_partitions=parts).map_groups(sel.one_row_per_key, batch_format="pyarrow")
+        rows = joins.map_groups(rows.map_batches(ids.id_partition, batch_format="pyarrow",
+                                                 fn_kwargs={"parts": parts, "column": sel.JOIN_KEY, "hashed": False}),
+                                ids.ID_PART, sel.one_row_per_key, parts)
         rank_column = cfg.catalog.key
     elif kind == "parquet_bytes":  # its own metadata columns, read without the image column
         rows, rank_column, _ = parquet_metadata(cfg)
@@ -139,8 +139,8 @@ def selection_dataset(cfg: PipelineConfig, kind: str) -> ray.data.Dataset:
     if cap:
         flagged = flagged.materialize()
         partitions = joins.shuffle_partitions(flagged.count(), 250_000)
-        flagged = flagged.groupby(cap.column, num_partitions=partitions).map_groups(
-            sel.cap_group, batch_format="pyarrow", fn_kwargs={"column": cap.column, "cap": cap.max, "seed": cfg.run.seed})
+        flagged = joins.map_groups(flagged, cap.column, sel.cap_group, partitions,
+                                   {"column": cap.column, "cap": cap.max, "seed": cfg.run.seed})
     return flagged.map_batches(_mark_from, batch_format="pyarrow", fn_kwargs={"flag": sel.FROM_CATALOG})
 
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import logging
 import posixpath
+import time
 from pathlib import Path
 
 import numpy as np
@@ -100,11 +101,25 @@ def gpu_capacity() -> tuple[float, float]:
     return now, float(max_cfg.get("GPU", 0) or 0)
 
 
+GPU_WAIT_SAY_S = 5.0  # a GPU not placed within this is said (an autoscaled node takes minutes)
+
+
 def wait_for_gpu(num_gpus: float, timeout_s: float) -> None:
     """Block until a task asking ``num_gpus`` can run (an autoscaled GPU node started), or
     raise a one-line :class:`ConfigError` after ``timeout_s``."""
     probe = ray.remote(num_cpus=0, num_gpus=num_gpus)(lambda: True).remote()
-    ready, _ = ray.wait([probe], timeout=timeout_s)
+    t0 = time.monotonic()
+    ready, _ = ray.wait([probe], timeout=min(timeout_s, GPU_WAIT_SAY_S))
+    if not ready and timeout_s > GPU_WAIT_SAY_S:  # said now, in one line: nothing else moves while it waits
+        from pipeline import console
+
+        now, can = gpu_capacity()
+        console.CONSOLE.line(f"biocurate: waiting up to embed.gpu_timeout_s={timeout_s:g} s for a GPU "
+                             f"({num_gpus:g} per actor): the cluster has {now:g} now, its autoscaler can add up to "
+                             f"{can:g}")
+        ready, _ = ray.wait([probe], timeout=max(0.0, timeout_s - GPU_WAIT_SAY_S))
+        if ready:
+            console.CONSOLE.line(f"biocurate: a GPU is available after {time.monotonic() - t0:.0f} s")
     if not ready:
         ray.cancel(probe, force=True)
         raise ConfigError(f"embed error: no GPU became available within embed.gpu_timeout_s={timeout_s:g} s "
@@ -244,10 +259,10 @@ def validate_for_models(cfg: PipelineConfig, ds: ray.data.Dataset, plans: list[e
     """validate + the model inputs (CPU tasks), streamed. ``known``: embeddings already
     cached (no model input is cut for them). ``reuse``: an object ref of the sha256 keys not
     to decode (a refresh, see ``pipeline.refresh``)."""
-    from pipeline.rundir import remote_kwargs
+    from pipeline.rundir import map_batches, remote_kwargs
 
-    return ds.map_batches(ValidateForModels(cfg, plans, ray.put(known), reuse), batch_size=cfg.run.batch_size,
-                          batch_format="pyarrow", **remote_kwargs(cfg))
+    return map_batches(ds, ValidateForModels(cfg, plans, ray.put(known), reuse), cfg, batch_size=cfg.run.batch_size,
+                       batch_format="pyarrow", **remote_kwargs(cfg))
 
 
 def embed_actors(cfg: PipelineConfig, ds: ray.data.Dataset, plans: list[emb.ModelPlan],
@@ -258,15 +273,18 @@ def embed_actors(cfg: PipelineConfig, ds: ray.data.Dataset, plans: list[emb.Mode
     # Host memory the actor needs (weights, a copy while loading, activations): a real
     # request, which also keeps Ray Data from fusing the decode tasks into the actor on a
     # CPU-only cluster (the decode would then run serially with the model).
-    resources["memory"] = actor_memory(cfg, plans)
-    return ds.map_batches(
-        emb.EmbedModels, batch_format="pyarrow", batch_size=e.batch_size,
+    resources["memory"] = actor_memory(cfg, plans, device)
+    from pipeline.rundir import map_batches
+
+    return map_batches(
+        ds, emb.EmbedModels, cfg, retries={"max_restarts": cfg.run.max_restarts,
+                                           "max_task_retries": cfg.run.max_task_retries},
+        batch_format="pyarrow", batch_size=e.batch_size,
         compute=ray.data.ActorPoolStrategy(size=e.concurrency),
         fn_constructor_kwargs={"plans": plans, "device": device, "batch_size": e.batch_size,
                                "num_threads": max(1, int(e.num_cpus)), "compile": e.compile,
                                "models_dir": e.models_dir, "storage": cfg.storage,
                                "cache_dirs": {p.name: cache_uri(cfg, p) for p in plans} if e.cache else {}},
-        max_restarts=cfg.run.max_restarts, max_task_retries=cfg.run.max_task_retries,
         **resources)
 
 
@@ -281,8 +299,22 @@ def table_names(plan: emb.ModelPlan) -> tuple[str, str]:
     return table_name(plan), f"embed_{emb.slug(plan.name)}"
 
 
-def actor_memory(cfg: PipelineConfig, plans: list[emb.ModelPlan]) -> int:
-    total = 1 << 30
+# An embedding actor's host memory (USS), measured by Ray's issue detector on the demo
+# (MobileNetV2, 14 MB of weights, CPU, batch 32 at 224 px): 992 MiB, which the old request
+# (1 GiB + 2 x weights) left under the detector's 25% headroom. The parts: the process with
+# torch and birder imported, the weights twice (the file and the module while loading), and
+# on a CPU the activations of one batch (about 8 MiB per 224 px image for these backbones);
+# on a GPU the host holds only the batch's input tensors. Ray's detector asks for 1.25x
+# the peak, so the request does too.
+ACTOR_BASE = 768 << 20
+CPU_ACTIVATIONS_PER_IMAGE = 8 << 20  # at 224 x 224, scaled by area
+HEADROOM = 1.25
+
+
+def actor_memory(cfg: PipelineConfig, plans: list[emb.ModelPlan], device: str = "cpu") -> int:
+    """Bytes of host memory to request for one embedding actor (see ``ACTOR_BASE``)."""
+    total = ACTOR_BASE
+    batch = cfg.embed.batch_size
     for p in plans:
         try:
             where = locate_weights(p.spec, p.weights, cfg.embed.models_dir, cfg.storage)
@@ -290,7 +322,12 @@ def actor_memory(cfg: PipelineConfig, plans: list[emb.ModelPlan]) -> int:
             total += 2 * int(fs.info(path).get("size") or 0)
         except Exception:  # noqa: BLE001 - an estimate; the load itself reports real problems
             total += 1 << 30
-    return total
+        area = (p.spec.size / 224) ** 2
+        if device == "cuda":
+            total += int(batch * 3 * p.spec.size ** 2 * 4 * 2)  # float input + its pinned copy
+        else:
+            total += int(batch * CPU_ACTIVATIONS_PER_IMAGE * area)
+    return int(HEADROOM * total)
 
 
 # --------------------------------------------------------------------------- after the pass
@@ -337,8 +374,8 @@ def resolve_embeddings(cfg: PipelineConfig, narrow: ray.data.Dataset,
                                   cfg.run.broadcast_join_mb, unique=True).materialize()
         else:
             groups = missing.union(cached)
-            resolved = groups.groupby("sha256", num_partitions=joins.shuffle_partitions(n_missing)).map_groups(
-                emb.resolve_group, batch_format="pyarrow", fn_kwargs={"plan": plan}).materialize()
+            resolved = joins.map_groups(groups, "sha256", emb.resolve_group, joins.shuffle_partitions(n_missing),
+                                        {"plan": plan}).materialize()
         lost = _count_null(resolved)
         if lost:
             raise RuntimeError(f"embedding cache of {plan.model_id} lost {lost} entries during the run; run again")

@@ -40,7 +40,6 @@ import time
 
 import numpy as np
 import pyarrow as pa
-import ray
 
 from manifests import io as mio
 from pipeline import thumbs
@@ -192,6 +191,10 @@ def export_run(output: str, dest: str | None = None, shard_size: int = 1000, fmt
     previous = check_dest(output, dest, storage)
     dfs, droot = mio.filesystem(dest, storage)
     _start(dfs, droot, previous, output)
+    import ray  # here: `biocurate export --help` needs no Ray
+
+    from pipeline import joins  # (imports ray too)
+
     files = sorted(p for p in fs.find(mio.join(root, "curated")) if p.endswith(".parquet"))
     curated = ray.data.read_parquet(files, filesystem=mio.arrow_filesystem(fs))
     names = curated.schema().names
@@ -208,12 +211,11 @@ def export_run(output: str, dest: str | None = None, shard_size: int = 1000, fmt
     records = []
     if len(ids):
         ref = ray.put((ids[by_id], shard[by_id]))
-        records = curated.map_batches(_shard_of, batch_format="pyarrow", fn_kwargs={"order": ref}).groupby(
-            "_shard", num_partitions=max(1, min(200, n_shards))).map_groups(
-            _write, batch_format="pyarrow",
-            fn_kwargs={"dest": dest, "storage": storage, "fmt": fmt, "max_pixels": max_pixels or None,
-                       "quality": quality, "seed": seed, "attribution": attribution, "limits": limits,
-                       "bytes_column": bytes_column}).take_all()
+        records = joins.map_groups(
+            curated.map_batches(_shard_of, batch_format="pyarrow", fn_kwargs={"order": ref}), "_shard", _write,
+            max(1, min(200, n_shards)),
+            {"dest": dest, "storage": storage, "fmt": fmt, "max_pixels": max_pixels or None, "quality": quality,
+             "seed": seed, "attribution": attribution, "limits": limits, "bytes_column": bytes_column}).take_all()
     written = [r for r in records if r["written"]]
     csv_text = io.StringIO()
     w = csv.DictWriter(csv_text, fieldnames=["id", "uri", *attribution])

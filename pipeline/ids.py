@@ -69,10 +69,9 @@ def unique_ids(ds: ray.data.Dataset, rows_estimate: int, order: tuple[str, ...] 
         rest = ds.map_batches(_no_repeat, batch_format="pyarrow", fn_kwargs={"column": column, "repeated": ref})
         return rest.union(ray.data.from_arrow(fixed)).materialize()
     parts = joins.shuffle_partitions(rows_estimate, 250_000)
-    return (ds.map_batches(sids.id_partition, batch_format="pyarrow", fn_kwargs={"parts": parts, "column": column})
-            .groupby(sids.ID_PART, num_partitions=parts)
-            .map_groups(_unique_partition, batch_format="pyarrow", fn_kwargs={"order": order, "column": column})
-            .materialize())
+    return joins.map_groups(
+        ds.map_batches(sids.id_partition, batch_format="pyarrow", fn_kwargs={"parts": parts, "column": column}),
+        sids.ID_PART, _unique_partition, parts, {"order": order, "column": column}).materialize()
 
 
 def _sorted_group(group: pa.Table, columns: tuple[str, ...]) -> pa.Table:
@@ -90,8 +89,7 @@ def by_row_group(ds: ray.data.Dataset, rows_estimate: int, regroup: bool = True,
     if not regroup or ds.count() == 0:
         return ds
     parts = joins.shuffle_partitions(rows_estimate, 50_000)
-    return ds.groupby(list(columns), num_partitions=parts).map_groups(
-        _sorted_group, batch_format="pyarrow", fn_kwargs={"columns": columns}).materialize()
+    return joins.map_groups(ds, list(columns), _sorted_group, parts, {"columns": columns}).materialize()
 
 
 def _repeats(batch: pa.Table) -> pa.Table:

@@ -62,11 +62,32 @@ def join(left: ray.data.Dataset, right: ray.data.Dataset | pa.Table, on: str, ho
     if isinstance(right, pa.Table):
         right = ray.data.from_arrow(right)
     if unique:
-        right = right.groupby(on, num_partitions=shuffle_partitions(right.count())).map_groups(
-            _first, batch_format="pyarrow")
+        right = map_groups(right, on, _first, shuffle_partitions(right.count()))
     n = rows_hint if rows_hint is not None else left.count()
     return left.join(right, join_type=how, on=(on,), num_partitions=shuffle_partitions(n))
 
 
 def _first(group: pa.Table) -> pa.Table:
     return group.slice(0, 1)
+
+
+def map_groups(ds: ray.data.Dataset, keys: str | list[str], fn, num_partitions: int,
+               fn_kwargs: dict | None = None) -> ray.data.Dataset:
+    """``ds.groupby(keys, num_partitions=…).map_groups(fn, batch_format="pyarrow", …)``.
+
+    With one partition, every row goes to one aggregator anyway: the rows are then combined
+    into one block by one task and split into groups there (``stages.joins.split_groups``),
+    the same calls on the same rows in the same memory, without starting shuffle aggregator
+    processes (measured here, a warm 2-CPU node, 24 rows: 1.9-2.4 s per groupby, 0.1 s this
+    way; a small run has several)."""
+    fn_kwargs = fn_kwargs or {}
+    if num_partitions > 1:
+        return ds.groupby(keys, num_partitions=num_partitions).map_groups(fn, batch_format="pyarrow",
+                                                                          fn_kwargs=fn_kwargs)
+    return ds.repartition(1).map_batches(_each_group, batch_format="pyarrow", batch_size=None,
+                                         fn_kwargs={"keys": keys, "fn": fn, "fn_kwargs": fn_kwargs})
+
+
+def _each_group(block: pa.Table, keys, fn, fn_kwargs: dict):
+    for group in sj.split_groups(block, keys):
+        yield fn(group, **fn_kwargs)

@@ -140,7 +140,21 @@ def run(cfg: PipelineConfig, until: str = STAGES[-1], resume: bool = False, kind
         if d.setup is not None and d.reached(ctx):
             d.setup(ctx)
     plan = steps(ctx)
-    print(describe(ctx, plan), flush=True)
+    from pipeline import console, progress
+
+    console.CONSOLE.line(describe(ctx, plan))
+    shown = progress.PROGRESS = progress.Progress(console.CONSOLE, cfg.run.progress_interval_s, cfg.run.progress_bars)
+    try:
+        return _run(cfg, until, resume, ctx, plan, prev, t_start)
+    finally:
+        shown.close()
+        progress.PROGRESS = None
+
+
+def _run(cfg: PipelineConfig, until: str, resume: bool, ctx: Context, plan: list[Step], prev, t_start: float) -> dict:
+    from pipeline import progress
+
+    rd = ctx.rd
     fps = ctx.fingerprints = fingerprints(ctx, plan)
     timings, reused = {}, []
 
@@ -157,6 +171,7 @@ def run(cfg: PipelineConfig, until: str = STAGES[-1], resume: bool = False, kind
             log.info("stage %s: fingerprint %s matches, reused", st.name, fps[st.name])
         else:
             t0 = time.time()
+            progress.PROGRESS.start(" -> ".join(d.name.value for d in st.stages) if st.streaming else st.name)
             counts = ctx.counts.setdefault(st.name, {})
             if st.streaming:
                 ds = None
@@ -175,10 +190,12 @@ def run(cfg: PipelineConfig, until: str = STAGES[-1], resume: bool = False, kind
                 if rd.fs.exists(scratch):
                     rd.fs.rm(scratch, recursive=True)
             timings[st.name] = round(time.time() - t0, 3)
+            progress.PROGRESS.finish()
         if st.output.narrow:
             ctx.upstream = final
 
     t0 = time.time()
+    progress.PROGRESS.start("manifest")
     decided = (rd.read(ctx.upstream).map_batches(embedding.drop_embeddings, batch_format="pyarrow")
                .map_batches(_with_duplicate_of, batch_format="pyarrow").materialize())
     staging = rd.path(f".staging-{int(t_start)}")
@@ -192,6 +209,7 @@ def run(cfg: PipelineConfig, until: str = STAGES[-1], resume: bool = False, kind
     if rd.fs.exists(staging):  # S3 has no empty folders: nothing may be left to remove
         rd.fs.rm(staging, recursive=True)
     timings["manifest"] = round(time.time() - t0, 3)
+    progress.PROGRESS.finish()
     refresh_report: dict = {}
     if prev is not None:
         t0 = time.time()
@@ -214,7 +232,10 @@ def run(cfg: PipelineConfig, until: str = STAGES[-1], resume: bool = False, kind
             refresh_report.update(own_refresh)
         summary.update(part)
     summary.update({
-        "warnings": [w for st in plan for w in ctx.marker_counts(st.name).get("warnings") or []],
+        # the stages' warnings (kept in their markers, so a resumed run still says them), then
+        # this run's own (said live: a GPU waited for)
+        "warnings": [w for st in plan for w in ctx.marker_counts(st.name).get("warnings") or []]
+                    + list(progress.PROGRESS.warnings),
         "until": until,
         "version": prev.summary.get("version", 1) + 1 if prev is not None else 1,
         "refresh": refresh_report or None,
@@ -230,8 +251,8 @@ def run(cfg: PipelineConfig, until: str = STAGES[-1], resume: bool = False, kind
     mio.write_marker(rd.fs, rd.root, {"fingerprints": fps})  # committed: the report is extra
     from pipeline import report
 
-    report.write_report_safely(cfg.output, cfg.storage)  # a failure is a one-line warning
-    return summary
+    where = report.write_report_safely(cfg.output, cfg.storage)  # a failure is a one-line warning
+    return {**summary, "report": where}  # (where report.html is: not in summary.json, written before it)
 
 
 # --------------------------------------------------------------------------- manifest

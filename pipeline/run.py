@@ -3,7 +3,8 @@
     python pipeline/run.py --config my.yaml [--input PATH_OR_URI] [--output DIR] [--resume] [--until STAGE]
     python pipeline/run.py --config my.yaml --output runs/v2 --previous runs/v1      # a periodic refresh
     ray job submit --working-dir . -- python pipeline/run.py --config my.yaml
-    biocurate --input ./images --output ./run      # same entry point, documented defaults
+    biocurate run --input ./images --output ./run  # the same, installed (documented defaults); `run` may be left out
+    biocurate --help | --version                   # the commands below, and -v/--verbose for everything Ray prints
     biocurate examples-report --config my.yaml [--labels labels.csv] [--label-sample 200]
     biocurate dedup-report --output RUN_DIR [--labels pairs.csv]   # near-duplicates around the threshold
     biocurate report --output RUN_DIR          # report.html again for a finished run
@@ -26,15 +27,56 @@ if __package__ in (None, ""):  # `python pipeline/run.py` from a checkout or a R
 from manifests.config import STAGES, ConfigError, PipelineConfig, describe_options, load_config  # noqa: E402
 
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
+COMMANDS = {  # name -> (module, one line for `biocurate --help`)
+    "run": (None, "curate a corpus: curated/ + rejected/ + summary.json + report.html (the default command)"),
+    "report": ("pipeline.report", "write report.html again for a finished run"),
+    "export": ("pipeline.export", "write a finished run's curated images as webdataset shards"),
+    "examples-report": ("pipeline.examples_report", "the non-natural filter's report: its examples, cross-validated"),
+    "dedup-report": ("pipeline.dedup_report", "near-duplicate pairs around the threshold (to pick one)"),
+}
+
+
+def version_line() -> str:
+    import importlib.metadata as md
+
+    from pipeline import __version__
+
+    parts = []
+    for pkg in ("ray", "torch", "pyarrow"):
+        try:
+            parts.append(f"{pkg} {md.version(pkg)}")
+        except md.PackageNotFoundError:
+            parts.append(f"{pkg} not installed")
+    return f"biocurate {__version__} ({', '.join(parts)}; python {sys.version.split()[0]})"
+
+
+def top_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="biocurate",
+        description="Curate a biodiversity image corpus into a training set (Ray Data, streaming).",
+        epilog="Without a command, the arguments are the run's: 'biocurate --config my.yaml' is "
+        "'biocurate run --config my.yaml', as is 'python pipeline/run.py --config my.yaml'. "
+        "'biocurate COMMAND --help' for each command's options.",
+    )
+    p.add_argument("--version", action="store_true", help="Print the version (and ray, torch, pyarrow) and exit.")
+    sub = p.add_subparsers(title="commands", metavar="COMMAND")
+    for name, (_module, text) in COMMANDS.items():
+        sub.add_parser(name, help=text)
+    return p
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    return run_parser().parse_args(argv)
+
+
+def run_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="biocurate run",
         description="Curate a biodiversity image corpus into a training set (Ray Data, streaming). "
-        "Writes <output>/curated, <output>/rejected (every input exactly once across the two) and "
-        "<output>/summary.json.",
+        "Writes <output>/curated, <output>/rejected (every input exactly once across the two), "
+        "<output>/summary.json and <output>/report.html.",
         epilog="Without --config, --input and --output run the pipeline on documented defaults. "
-        "See --print-config for every option. 'biocurate examples-report --help': the non-natural filter's report; "
-        "'biocurate dedup-report --help': the near-duplicate report (pick a threshold).",
+        "See --print-config for every option; 'biocurate --help' for the other commands.",
     )
     p.add_argument("--config", help="YAML config file (see README 'Config reference').")
     p.add_argument("--input", help="Overrides input.path: folder, s3://bucket/prefix, manifest, parquet or shards.")
@@ -48,7 +90,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--address", help="Ray cluster address (default $RAY_ADDRESS, else local Ray).")
     p.add_argument("--seed", type=int, help="Overrides run.seed.")
     p.add_argument("--print-config", action="store_true", help="Print the config reference and exit.")
-    return p.parse_args(argv)
+    p.add_argument("-v", "--verbose", action="store_true",
+                   help="Show everything Ray prints (by default its expected messages are left out).")
+    return p
 
 
 def check_inputs(cfg: PipelineConfig) -> str:
@@ -101,23 +145,62 @@ def failure_line(e: BaseException) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    if argv and argv[0] == "examples-report":
-        from pipeline import examples_report
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv and argv[0] in ("-h", "--help"):
+        top_parser().print_help()
+        print("\nThe run (the default command):\n")
+        print(run_parser().format_help())
+        return 0
+    if argv and argv[0] == "--version":
+        print(version_line())
+        return 0
+    command = argv[0] if argv and argv[0] in COMMANDS else "run"
+    if argv and argv[0] in COMMANDS:
+        argv = argv[1:]
+    from pipeline import console
 
-        return examples_report.main(argv[1:])
-    if argv and argv[0] == "dedup-report":
-        from pipeline import dedup_report
+    console.install(verbose="-v" in argv or "--verbose" in argv)
+    try:
+        if command == "run":
+            return run_command(argv)
+        import importlib
 
-        return dedup_report.main(argv[1:])
-    if argv and argv[0] == "report":
-        from pipeline import report
+        return importlib.import_module(COMMANDS[command][0]).main(argv)
+    finally:
+        console.uninstall()
 
-        return report.main(argv[1:])
-    if argv and argv[0] == "export":
-        from pipeline import export
 
-        return export.main(argv[1:])
+def end_lines(summary: dict, output: str, report: str | None) -> list[str]:
+    """What a finished run says, in at most 10 lines: counts, the top reject reasons, wall
+    time and images/s, warnings, and where to look."""
+    total = summary["timings_s"]["total"]
+    rate = summary["inputs"] / total if total > 0 else 0.0
+    lines = [f"biocurate: done in {total:.1f} s ({rate:.1f} images/s): {summary['inputs']} inputs -> "
+             f"{summary['curated']} curated, {summary['rejected']} rejected"]
+    reasons = sorted(((n, stage, reason) for stage, by in (summary.get("rejected_by_stage") or {}).items()
+                      for reason, n in by.items()), key=lambda t: (-t[0], t[1], t[2]))
+    if reasons:
+        top = ", ".join(f"{reason} {n} ({stage})" for n, stage, reason in reasons[:5])
+        more = f", {len(reasons) - 5} more reasons" if len(reasons) > 5 else ""
+        lines.append(f"biocurate: top rejects: {top}{more}")
+    warnings = list(summary.get("warnings") or [])
+    skipped = summary.get("input_skipped") or {}
+    if skipped.get("count"):
+        warnings.append(f"{skipped['count']} files skipped by their name, not read {skipped['by_extension']} "
+                        "(input.extensions picks image files)")
+    for w in warnings[:3]:
+        lines.append(f"biocurate: warning: {w}")
+    if len(warnings) > 3:
+        lines.append(f"biocurate: {len(warnings) - 3} more warnings in summary.json")
+    root = output.rstrip("/")
+    lines.append(f"biocurate: manifest {root}/curated and {root}/rejected (summary.json beside them)")
+    if report:  # written (a failure was a warning line of its own)
+        link = f"{root}/report.html" if "://" in root else (Path(root).resolve() / "report.html").as_uri()
+        lines.append(f"biocurate: report {link}")
+    return lines
+
+
+def run_command(argv: list[str]) -> int:
     args = parse_args(argv)
     if args.print_config:
         print(describe_options())
@@ -153,15 +236,11 @@ def main(argv: list[str] | None = None) -> int:
         logging.getLogger("biocurate").exception("run failed")
         print(f"biocurate: run failed: {failure_line(e)}", file=sys.stderr)
         return 1
-    print(f"biocurate: {summary['inputs']} inputs -> {summary['curated']} curated, {summary['rejected']} rejected "
-          f"({summary['timings_s']['total']} s); manifest in {cfg.output}")
-    for line in summary.get("warnings") or []:  # the run's own numbers say a decision is poor
-        print(f"biocurate: warning: {line}")
-    skipped = summary.get("input_skipped") or {}
-    if skipped.get("count"):
-        print(f"biocurate: {skipped['count']} files skipped by their name, not read {skipped['by_extension']} "
-              "(summary.json input_skipped; input.extensions picks image files)")
+    for line in end_lines(summary, cfg.output, summary.get("report")):  # warnings: the run's numbers say a
+        print(line)                                                     # decision is poor
     return 0
+
+
 
 
 if __name__ == "__main__":

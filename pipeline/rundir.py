@@ -39,9 +39,16 @@ def init_ray(cfg: PipelineConfig) -> None:
         ray.init(num_cpus=cfg.run.num_cpus, include_dashboard=False, runtime_env={"env_vars": env},
                  log_to_driver=False, _system_config={"idle_worker_killing_time_threshold_ms": IDLE_WORKER_MS})
     ctx = ray.data.DataContext.get_current()
-    ctx.enable_progress_bars = cfg.run.progress_bars
+    # Our own progress line (pipeline.progress, fed by this callback) replaces Ray Data's
+    # per-execution bars: a stage is several executions with operator names of no meaning
+    # to the user.
+    ctx.enable_progress_bars = False
     ctx.print_on_execution_start = False
-    if not cfg.run.progress_bars:
+    from pipeline import console, progress
+
+    if progress.RowsCallback not in ctx.custom_execution_callback_classes:
+        ctx.custom_execution_callback_classes.append(progress.RowsCallback)
+    if not console.VERBOSE:
         logging.getLogger("ray.data").setLevel(logging.WARNING)
     # Global steps group narrow rows by key; the plain hash shuffle starts far faster than
     # the default (v2) on small and medium tables and keeps memory bounded per partition.
@@ -57,10 +64,32 @@ def init_ray(cfg: PipelineConfig) -> None:
 
 
 def remote_kwargs(cfg: PipelineConfig) -> dict:
-    kw: dict = {"num_cpus": 1, "max_retries": cfg.run.max_task_retries}
+    """Named remote parameters of a per-row CPU stage's ``map_batches``: one CPU per task and
+    ``run.concurrency`` as its compute strategy (Ray Data's ``concurrency`` is deprecated).
+    The bounded retries are applied by :func:`bounded_retries`."""
+    kw: dict = {"num_cpus": 1}
     if cfg.run.concurrency:
-        kw["concurrency"] = cfg.run.concurrency
+        kw["compute"] = ray.data.TaskPoolStrategy(size=cfg.run.concurrency)
     return kw
+
+
+def map_batches(ds: ray.data.Dataset, fn, cfg: PipelineConfig, retries: dict | None = None,
+                **kwargs) -> ray.data.Dataset:
+    """``ds.map_batches(fn, **kwargs)`` (named parameters only) with its task retries bounded
+    by ``run.max_task_retries``, or by the actor options ``retries`` (``max_restarts``,
+    ``max_task_retries``).
+
+    Ray Data's default retries a task or actor whose worker died forever (-1), so an input
+    that kills its worker (a native crash, an OOM kill) would stall the run instead of
+    failing it. Ray 2.60 has no named parameter for that bound: it travels only in
+    ``ray_remote_args``, whose deprecation (removal in Ray 2.64; ray is pinned at 2.60) is
+    silenced here, for this call only."""
+    import warnings
+
+    retries = retries or {"max_retries": cfg.run.max_task_retries}
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="`ray_remote_args` is deprecated")
+        return ds.map_batches(fn, **kwargs, **retries)
 
 
 def _compact(batch: pa.Table) -> pa.Table:

@@ -48,3 +48,28 @@ def take_join(batch: pa.Table, right: pa.Table, on: str, how: str = "left_outer"
     for name in taken.column_names:
         batch = batch.append_column(right.schema.field(name), taken[name])
     return batch
+
+
+def split_groups(table: pa.Table, keys: str | list[str]):
+    """The groups of ``table`` by ``keys`` (rows with equal keys; nulls equal to nulls), one
+    table each, in key order: what Ray Data's ``groupby(keys).map_groups`` hands its function
+    one call at a time."""
+    keys = [keys] if isinstance(keys, str) else list(keys)
+    if len(table) == 0:
+        return
+    table = table.sort_by([(k, "ascending", "at_end") for k in keys])
+    change = np.zeros(len(table) - 1, dtype=bool)
+    for k in keys:
+        col = table[k].combine_chunks()
+        if pa.types.is_null(col.type):  # a column of nulls only: one value
+            continue
+        a, b = col.slice(1), col.slice(0, len(col) - 1)
+        differ = np.asarray(pc.fill_null(pc.not_equal(a, b), False).to_numpy(zero_copy_only=False), bool)
+        if pa.types.is_floating(col.type):  # NaN equals NaN, as in Ray's groups
+            differ &= ~np.asarray(pc.fill_null(pc.and_(pc.is_nan(a), pc.is_nan(b)), False)
+                                  .to_numpy(zero_copy_only=False), bool)
+        nulls = pc.xor(a.is_null(), b.is_null()).to_numpy(zero_copy_only=False)
+        change |= differ | np.asarray(nulls, bool)
+    starts = np.concatenate([[0], np.flatnonzero(change) + 1, [len(table)]])
+    for lo, hi in zip(starts[:-1], starts[1:]):
+        yield table.slice(int(lo), int(hi - lo))

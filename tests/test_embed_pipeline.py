@@ -15,6 +15,7 @@ from PIL import Image
 
 from manifests.io import filesystem, read_committed_table
 from pipeline import embedding, plan
+from pipeline.progress import is_progress
 from pipeline.testdata import images
 from manifests.config import ConfigError, StorageConfig, ValidateConfig, load_config
 from stages.backbones import (IMAGENET_STATS, _packaged_mobilenet, load_backbone, model_input, resolve_spec,
@@ -141,9 +142,14 @@ def _tmp_dir():
     return Path(tempfile.mkdtemp(prefix="biocurate-embed-"))
 
 
-def test_gpu_that_never_comes_is_a_clear_error(ray_local, monkeypatch):
+def test_gpu_that_never_comes_is_a_clear_error(ray_local, monkeypatch, capfd):
     with pytest.raises(ConfigError, match="no GPU became available within embed.gpu_timeout_s=1"):
         embedding.wait_for_gpu(1, 1.0)
+    assert "waiting" not in capfd.readouterr().err  # under embedding.GPU_WAIT_SAY_S: nothing to say
+    with pytest.raises(ConfigError, match="no GPU became available within embed.gpu_timeout_s=6"):
+        embedding.wait_for_gpu(1, 6.0)
+    assert ("biocurate: waiting up to embed.gpu_timeout_s=6 s for a GPU (1 per actor): the cluster has 0 now, "
+            "its autoscaler can add up to 0\n") in capfd.readouterr().err  # said once, while it waits
     now, can = embedding.gpu_capacity()
     assert (now, can) == (0.0, 0.0)  # this machine: no GPU, no autoscaler to add one
     cfg = lambda device: load_config(None, {"input.path": "x", "output": "y", "embed.device": device,  # noqa: E731
@@ -179,7 +185,7 @@ def test_cli_errors_for_weights_dimension_and_cuda(tmp_path, photos):
                                      "run: {num_cpus: 1}\n")
     p, _ = cli(*base, str(tmp_path / "c.yaml"), timeout=180)
     assert p.returncode == 2, (p.stdout, p.stderr)
-    errors = [line for line in p.stderr.splitlines() if line.startswith("biocurate:")]
+    errors = [line for line in p.stderr.splitlines() if line.startswith("biocurate:") and not is_progress(line)]
     assert len(errors) == 1 and "embed.device is cuda, but the Ray cluster has no GPU" in errors[0], p.stderr
     assert not (tmp_path / "o" / "_SUCCESS").exists()
     # a custom network whose real output differs from its configured dim: found when the
@@ -190,7 +196,7 @@ def test_cli_errors_for_weights_dimension_and_cuda(tmp_path, photos):
         "run: {num_cpus: 2}\n" % (tmp_path / "tiny.pt"))
     p, _ = cli(*base, str(tmp_path / "c.yaml"), timeout=240)
     assert p.returncode == 1, (p.stdout, p.stderr)
-    errors = [line for line in p.stderr.splitlines() if line.startswith("biocurate:")]
+    errors = [line for line in p.stderr.splitlines() if line.startswith("biocurate:") and not is_progress(line)]
     assert errors == ["biocurate: run failed: BackboneError: backbone tiny gives 192-d outputs, but 100 are "
                       "expected (its dim in the config or the registry)"], p.stderr[-3000:]
     assert not (tmp_path / "o" / "_SUCCESS").exists()

@@ -42,6 +42,48 @@ def test_first_per_key_keeps_the_first_row_of_each_key():
     assert len(sj.first_per_key(t.slice(0, 0), "k")) == 0
 
 
+def test_split_groups_by_one_and_two_keys_with_nulls():
+    t = pa.table({"k": ["b", None, "a", "b", None, "a", "c"], "j": [1, 1, 2, 1, None, 2, None],
+                  "v": list(range(7))})
+    one = [g["v"].to_pylist() for g in sj.split_groups(t, "k")]
+    assert one == [[2, 5], [0, 3], [6], [1, 4]]  # key order, nulls one group at the end, input order kept
+    two = [g["v"].to_pylist() for g in sj.split_groups(t, ["k", "j"])]
+    assert two == [[2, 5], [0, 3], [6], [1], [4]]  # (None, 1) and (None, None) differ
+    assert list(sj.split_groups(t.slice(0, 0), "k")) == []
+    # a key column of nulls only (an empty CSV column) is one group; NaN keys are one group
+    assert [len(g) for g in sj.split_groups(pa.table({"k": pa.nulls(4), "v": range(4)}), "k")] == [4]
+    f = pa.table({"k": [1.0, float("nan"), None, float("nan"), 1.0], "v": range(5)})
+    assert sorted(len(g) for g in sj.split_groups(f, "k")) == [1, 2, 2]
+    assert [g["v"].to_pylist() for g in sj.split_groups(t.slice(0, 1), "k")] == [[0]]
+
+
+def _group_summary(group: pa.Table, tag: str) -> pa.Table:
+    v = sorted(group["v"].to_pylist())
+    return pa.table({"k": [group["k"][0].as_py()], "n": [len(group)], "vs": [v], "tag": [tag]})
+
+
+def test_one_partition_groups_locally_as_ray_groupby_does(ray_local):
+    import ray
+
+    from pipeline import joins
+
+    rng = np.random.default_rng(1)
+    keys = rng.integers(0, 40, 2000).astype(object)
+    keys[rng.random(2000) < 0.05] = None
+    t = pa.table({"k": pa.array(keys, pa.int64()), "v": np.arange(2000)})
+    ds = ray.data.from_arrow(t).repartition(9)
+
+    def rows(out):
+        return sorted((r["k"] if r["k"] is not None else -1, r["n"], r["vs"], r["tag"]) for r in out.take_all())
+
+    local = joins.map_groups(ds, "k", _group_summary, 1, {"tag": "x"})
+    ray_groups = ds.groupby("k", num_partitions=1).map_groups(_group_summary, batch_format="pyarrow",
+                                                               fn_kwargs={"tag": "x"})
+    assert rows(local) == rows(ray_groups)
+    assert rows(joins.map_groups(ds, "k", _group_summary, 3, {"tag": "x"})) == rows(ray_groups)
+    assert sum(n for _, n, _, _ in rows(local)) == 2000 and len(rows(local)) == 41
+
+
 @pytest.mark.parametrize("how", ["inner", "left_outer"])
 def test_broadcast_and_shuffle_joins_agree_on_ray(ray_local, how):
     import ray

@@ -40,9 +40,9 @@ def exact_dedup_dataset(cfg: PipelineConfig, narrow: ray.data.Dataset) -> ray.da
     # one), and each call decides a whole partition: one call per sha256 would be a Python
     # call and a one-row block per distinct image.
     partitions = joins.shuffle_partitions(n, 250_000)
-    decided = hashed.map_batches(_sha_partition, batch_format="pyarrow", fn_kwargs={"parts": partitions}).groupby(
-        "_xpart", num_partitions=partitions).map_groups(
-        _exact_dedup_partition, batch_format="pyarrow", fn_kwargs={"cfg": cfg.exact_dedup, "seed": cfg.run.seed})
+    decided = joins.map_groups(
+        hashed.map_batches(_sha_partition, batch_format="pyarrow", fn_kwargs={"parts": partitions}), "_xpart",
+        _exact_dedup_partition, partitions, {"cfg": cfg.exact_dedup, "seed": cfg.run.seed})
     return decided.union(unhashed)
 
 

@@ -22,7 +22,7 @@ from manifests.config import PipelineConfig
 from manifests.rejects import ensure_columns
 from manifests.schema import Stage
 from pipeline import catalog, ids, joins
-from pipeline.rundir import remote_kwargs
+from pipeline.rundir import map_batches, remote_kwargs
 from pipeline.stage import Context, StageDef
 from stages import ids as sids
 from stages.kernels.bloom import bloom_contains
@@ -109,7 +109,7 @@ def _ingest_rows(cfg: PipelineConfig, kind: str, flagged: ray.data.Dataset | Non
                           schema.BYTES: pa.array([], pa.binary())})))
         rows = parts[0].union(*parts[1:]) if len(parts) > 1 else parts[0]
         rows = rows.repartition(target_num_rows_per_block=cfg.run.read_batch_size)
-        return rows.map_batches(ingest.fetch_batch, batch_size=cfg.run.read_batch_size, batch_format="pyarrow",
+        return map_batches(rows, ingest.fetch_batch, cfg, batch_size=cfg.run.read_batch_size, batch_format="pyarrow",
                                 fn_kwargs={"storage": storage, "max_bytes": cfg.validate_.max_bytes}, **remote)
     if kind == "manifest":
         if flagged is not None and not cfg.catalog.path:
@@ -127,7 +127,7 @@ def _ingest_rows(cfg: PipelineConfig, kind: str, flagged: ray.data.Dataset | Non
                 join_counts.update(counts)
         rows = ids.unique_ids(rows, n_rows)  # a uri listed twice: two rows, two ids (materialized)
         rows = rows.repartition(target_num_rows_per_block=cfg.run.read_batch_size)
-        return rows.map_batches(ingest.fetch_batch, batch_size=cfg.run.read_batch_size, batch_format="pyarrow",
+        return map_batches(rows, ingest.fetch_batch, cfg, batch_size=cfg.run.read_batch_size, batch_format="pyarrow",
                                 fn_kwargs={"storage": storage, "max_bytes": cfg.validate_.max_bytes}, **remote)
     if kind == "parquet_bytes":
         # Metadata first (footers and metadata columns, no image byte), ids made unique
@@ -145,8 +145,8 @@ def _ingest_rows(cfg: PipelineConfig, kind: str, flagged: ray.data.Dataset | Non
                 join_counts.update(counts)
         chosen = ids.unique_ids(chosen, n_rows, (ingest.PQ_FILE, ingest.PQ_GROUP, ingest.PQ_ROW), sids.ROW_ID)
         grouped = ids.by_row_group(chosen, n_rows, regroup)  # materialized: no shuffle in the streaming pass
-        return grouped.map_batches(
-            _read_row_groups, batch_format="pyarrow", batch_size=None,
+        return map_batches(
+            grouped, _read_row_groups, cfg, batch_format="pyarrow", batch_size=None,
             fn_kwargs={"storage": storage, "bytes_column": inp.bytes_column, "key_column": key,
                        "max_bytes": cfg.validate_.max_bytes}, **remote)
     if kind == "webdataset":

@@ -59,8 +59,7 @@ def perceptual_pairs(cfg: PipelineConfig, alive: ray.data.Dataset, n: int) -> tu
     positions = kn.band_positions(params["tables"], c.perceptual_bits, cfg.run.seed)
     parts = int(max(1, min(1000, math.ceil(n * params["tables"] / ROWS_PER_PARTITION))))
     rows = alive.map_batches(snd.band_rows, batch_format="pyarrow", fn_kwargs={"positions": positions, "parts": parts})
-    pairs = rows.groupby("part", num_partitions=min(parts, 200)).map_groups(
-        snd.hamming_partition, batch_format="pyarrow", fn_kwargs={"max_hamming": c.max_hamming})
+    pairs = joins.map_groups(rows, "part", snd.hamming_partition, min(parts, 200), {"max_hamming": c.max_hamming})
     a, b, h = _take_pairs(pairs)
     a, b, h = kn.spanning_pairs(*kn.unique_pairs(a, b, h))
     params.update({"partitions": parts, "pairs": int(len(a))})
@@ -362,8 +361,7 @@ def _decide(cfg: PipelineConfig, alive: ray.data.Dataset, rows: ray.data.Dataset
                                    else pa.nulls(len(extra), f.type)) for f in schema})
         members = members.union(ray.data.from_arrow(extra))
     parts = int(max(1, min(200, math.ceil(len(nodes) / 50_000))))
-    ds = members.groupby("_group", num_partitions=parts).map_groups(
-        _decide_batch, batch_format="pyarrow", fn_kwargs={"params": params, "prior": prior})
+    ds = joins.map_groups(members, "_group", _decide_batch, parts, {"params": params, "prior": prior})
     return pa.concat_tables([t for t in ds.iter_batches(batch_format="pyarrow", batch_size=None)]
                             or [snd.decide_groups(pa.table({"id": pa.array([], pa.string()),
                                                             "_group": pa.array([], pa.uint64())}), params)]), "tasks"

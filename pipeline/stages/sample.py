@@ -104,15 +104,16 @@ def sample_dataset(cfg: PipelineConfig, narrow: ray.data.Dataset, embeddings: ra
         fitted, fit_report = fit_sample(cfg, rows, n, device)
         report.update(fit_report)
     levels = len(fitted)
-    remote = ({"num_gpus": cfg.embed.num_gpus, "concurrency": cfg.embed.concurrency} if device == "cuda"
-              else {"num_cpus": 1, "concurrency": cfg.run.concurrency or cfg.run.num_cpus or 2})
+    remote = ({"num_gpus": cfg.embed.num_gpus, "compute": ray.data.ActorPoolStrategy(size=cfg.embed.concurrency)}
+              if device == "cuda" else
+              {"num_cpus": 1, "compute": ray.data.ActorPoolStrategy(size=cfg.run.concurrency or cfg.run.num_cpus or 2)})
     assigned = rows.map_batches(ssa.AssignLevels, batch_format="pyarrow", batch_size=c.batch_size,
                                 fn_constructor_kwargs={"levels": fitted, "seed": cfg.run.seed, "taxon": taxon,
                                                        "parts": parts, "device": device}, **remote)
     capped = bool(taxon) and (c.max_per_taxon is not None or c.min_per_taxon is not None)
     if capped:
-        assigned = assigned.groupby("_tpart", num_partitions=parts).map_groups(
-            ssa.taxon_flags, batch_format="pyarrow", fn_kwargs={"cap": c.max_per_taxon, "minimum": c.min_per_taxon})
+        assigned = joins.map_groups(assigned, "_tpart", ssa.taxon_flags, parts,
+                                    {"cap": c.max_per_taxon, "minimum": c.min_per_taxon})
     assigned = assigned.materialize()
     k = len(fitted[0]["centroids"])
     sizes, eligible, reserved = (np.zeros(k, np.int64) for _ in range(3))
@@ -122,9 +123,9 @@ def sample_dataset(cfg: PipelineConfig, narrow: ray.data.Dataset, embeddings: ra
         reserved += np.asarray(r["reserved"], np.int64)
     ups = [lv["up"] for lv in fitted[:-1]]
     alloc = ks.allocate(eligible, ups, target, reserved, tie_seed=cfg.run.seed)
-    decisions = assigned.groupby("_lpart", num_partitions=parts).map_groups(
-        _pick_rows, batch_format="pyarrow",
-        fn_kwargs={"alloc": ray.put(alloc), "eligible_counts": ray.put(eligible), "pick": c.pick, "levels": levels})
+    decisions = joins.map_groups(assigned, "_lpart", _pick_rows, parts,
+                                 {"alloc": ray.put(alloc), "eligible_counts": ray.put(eligible), "pick": c.pick,
+                                  "levels": levels})
     out = joins.join(narrow, decisions, "id", "left_outer", cfg.run.broadcast_join_mb, rows_hint=n).map_batches(
         ssa.apply_sample, batch_format="pyarrow", fn_kwargs={"levels": levels})
     chosen = int(alloc.sum())

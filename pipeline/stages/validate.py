@@ -12,7 +12,7 @@ import ray
 from manifests.schema import Stage
 from pipeline import embedding, refresh
 from pipeline.joins import resolve_ref
-from pipeline.rundir import remote_kwargs
+from pipeline.rundir import map_batches, remote_kwargs
 from pipeline.stage import Context, StageDef, code_hash, fingerprint
 from stages.validate import ValidateStage
 
@@ -44,7 +44,8 @@ def _stream(ctx: Context, ds) -> ray.data.Dataset:
     keys = ray.put(reuse.keys) if reuse is not None else None
     if ctx.plans:  # one decode: validation and every model's input
         return embedding.validate_for_models(cfg, ds, ctx.plans, ctx.facts["known"], keys)
-    return ds.map_batches(_Validate(cfg.validate_, keys), batch_size=cfg.run.batch_size, batch_format="pyarrow", **remote_kwargs(cfg))
+    return map_batches(ds, _Validate(cfg.validate_, keys), cfg, batch_size=cfg.run.batch_size, batch_format="pyarrow",
+                       **remote_kwargs(cfg))
 
 
 class _Validate:
