@@ -153,7 +153,9 @@ class ValidateConfig(_Section):
     timeout_s: float = Field(
         5.0, ge=0, description="Per-image time limit (header checks and decode); 0 disables it. A decode that can "
         "spend long in one C call runs in a child process (see isolate_over_s) that is killed at the limit; "
-        "the file is rejected decode_timeout and the rest of its batch goes on.")
+        "the file is rejected decode_timeout and the rest of its batch goes on. A decode past the limit that "
+        "used under a quarter of it in CPU time was stalled (an overloaded node), not slow: it gets one more "
+        "try in the child process before it is a timeout.")
     max_jpeg_scans: int = Field(
         100, ge=1, description="Reject JPEGs with more scans (SOS markers, counted from the bytes before any "
         "decoding) as decompression_bomb: each scan is a pass over every block, so a 110 KB progressive JPEG "

@@ -399,6 +399,29 @@ def isolated(estimate_s: float, cfg: ValidateConfig) -> bool:
     return estimate_s > limit
 
 
+# A decode past its limit is a timeout only when this thread spent at least this share of
+# the limit on CPU: a decoder that is working uses the CPU it is given, a thread that was
+# not scheduled (an overloaded node, a stopped process, a long GC in another thread holding
+# the GIL) did not, and its image gets a second try in the decode child.
+STALL_CPU_SHARE = 0.25
+
+
+def stalled(cpu_s: float, cfg: ValidateConfig) -> bool:
+    """Whether a decode that ran past ``timeout_s`` having used ``cpu_s`` of this thread's
+    CPU time was stalled rather than slow (see ``STALL_CPU_SHARE``)."""
+    return cpu_s < STALL_CPU_SHARE * cfg.timeout_s
+
+
+def _open_for_decode(data: bytes, cfg: ValidateConfig, info: ImageInfo) -> tuple[Image.Image, int, int, bool]:
+    """Open and check the header; the stored size (before ``draft()`` reduces it) and
+    whether the decode goes to the child process."""
+    img = _open_checked(data, cfg)
+    info.format, info.mode = img.format, img.mode
+    info.n_frames = int(getattr(img, "n_frames", 1) or 1)
+    w, h = img.size
+    return img, w, h, isolated(estimate_decode_s(img, check_scans(data, img, cfg)), cfg)
+
+
 def decode_in_child(data: bytes, params: dict) -> tuple[dict, list[np.ndarray | None]]:
     """The child's side (``stages.decode_pool``): open, check and decode as in process."""
     cfg = ValidateConfig.model_validate(params["cfg"])
@@ -429,20 +452,26 @@ def validate_image(data: bytes | None, cfg: ValidateConfig, cover: int = 0) -> I
     if data is None:
         return ImageInfo(0, None, reason=Reason.EMPTY, detail="no bytes")
     info = ImageInfo(n_bytes=len(data), sha256=hashlib.sha256(data).hexdigest())
-    t0 = time.perf_counter()
+    t0, cpu0 = time.perf_counter(), time.thread_time()
     try:
         if not data:
             raise Rejected(Reason.EMPTY, "zero-byte file")
         if len(data) > cfg.max_bytes:
             raise Rejected(Reason.FILE_TOO_LARGE, f"{len(data)} bytes > max_bytes {cfg.max_bytes}")
-        with deadline(cfg.timeout_s):
-            img = _open_checked(data, cfg)
-            info.format, info.mode = img.format, img.mode
-            info.n_frames = int(getattr(img, "n_frames", 1) or 1)
-            w, h = img.size  # before draft() reduces it
-            away = isolated(estimate_decode_s(img, check_scans(data, img, cfg)), cfg)
-            if not away:
-                rgb, orientation, full = _decode(data, img, cfg, cover)
+        try:
+            with deadline(cfg.timeout_s):
+                img, w, h, away = _open_for_decode(data, cfg, info)
+                if not away:
+                    rgb, orientation, full = _decode(data, img, cfg, cover)
+        except DeadlineExceeded:
+            if not stalled(time.thread_time() - cpu0, cfg):
+                raise  # the decode itself used the time: a timeout
+            # This thread hardly ran (a loaded machine, a process paused): not the file's
+            # doing. Once more, in the decode child with the whole limit.
+            t0 = time.perf_counter()
+            with deadline(cfg.timeout_s):
+                img, w, h, _ = _open_for_decode(data, cfg, info)
+            away = True
         if away:
             img.close()
             left = cfg.timeout_s - (time.perf_counter() - t0) if cfg.timeout_s > 0 else None

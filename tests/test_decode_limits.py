@@ -241,3 +241,34 @@ def test_animated_webp_keeps_its_first_frame_and_a_truncated_one_is_rejected(pho
     still = images.encode(Image.fromarray(photos["chelsea"]), "WEBP", lossless=True)
     assert decode_webp_reduced(hostile.truncated(still), 128) is None
     assert validate_image(hostile.truncated(still), IN_PROCESS).reason == Reason.CORRUPT
+
+
+def test_a_decode_that_was_not_scheduled_is_not_a_timeout(good, monkeypatch):
+    """A wall-clock limit alone rejects good images on an overloaded node (a thread not
+    scheduled for timeout_s). A decode past its limit that used little of this thread's CPU
+    time was stalled, not slow: it gets a second try in the decode child. One that was
+    working is a timeout."""
+    import stages.validate as v
+
+    real = v._decode
+    cfg = ValidateConfig(timeout_s=1.0)
+
+    def paused(*args):  # the thread is descheduled: wall time passes, no CPU time
+        time.sleep(1.5)
+        return real(*args)
+
+    monkeypatch.setattr(v, "_decode", paused)
+    info = validate_image(good["astronaut.jpg"], cfg, cover=224)
+    assert info.reason is None and info.decoded is not None, info.detail  # decoded by the child
+    assert (info.width, info.height) == (512, 512) and info.format == "JPEG"
+    assert info.decode_ms < 1500, info.decode_ms  # the retry's time, not the stall's
+
+    def working(*args):  # a decoder burning CPU past the limit
+        t = time.thread_time()
+        while time.thread_time() - t < 5:
+            pass
+        return real(*args)
+
+    monkeypatch.setattr(v, "_decode", working)
+    info = validate_image(good["astronaut.jpg"], cfg, cover=224)
+    assert info.reason == Reason.DECODE_TIMEOUT and info.detail == "decode took longer than timeout_s 1.0", info
