@@ -59,7 +59,7 @@ def test_rays_validation_rejects_a_broken_cluster_yaml():
         ray_validate(bad)
 
 
-def _wait_http(url: str, headers: dict, timeout: float = 90) -> None:
+def _wait_http(url: str, headers: dict, timeout: float = 180) -> None:
     t0 = time.time()
     while True:
         try:

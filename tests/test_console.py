@@ -191,7 +191,7 @@ def test_under_a_terminal_progress_is_live_and_ray_is_quiet(tmp_path, photos):
     redrawn = re.findall(r"\r\x1b\[Kbiocurate: ingest -> validate -> embed:[^\r\n]*", text)
     assert len(redrawn) >= 3, text[-3000:]  # the live line, redrawn in place
     assert any(re.search(r"\d+/\d+ rows|\d+ rows", line) for line in redrawn), redrawn
-    assert re.search(r"biocurate: ingest -> validate -> embed done: 24 rows in \d+s", text), text[-3000:]
+    assert re.search(r"biocurate: ingest -> validate -> embed done: 24 rows in (\d+m)?\d+s", text), text[-3000:]
     assert "biocurate: done in" in text and "biocurate: report file://" in text
     for noise in RAY_NOISE:
         assert noise not in text, (noise, text[-3000:])
