@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.conftest import ROOT, free_port
+from tests.conftest import ROOT
 from tests.test_pipeline import check_invariant
 
 CLUSTER_YAML = ROOT / "ray_cluster.yaml"
@@ -59,7 +59,66 @@ def test_rays_validation_rejects_a_broken_cluster_yaml():
         ray_validate(bad)
 
 
-def _wait_http(url: str, headers: dict, timeout: float = 180) -> None:
+def quiet_port(taken: set[int]) -> int:
+    """A free port outside the kernel's ephemeral range (32768-60999) and Ray's worker ports
+    (10002-19999). A port from bind(0) is ephemeral: another Ray on this machine (a parallel
+    test) can take it between this choice and the head's bind (CI: the dashboard failed with
+    "address already in use")."""
+    import random
+    import socket
+
+    while True:
+        port = random.randint(20000, 32000)
+        if port in taken:
+            continue
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        taken.add(port)
+        return port
+
+
+def _start_head(env: dict, token: str, log: Path) -> tuple[subprocess.Popen, str, str]:
+    """A head with token auth on its own ports; tried again (new ports) when one was taken
+    after all. Returns the process, its dashboard address and its temp dir."""
+    for _ in range(3):
+        taken: set[int] = set()
+        port, dash = quiet_port(taken), quiet_port(taken)
+        ray_tmp = tempfile.mkdtemp(prefix="bcray", dir="/tmp")
+        # --block keeps the head in this process group: stopping it stops only this cluster.
+        head = subprocess.Popen(
+            ["ray", "start", "--head", "--block", f"--port={port}", "--num-cpus=2", "--num-gpus=0",
+             "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", "--disable-usage-stats",
+             # own agent/metrics ports: another Ray on this machine holds the defaults (52365, ...)
+             f"--dashboard-agent-listen-port={quiet_port(taken)}", f"--dashboard-agent-grpc-port={quiet_port(taken)}",
+             f"--metrics-export-port={quiet_port(taken)}", f"--runtime-env-agent-port={quiet_port(taken)}",
+             f"--temp-dir={ray_tmp}"],  # short: Ray's unix socket paths must stay < 108 bytes
+            env=env, stdout=open(log, "w"), stderr=subprocess.STDOUT, start_new_session=True)
+        address = f"http://127.0.0.1:{dash}"
+        try:
+            _wait_http(f"{address}/api/version", {"Authorization": f"Bearer {token}"}, log=log)
+            return head, address, ray_tmp
+        except _PortTaken:
+            _stop(head, ray_tmp)
+    raise AssertionError("the head could not bind its ports in 3 tries: " + log.read_text()[-3000:])
+
+
+class _PortTaken(Exception):
+    pass
+
+
+def _stop(head: subprocess.Popen, ray_tmp: str) -> None:
+    try:
+        os.killpg(head.pid, 15)
+    except ProcessLookupError:
+        pass
+    head.wait(timeout=60)
+    shutil.rmtree(ray_tmp, ignore_errors=True)
+
+
+def _wait_http(url: str, headers: dict, timeout: float = 180, log: Path | None = None) -> None:
     t0 = time.time()
     while True:
         try:
@@ -68,6 +127,8 @@ def _wait_http(url: str, headers: dict, timeout: float = 180) -> None:
                 if r.status == 200:
                     return
         except Exception:
+            if log is not None and "address already in use" in log.read_text(errors="replace"):
+                raise _PortTaken() from None
             if time.time() - t0 > timeout:
                 raise
         time.sleep(1)
@@ -95,20 +156,8 @@ def test_ray_job_submit_with_token_auth(tmp_path, good, hostile):
     config = tmp_path / "job.yaml"
     config.write_text(yaml.safe_dump({"input": {"path": str(corpus)}, "output": str(out)}))
 
-    port, dash = free_port(), free_port()
-    ray_tmp = tempfile.mkdtemp(prefix="bcray", dir="/tmp")
-    # --block keeps the head in this process group: stopping it stops only this cluster.
-    head = subprocess.Popen(
-        ["ray", "start", "--head", "--block", f"--port={port}", "--num-cpus=2", "--num-gpus=0",
-         "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", "--disable-usage-stats",
-         # own agent/metrics ports: another Ray on this machine holds the defaults (52365, ...)
-         f"--dashboard-agent-listen-port={free_port()}", f"--dashboard-agent-grpc-port={free_port()}",
-         f"--metrics-export-port={free_port()}", f"--runtime-env-agent-port={free_port()}",
-         f"--temp-dir={ray_tmp}"],  # short: Ray's unix socket paths must stay < 108 bytes
-        env=env, stdout=open(tmp_path / "head.log", "w"), stderr=subprocess.STDOUT, start_new_session=True)
+    head, address, ray_tmp = _start_head(env, token, tmp_path / "head.log")
     try:
-        address = f"http://127.0.0.1:{dash}"
-        _wait_http(f"{address}/api/version", {"Authorization": f"Bearer {token}"})
         no_token = {k: v for k, v in env.items() if k != "RAY_AUTH_MODE"}
         denied = subprocess.run(["ray", "job", "list", "--address", address], env=no_token,
                                 capture_output=True, text=True, timeout=120)
@@ -129,9 +178,7 @@ def test_ray_job_submit_with_token_auth(tmp_path, good, hostile):
         print((tmp_path / "head.log").read_text()[-3000:])
         raise
     finally:
-        os.killpg(head.pid, 15)
-        head.wait(timeout=60)
-        shutil.rmtree(ray_tmp, ignore_errors=True)
+        _stop(head, ray_tmp)
     summary = json.loads((out / "summary.json").read_text())
     check_invariant(out, [str(p) for p in corpus.iterdir()])
     assert summary["inputs"] == len(good) + len(hostile)

@@ -174,7 +174,7 @@ def test_under_a_terminal_progress_is_live_and_ray_is_quiet(tmp_path, photos):
     if pid == 0:  # the child: stdin, stdout and stderr are the pseudo-terminal
         os.chdir(ROOT)
         os.execve(sys.executable, [sys.executable, "pipeline/run.py", "--config", str(cfg)], _env())
-    out, deadline = b"", time.time() + 300
+    out, deadline = b"", time.time() + 480
     while time.time() < deadline:
         r, _, _ = select.select([fd], [], [], 1)
         if r:
@@ -202,7 +202,7 @@ def test_under_a_terminal_progress_is_live_and_ray_is_quiet(tmp_path, photos):
 def test_without_a_terminal_progress_is_a_line_every_interval(tmp_path, photos):
     cfg = _corpus(tmp_path, photos)
     r = subprocess.run([sys.executable, "pipeline/run.py", "--config", str(cfg)], capture_output=True, text=True,
-                       cwd=ROOT, env=_env(), timeout=300)
+                       cwd=ROOT, env=_env(), timeout=480)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "\r" not in r.stderr and "\x1b[" not in r.stderr  # no terminal codes in a log
     periodic = re.findall(r"^biocurate: ingest -> validate -> embed: .*\(\d+s\)$", r.stderr, re.M)
@@ -217,7 +217,7 @@ def test_without_a_terminal_progress_is_a_line_every_interval(tmp_path, photos):
     # -v: everything Ray says (a run up to validate is enough for Ray to speak)
     verbose = subprocess.run([sys.executable, "pipeline/run.py", "--config", str(cfg), "-v", "--until", "validate",
                               "--output", str(tmp_path / "run_v")], capture_output=True, text=True, cwd=ROOT,
-                             env=_env(), timeout=300)
+                             env=_env(), timeout=480)
     assert verbose.returncode == 0, verbose.stderr[-3000:]
     assert "Started a local Ray instance" in verbose.stderr
 

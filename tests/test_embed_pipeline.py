@@ -183,7 +183,7 @@ def test_cli_errors_for_weights_dimension_and_cuda(tmp_path, photos):
         assert all(w in line for w in wanted), line
     (tmp_path / "c.yaml").write_text("embed: {models: [{name: mobilenet_v2_imagenet}], device: cuda}\n"
                                      "run: {num_cpus: 1}\n")
-    p, _ = cli(*base, str(tmp_path / "c.yaml"), timeout=180)
+    p, _ = cli(*base, str(tmp_path / "c.yaml"), timeout=360)
     assert p.returncode == 2, (p.stdout, p.stderr)
     errors = [line for line in p.stderr.splitlines() if line.startswith("biocurate:") and not is_progress(line)]
     assert len(errors) == 1 and "embed.device is cuda, but the Ray cluster has no GPU" in errors[0], p.stderr
@@ -194,7 +194,7 @@ def test_cli_errors_for_weights_dimension_and_cuda(tmp_path, photos):
     (tmp_path / "c.yaml").write_text(
         "embed: {models: [{name: tiny, network: vit_t16, size: 96, dim: 100, weights: %s}]}\n"
         "run: {num_cpus: 2}\n" % (tmp_path / "tiny.pt"))
-    p, _ = cli(*base, str(tmp_path / "c.yaml"), timeout=240)
+    p, _ = cli(*base, str(tmp_path / "c.yaml"), timeout=480)  # CI, two test processes on 2 cores: > 240 s
     assert p.returncode == 1, (p.stdout, p.stderr)
     errors = [line for line in p.stderr.splitlines() if line.startswith("biocurate:") and not is_progress(line)]
     assert errors == ["biocurate: run failed: BackboneError: backbone tiny gives 192-d outputs, but 100 are "

@@ -128,19 +128,22 @@ def test_every_stage_runs_on_the_corpus(clean):
 
 
 def test_deterministic_every_stage_concurrency_and_block_sizes(clean, corpus, tmp_path):
-    """Same inputs, config and seed: identical rows with concurrency 1 and 2 and other
-    block and batch sizes (the model calls have a fixed shape: embeddings are bit-identical)."""
-    out, _ = clean
+    """Same inputs, config and seed: identical rows with other concurrency, block and batch
+    sizes, joins and deciders (the model calls have a fixed shape: embeddings are
+    bit-identical). One run varies all of them at once (CI time: one run, not one per knob);
+    the reference runs at Ray's default concurrency, one embedding actor, broadcast joins,
+    groups decided in the driver."""
+    out, ref = clean
+    assert ref["near_dedup"]["decided_in"] == "driver"
     want = rows(out)
-    for name, more in (("c1", {"run.concurrency": 1, "run.batch_size": 3, "run.read_batch_size": 7}),
-                       ("c2", {"run.concurrency": 2, "run.batch_size": 16, "run.read_batch_size": 2,
-                               "embed.concurrency": 2, "embed.num_cpus": 0.5,
-                               "run.broadcast_join_mb": 0,  # every join a hash shuffle, not a broadcast
-                               "near_dedup.decide_in_driver": 0})):  # groups decided by tasks
-        s = plan.run(load_config(None, overrides(corpus, tmp_path / name, **more)))
-        assert rows(tmp_path / name) == want, name
-        assert s["near_dedup"]["decided_in"] == ("tasks" if name == "c2" else "driver")
-        assert s["near_dedup"]["members"] > 0 and s["near_dedup"]["removed"] > 0
+    more = {"run.concurrency": 2, "run.batch_size": 16, "run.read_batch_size": 2,
+            "embed.concurrency": 2, "embed.num_cpus": 0.5,
+            "run.broadcast_join_mb": 0,  # every join a hash shuffle, not a broadcast
+            "near_dedup.decide_in_driver": 0}  # groups decided by tasks
+    s = plan.run(load_config(None, overrides(corpus, tmp_path / "c2", **more)))
+    assert rows(tmp_path / "c2") == want
+    assert s["near_dedup"]["decided_in"] == "tasks"
+    assert s["near_dedup"]["members"] > 0 and s["near_dedup"]["removed"] > 0
 
 
 def _cache_blocks(cache: Path) -> list[Path]:
