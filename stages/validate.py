@@ -458,6 +458,7 @@ def validate_image(data: bytes | None, cfg: ValidateConfig, cover: int = 0) -> I
             raise Rejected(Reason.EMPTY, "zero-byte file")
         if len(data) > cfg.max_bytes:
             raise Rejected(Reason.FILE_TOO_LARGE, f"{len(data)} bytes > max_bytes {cfg.max_bytes}")
+        img = None
         try:
             with deadline(cfg.timeout_s):
                 img, w, h, away = _open_for_decode(data, cfg, info)
@@ -468,6 +469,8 @@ def validate_image(data: bytes | None, cfg: ValidateConfig, cover: int = 0) -> I
                 raise  # the decode itself used the time: a timeout
             # This thread hardly ran (a loaded machine, a process paused): not the file's
             # doing. Once more, in the decode child with the whole limit.
+            if img is not None:
+                img.close()  # the first open's file: the retry opens its own
             t0 = time.perf_counter()
             with deadline(cfg.timeout_s):
                 img, w, h, _ = _open_for_decode(data, cfg, info)
